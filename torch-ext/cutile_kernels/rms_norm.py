@@ -1,0 +1,72 @@
+"""RMSNorm (Llama, Mistral, Qwen2, Qwen3): reference, cuTile launcher and the `RMSNorm` layer.
+
+The cuTile kernel is `tile/rms_norm.py::rms_norm_fwd`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._runtime import cutile_unavailable, launch, persistent_blocks, tile_kernel, warn_fallback
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Elements one block normalizes per step: rows are grouped until a tile holds this many (q/k norms have 128 columns).
+_TILE_ELEMENTS = 4096
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exactly transformers' LlamaRMSNorm.forward (also Mistral, Qwen2, Qwen3)."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(input_dtype)
+
+
+def _weight_unavailable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    if weight.dtype not in (x.dtype, torch.float32):
+        return f"the weight is {weight.dtype} and the input {x.dtype}"
+    if weight.shape != x.shape[-1:] or weight.device != x.device:
+        return f"the weight has shape {tuple(weight.shape)} on {weight.device}, the input {tuple(x.shape)}"
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return "autograd is recording (weight.requires_grad) and this kernel has no backward"
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: cuTile on a supported GPU, the exact reference otherwise."""
+    reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
+    if reason:
+        warn_fallback("rms_norm", reason)
+        return rms_norm_reference(x, weight, eps)
+    return rms_norm_cutile(x, weight, eps)
+
+
+def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)  # a view for the layouts transformers passes; copies only if it must
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if rows.shape[0] and n:
+        # Compile-time constants: the padded row width and the rows per tile, a function of it. So there is
+        # one specialization per (dtype, next power of two of the hidden size).
+        tile_n = 1 << (n - 1).bit_length()
+        tile_m = max(1, min(32, _TILE_ELEMENTS // tile_n))
+        n_tiles = -(-rows.shape[0] // tile_m)
+        grid = (min(n_tiles, persistent_blocks(x.device.index)),)
+        launch(grid, tile_kernel("rms_norm", "rms_norm_fwd"),
+               (rows, weight, out, n, float(eps), tile_m, tile_n))
+    return out.view(x.shape)
+
+
+class RMSNorm(nn.Module):
+    """Stateless replacement of the `RMSNorm` forward that transformers registers (uses the host's weight)."""
+
+    weight: torch.Tensor
+    variance_epsilon: float
+
+    has_backward = False  # training keeps transformers' own forward until the backward kernel lands
+    can_torch_compile = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
