@@ -47,12 +47,12 @@ def _device_reason(index: int) -> str | None:
 
 def cutile_unavailable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str | None:
     """None when cuTile can take `x`; otherwise the reason, for `warn_fallback`."""
-    if x.device.type != "cuda":
-        return f"the input is on {x.device.type}"
     if x.dtype not in dtypes:
         return f"dtype {x.dtype} is not handled (only {', '.join(str(d) for d in dtypes)})"
     if torch.is_grad_enabled() and x.requires_grad:
         return "autograd is recording and this kernel has no backward"
+    if x.device.type != "cuda":
+        return f"the input is on {x.device.type}"
     return cutile_import_error() or _device_reason(x.device.index)
 
 

@@ -41,12 +41,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_cutile(x, weight, eps)
 
 
-def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
     rows = x.reshape(-1, n)  # a view for the layouts transformers passes; copies only if it must
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out = out.view(rows.shape)
     if rows.shape[0] and n:
         # Compile-time constants: the padded row width and the rows per tile, a function of it. So there is
         # one specialization per (dtype, next power of two of the hidden size).
