@@ -2,8 +2,19 @@
 
 The rounding follows transformers' LlamaRMSNorm exactly: statistics in fp32, the normalized row rounded to
 the input dtype, then multiplied by the weight in fp32 and rounded to the output dtype.
+
+Compile-time constants (one compile each): the dtypes of x, weight and out, TILE_N (the hidden size rounded
+up to a power of two) and TILE_M (a function of TILE_N). Row count, hidden size and eps are runtime values, so
+an 8B model (hidden 4096, head_dim 128) compiles two specializations per dtype.
 """
 import cuda.tile as ct
+
+# Rows one block normalizes per step: up to this many elements per tile (q/k norms have 128 columns).
+TILE_ELEMENTS = 4096
+
+
+def rows_per_tile(tile_n: int) -> int:
+    return max(1, min(32, TILE_ELEMENTS // tile_n))
 
 
 @ct.kernel
@@ -22,3 +33,13 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float,
         y = ct.astype(normed, ct.float32) * w
         # Stores past the array edge are clipped, so the padded rows and columns are never written.
         ct.store(out, (t, 0), tile=ct.astype(y, out.dtype))
+
+
+def specializations(array, scalar):
+    """Every (kernel, parameters) the launcher can ask for; `array(dtype, ndim)`/`scalar(dtype)` build them."""
+    dtype_sets = [(d, d, d) for d in (ct.bfloat16, ct.float16, ct.float32)]
+    dtype_sets += [(d, ct.float32, ct.float32) for d in (ct.bfloat16, ct.float16)]  # fp32 weight
+    for x_dtype, w_dtype, out_dtype in dtype_sets:
+        for tile_n in (2 ** k for k in range(6, 15)):  # hidden 33 .. 16384
+            yield rms_norm_fwd, [array(x_dtype, 2), array(w_dtype, 1), array(out_dtype, 2),
+                                 scalar(ct.int32), scalar(ct.float32), rows_per_tile(tile_n), tile_n]

@@ -56,9 +56,9 @@ def cutile_unavailable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str 
     return cutile_import_error() or _device_reason(x.device.index)
 
 
-def tile_kernel(module: str, name: str):
-    """The `@ct.kernel` `name` from `tile/<module>.py` (imported on first use)."""
-    return getattr(importlib.import_module(f".tile.{module}", __package__), name)
+def tile_module(name: str):
+    """`tile/<name>.py`, the cuTile kernels from kernel-src/ (imported on first use: it imports cuda.tile)."""
+    return importlib.import_module(f".tile.{name}", __package__)
 
 
 @functools.cache

@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._runtime import cutile_unavailable, launch, persistent_blocks, tile_kernel, warn_fallback
+from ._runtime import cutile_unavailable, launch, persistent_blocks, tile_module, warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Elements one block normalizes per step: rows are grouped until a tile holds this many (q/k norms have 128 columns).
-_TILE_ELEMENTS = 4096
+MAX_HIDDEN = 16384  # the widest row one tile holds (kernel-src compiles TILE_N up to this)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,6 +24,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def _weight_unavailable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     if weight.dtype not in (x.dtype, torch.float32):
         return f"the weight is {weight.dtype} and the input {x.dtype}"
+    if x.shape[-1] > MAX_HIDDEN:
+        return f"the hidden size {x.shape[-1]} is wider than {MAX_HIDDEN}"
     if weight.shape != x.shape[-1:] or weight.device != x.device:
         return f"the weight has shape {tuple(weight.shape)} on {weight.device}, the input {tuple(x.shape)}"
     if torch.is_grad_enabled() and weight.requires_grad:
@@ -52,14 +53,12 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float,
         out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     out = out.view(rows.shape)
     if rows.shape[0] and n:
-        # Compile-time constants: the padded row width and the rows per tile, a function of it. So there is
-        # one specialization per (dtype, next power of two of the hidden size).
-        tile_n = 1 << (n - 1).bit_length()
-        tile_m = max(1, min(32, _TILE_ELEMENTS // tile_n))
+        tile = tile_module("rms_norm")
+        tile_n = max(64, 1 << (n - 1).bit_length())  # compile-time: one specialization per power of two
+        tile_m = tile.rows_per_tile(tile_n)
         n_tiles = -(-rows.shape[0] // tile_m)
         grid = (min(n_tiles, persistent_blocks(x.device.index)),)
-        launch(grid, tile_kernel("rms_norm", "rms_norm_fwd"),
-               (rows, weight, out, n, float(eps), tile_m, tile_n))
+        launch(grid, tile.rms_norm_fwd, (rows, weight, out, n, float(eps), tile_m, tile_n))
     return out.view(x.shape)
 
 
