@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # Llama-form RMSNorm, SwiGLU MLP
+ALL_FAMILIES = (*FAMILIES, "gemma3")  # gemma3: Gemma3ForCausalLM (model_type gemma3_text)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
@@ -15,8 +16,10 @@ def config_for(family: str, **overrides):
     from transformers import AutoConfig
 
     kwargs = {**TINY, **overrides}
-    if family in ("qwen3",):
+    if family in ("qwen3", "gemma3"):
         kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
+    if family == "gemma3":
+        return AutoConfig.for_model("gemma3_text", **kwargs)
     return AutoConfig.for_model(family, **kwargs)
 
 

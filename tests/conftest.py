@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from devtools.build import build
-from devtools.checkpoints import FAMILIES, make_checkpoint
+from devtools.checkpoints import ALL_FAMILIES, make_checkpoint
 from devtools.local_hub import local_hub
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,7 +31,7 @@ def hub(kernel_repo):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
-    return {family: make_checkpoint(family, root / family) for family in FAMILIES}
+    return {family: make_checkpoint(family, root / family) for family in ALL_FAMILIES}
 
 
 @pytest.fixture
@@ -42,3 +42,14 @@ def cpu_kernel_config(monkeypatch):
     own code path. On a GPU the same tests run unpatched (tests/test_gpu.py)."""
     kc = importlib.import_module("transformers.utils.kernel_config")
     monkeypatch.setattr(kc, "KERNELS_SUPPORTED_DEVICE_TYPES", [*kc.KERNELS_SUPPORTED_DEVICE_TYPES, "cpu"])
+
+
+@pytest.fixture(autouse=True)
+def transformers_state(kernel_repo):
+    """Every test leaves transformers' global patches, conversion rules and recorders as it found them, through
+    the package's own guard, so the suite does not depend on test order."""
+    import kernels
+
+    guard = kernels.get_local_kernel(kernel_repo / "build" / "torch-cpu").transformers_state_guard
+    with guard():
+        yield

@@ -1,4 +1,8 @@
-"""Layers that `kernels.kernelize` and transformers' `KernelConfig` swap in, by class name."""
-from .rms_norm import RMSNorm
+"""Layers that `kernels.kernelize` and transformers' `KernelConfig` swap in, by class name.
 
-__all__ = ["RMSNorm"]
+Each lives beside its reference, launcher and (for layers that own parameters) its `<Name>Layout`.
+"""
+from .mlp import GemmaRMSNormMLP, RMSNormMLP, SwiGLUMLP
+from .rms_norm import GemmaRMSNorm, RMSNorm
+
+__all__ = ["GemmaRMSNorm", "GemmaRMSNormMLP", "RMSNorm", "RMSNormMLP", "SwiGLUMLP"]

@@ -1,6 +1,6 @@
-"""RMSNorm (Llama, Mistral, Qwen2, Qwen3): reference, cuTile launcher and the `RMSNorm` layer.
+"""RMSNorm in the Llama form (Llama, Mistral, Qwen2, Qwen3) and the Gemma form (Gemma3: x̂ · (1 + w)).
 
-The cuTile kernel is `tile/rms_norm.py::rms_norm_fwd`.
+Reference, cuTile launcher and layers side by side; the cuTile kernel is `tile/rms_norm.py::rms_norm_fwd`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(input_dtype)
 
 
+def gemma_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exactly transformers' Gemma3RMSNorm.forward: fp32 throughout, (1 + w), one rounding at the end."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).type_as(x)
+
+
 def _weight_unavailable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     if weight.dtype not in (x.dtype, torch.float32):
         return f"the weight is {weight.dtype} and the input {x.dtype}"
@@ -34,7 +41,7 @@ def _weight_unavailable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension: cuTile on a supported GPU, the exact reference otherwise."""
+    """Llama-form RMSNorm over the last dimension: cuTile on a supported GPU, the exact reference otherwise."""
     reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
     if reason:
         warn_fallback("rms_norm", reason)
@@ -42,15 +49,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_cutile(x, weight, eps)
 
 
-def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma-form RMSNorm: cuTile on a supported GPU, the exact reference otherwise."""
+    reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
+    if reason:
+        warn_fallback("gemma_rms_norm", reason)
+        return gemma_rms_norm_reference(x, weight, eps)
+    return rms_norm_cutile(x, weight, eps, gemma=True)
+
+
+def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+                    gemma: bool = False) -> torch.Tensor:
     """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
     rows = x.reshape(-1, n)  # a view for the layouts transformers passes; copies only if it must
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if out is None:
-        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
     out = out.view(rows.shape)
     if rows.shape[0] and n:
         tile = tile_module("rms_norm")
@@ -58,7 +75,7 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float,
         tile_m = tile.rows_per_tile(tile_n)
         n_tiles = -(-rows.shape[0] // tile_m)
         grid = (min(n_tiles, persistent_blocks(x.device.index)),)
-        launch(grid, tile.rms_norm_fwd, (rows, weight, out, n, float(eps), tile_m, tile_n))
+        launch(grid, tile.rms_norm_fwd, (rows, weight, out, n, float(eps), gemma, tile_m, tile_n))
     return out.view(x.shape)
 
 
@@ -73,3 +90,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma3RMSNorm forward in cuTile. transformers does not register Gemma3RMSNorm for kernels, so it is
+    swapped through its Layout: KernelConfig({"^Gemma3RMSNorm$": "<repo>:GemmaRMSNorm"})."""
+
+    weight: torch.Tensor
+    eps: float
+
+    has_backward = False
+    can_torch_compile = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return gemma_rms_norm(hidden_states, self.weight, self.eps)
+
+
+class GemmaRMSNormLayout(nn.Module):
+    """Gemma3RMSNorm's parameters under their own names (`weight`), so checkpoints load and save unchanged
+    and no conversion rule is registered. Its forward is the exact reference (training, fallbacks)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):  # Gemma3Attention passes `dim=` by keyword
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return gemma_rms_norm_reference(hidden_states, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"

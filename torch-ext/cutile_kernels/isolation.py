@@ -1,0 +1,51 @@
+"""Load models with kernels without leaving transformers' process-global state changed.
+
+`from_pretrained(..., kernel_config=...)` registers class patches and checkpoint conversion rules globally and
+rewrites `_can_record_outputs` on model classes; all three outlive the load and break later plain loads in the
+same process (a plain Llama then gets a Layout with uninitialized weights; a plain Qwen3 returns no hidden
+states). Inside `transformers_state_guard()` loads work as usual; on exit the three are restored, and models
+already loaded keep working (their modules, conversions for save_pretrained and recorders are their own).
+
+    with kernel.transformers_state_guard():
+        model = AutoModelForCausalLM.from_pretrained(path, use_kernels=True, kernel_config=config)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+
+def _model_classes(base: type) -> list[type]:
+    seen, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.append(sub)
+                todo.append(sub)
+    return seen
+
+
+@contextlib.contextmanager
+def transformers_state_guard():
+    from transformers import conversion_mapping, monkey_patching
+    from transformers.modeling_utils import PreTrainedModel
+
+    with monkey_patching._monkey_patch_lock:
+        patches = dict(monkey_patching._monkey_patch_mapping_cache)
+    conversions = conversion_mapping._checkpoint_conversion_mapping_cache
+    conversions = None if conversions is None else dict(conversions)  # entries are replaced, never mutated
+    user_registered = set(conversion_mapping.USER_REGISTERED_MAPPINGS)
+    recorders = {cls: copy.deepcopy(cls.__dict__["_can_record_outputs"])
+                 for cls in _model_classes(PreTrainedModel) if "_can_record_outputs" in cls.__dict__}
+    try:
+        yield
+    finally:
+        with monkey_patching._monkey_patch_lock:
+            monkey_patching._monkey_patch_mapping_cache.clear()
+            monkey_patching._monkey_patch_mapping_cache.update(patches)
+        conversion_mapping._checkpoint_conversion_mapping_cache = conversions
+        conversion_mapping.USER_REGISTERED_MAPPINGS.clear()
+        conversion_mapping.USER_REGISTERED_MAPPINGS.update(user_registered)
+        for cls, saved in recorders.items():
+            cls._can_record_outputs = saved

@@ -1,0 +1,145 @@
+"""MLP layers that own parameters: the merged gate_up SwiGLU MLP and the fused RMSNorm -> MLP (n-to-1).
+
+Each kernel class (forward only, what kernelize swaps in) sits beside its Layout: the parameters transformers
+builds in place of the original modules, a `conversion_mapping` from checkpoint keys to them (reversed on
+save), and a reference forward for training, fallbacks and CPU.
+
+Merged gate_up: one GEMM computes [gate | up] (the weights concatenated at load time), the cuTile kernel
+applies act(gate) * up, a second GEMM is down_proj.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .gated_act import check_activation, gated_act, gated_act_reference
+from .rms_norm import gemma_rms_norm, gemma_rms_norm_reference, rms_norm, rms_norm_reference
+
+
+def merged_gate_up_rules(src: str, dst: str) -> list:
+    """Checkpoint -> Layout: `<src>.gate_proj` and `<src>.up_proj` concatenated into `<dst>.gate_up_proj`;
+    `<src>.down_proj` moved to `<dst>.down_proj`. transformers reverses them on save_pretrained.
+
+    Scope: only decoder MLPs have `mlp.{gate,up,down}_proj` in the target families (vision towers name theirs
+    fc1/fc2), so no other weight is renamed."""
+    try:
+        from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+    except ImportError:  # kernels also loads this package without transformers: then no Layout is used
+        return []
+    rules = [WeightConverter([f"{src}.gate_proj.{p}", f"{src}.up_proj.{p}"], f"{dst}.gate_up_proj.{p}",
+                             operations=[Concatenate(dim=0)]) for p in ("weight", "bias")]
+    if src != dst:
+        rules.append(WeightRenaming(f"{src}.down_proj.", f"{dst}.down_proj."))
+    return rules
+
+
+def _activation(config) -> str:
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    return check_activation(act)
+
+
+class _MergedGateUp(nn.Module):
+    """gate_up_proj and down_proj with the shapes (and bias) of an MLP's gate/up/down projections."""
+
+    def _init_projections(self, hidden: int, inter: int, bias: bool, act: str) -> None:
+        # Built empty (on meta inside from_pretrained): every value comes from the checkpoint through
+        # conversion_mapping, never from the original modules.
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.hidden_act = act
+
+    def _mlp_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gated_act_reference(self.gate_up_proj(x), self.hidden_act))
+
+
+# --- SwiGLUMLP: replaces LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP ------------------------------------------
+
+class SwiGLUMLP(nn.Module):
+    gate_up_proj: nn.Linear
+    down_proj: nn.Linear
+    hidden_act: str
+
+    has_backward = False  # training runs the Layout's reference forward
+    can_torch_compile = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gated_act(self.gate_up_proj(x), self.hidden_act))
+
+
+class SwiGLUMLPLayout(_MergedGateUp):
+    conversion_mapping = merged_gate_up_rules("mlp", "mlp")
+
+    def __init__(self, config):
+        super().__init__()
+        self._init_projections(config.hidden_size, config.intermediate_size,
+                               bool(getattr(config, "mlp_bias", False)), _activation(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp_reference(x)
+
+
+# --- RMSNormMLP: fuses (post_attention_layernorm, mlp) of Llama, Mistral, Qwen2, Qwen3 ---------------------
+
+class _NormMLPLayout(_MergedGateUp):
+    """Takes the first child's slot (the norm); keeps the norm's `weight`, so its key is unchanged."""
+
+    def _init_from(self, norm: nn.Module, mlp: nn.Module) -> None:
+        self.weight = nn.Parameter(torch.empty(norm.weight.shape))
+        self._init_projections(mlp.gate_proj.in_features, mlp.gate_proj.out_features,
+                               mlp.gate_proj.bias is not None, _activation(mlp.config))
+
+
+class RMSNormMLP(nn.Module):
+    weight: torch.Tensor
+    variance_epsilon: float
+    gate_up_proj: nn.Linear
+    down_proj: nn.Linear
+    hidden_act: str
+
+    has_backward = False
+    can_torch_compile = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return self.down_proj(gated_act(self.gate_up_proj(h), self.hidden_act))
+
+
+class RMSNormMLPLayout(_NormMLPLayout):
+    conversion_mapping = merged_gate_up_rules("mlp", "post_attention_layernorm")
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.variance_epsilon = norm.variance_epsilon
+        self._init_from(norm, mlp)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._mlp_reference(rms_norm_reference(hidden_states, self.weight, self.variance_epsilon))
+
+
+# --- GemmaRMSNormMLP: fuses Gemma3's (pre_feedforward_layernorm, mlp), GELU-tanh gating ---------------------
+
+class GemmaRMSNormMLP(nn.Module):
+    weight: torch.Tensor
+    eps: float
+    gate_up_proj: nn.Linear
+    down_proj: nn.Linear
+    hidden_act: str
+
+    has_backward = False
+    can_torch_compile = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = gemma_rms_norm(hidden_states, self.weight, self.eps)
+        return self.down_proj(gated_act(self.gate_up_proj(h), self.hidden_act))
+
+
+class GemmaRMSNormMLPLayout(_NormMLPLayout):
+    conversion_mapping = merged_gate_up_rules("mlp", "pre_feedforward_layernorm")
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.eps = norm.eps
+        self._init_from(norm, mlp)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._mlp_reference(gemma_rms_norm_reference(hidden_states, self.weight, self.eps))
