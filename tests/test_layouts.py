@@ -149,3 +149,17 @@ def test_unsupported_activation_is_a_clear_error(checkpoints, hub, cpu_kernel_co
     path = make_checkpoint("llama", tmp_path / "relu", hidden_act="relu")
     with pytest.raises(ValueError, match="activation 'relu' is not supported"):
         load(path, configs("llama", hub)["mlp"])
+
+
+def test_guard_restores_classes_after_a_failed_load(checkpoints, hub, cpu_kernel_config, kernel_repo, tmp_path):
+    """transformers' apply_patches leaves Layout classes in its modules when building the model raises."""
+    from transformers.models.llama import modeling_llama
+
+    from devtools.checkpoints import make_checkpoint
+
+    original = modeling_llama.LlamaMLP
+    guard = kernels.get_local_kernel(kernel_repo / "build" / "torch-cpu").transformers_state_guard
+    path = make_checkpoint("llama", tmp_path / "relu", hidden_act="relu")
+    with guard(), pytest.raises(ValueError):
+        load(path, configs("llama", hub)["mlp"])
+    assert modeling_llama.LlamaMLP is original

@@ -3,8 +3,10 @@
 `from_pretrained(..., kernel_config=...)` registers class patches and checkpoint conversion rules globally and
 rewrites `_can_record_outputs` on model classes; all three outlive the load and break later plain loads in the
 same process (a plain Llama then gets a Layout with uninitialized weights; a plain Qwen3 returns no hidden
-states). Inside `transformers_state_guard()` loads work as usual; on exit the three are restored, and models
-already loaded keep working (their modules, conversions for save_pretrained and recorders are their own).
+states). And when building the model raises (a Layout refusing a config), transformers' `apply_patches` never
+puts the original classes back into its modules. Inside `transformers_state_guard()` loads work as usual; on
+exit all four are restored, and models already loaded keep working (their modules, conversions for
+save_pretrained and recorders are their own).
 
     with kernel.transformers_state_guard():
         model = AutoModelForCausalLM.from_pretrained(path, use_kernels=True, kernel_config=config)
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 
 
 def _model_classes(base: type) -> list[type]:
@@ -24,6 +27,17 @@ def _model_classes(base: type) -> list[type]:
                 seen.append(sub)
                 todo.append(sub)
     return seen
+
+
+def _module_classes() -> dict[tuple[str, str], type]:
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("transformers"):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, type):
+                found[(name, attr)] = value
+    return found
 
 
 @contextlib.contextmanager
@@ -38,9 +52,14 @@ def transformers_state_guard():
     user_registered = set(conversion_mapping.USER_REGISTERED_MAPPINGS)
     recorders = {cls: copy.deepcopy(cls.__dict__["_can_record_outputs"])
                  for cls in _model_classes(PreTrainedModel) if "_can_record_outputs" in cls.__dict__}
+    classes = _module_classes()
     try:
         yield
     finally:
+        replacements = set(monkey_patching.get_patch_mapping().values()) - set(patches.values())
+        for (module_name, attr), original in classes.items():
+            if getattr(sys.modules[module_name], attr, original) in replacements:
+                setattr(sys.modules[module_name], attr, original)
         with monkey_patching._monkey_patch_lock:
             monkey_patching._monkey_patch_mapping_cache.clear()
             monkey_patching._monkey_patch_mapping_cache.update(patches)
