@@ -5,17 +5,26 @@ statistics in fp32 and the normalized row rounded to the input dtype before the 
 Gemma form (Gemma3RMSNorm, GEMMA=True): y = (x * rsqrt(mean(x^2) + eps) * (1 + w)) in fp32, rounded once.
 
 Compile-time constants (one compile each): the dtypes of x, weight and out, GEMMA, TILE_N (the hidden size
-rounded up to a power of two) and TILE_M (a function of TILE_N). Row count, hidden size and eps are runtime values, so
-an 8B model (hidden 4096, head_dim 128) compiles two specializations per dtype.
+rounded up to a power of two) and TILE_M (rows per tile: a power of two up to 32). Row count, hidden size and
+eps are runtime values, so an 8B model (hidden 4096, head_dim 128) compiles a handful of specializations per
+dtype: decode (few rows) and prefill (many rows) take different TILE_M.
+
+Design (benchmarks/sweep_rms_norm.py, H100): persistent blocks (2 per SM), tiles of up to 16K elements, and
+stores without TMA reach the copy bandwidth at 8192+ rows; with few rows, one row per block spreads the work.
 """
 import cuda.tile as ct
 
-# Rows one block normalizes per step: up to this many elements per tile (q/k norms have 128 columns).
-TILE_ELEMENTS = 4096
+TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within one block)
+BLOCKS_PER_SM = 2
 
 
-def rows_per_tile(tile_n: int) -> int:
-    return max(1, min(32, TILE_ELEMENTS // tile_n))
+def tile_shape(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int]:
+    """(TILE_N, TILE_M) for a (n_rows, n_cols) input: rows per tile shrink until every SM has a tile."""
+    tile_n = max(64, 1 << (n_cols - 1).bit_length())
+    tile_m = max(1, min(32, TILE_ELEMENTS // tile_n))
+    while tile_m > 1 and n_rows < tile_m * n_sms:
+        tile_m //= 2
+    return tile_n, tile_m
 
 
 @ct.kernel
@@ -36,8 +45,9 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float,
         if not GEMMA:
             normed = ct.astype(ct.astype(normed, x.dtype), ct.float32)
         y = normed * w
-        # Stores past the array edge are clipped, so the padded rows and columns are never written.
-        ct.store(out, (t, 0), tile=ct.astype(y, out.dtype))
+        # Stores past the array edge are clipped, so the padded rows and columns are never written. Plain
+        # stores beat TMA here (the sweep: up to 2x on narrow rows).
+        ct.store(out, (t, 0), tile=ct.astype(y, out.dtype), allow_tma=False)
 
 
 def specializations(array, scalar):
@@ -46,5 +56,6 @@ def specializations(array, scalar):
     dtype_sets += [(d, ct.float32, ct.float32, False) for d in (ct.bfloat16, ct.float16)]  # fp32 weight
     for x_dtype, w_dtype, out_dtype, gemma in dtype_sets:
         for tile_n in (2 ** k for k in range(6, 15)):  # hidden 33 .. 16384
-            yield rms_norm_fwd, [array(x_dtype, 2), array(w_dtype, 1), array(out_dtype, 2),
-                                 scalar(ct.int32), scalar(ct.float32), gemma, rows_per_tile(tile_n), tile_n]
+            for tile_m in sorted({tile_shape(tile_n, rows, 1)[1] for rows in (1, 1 << 20)}):
+                yield rms_norm_fwd, [array(x_dtype, 2), array(w_dtype, 1), array(out_dtype, 2),
+                                     scalar(ct.int32), scalar(ct.float32), gemma, tile_m, tile_n]

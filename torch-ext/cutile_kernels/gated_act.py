@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._runtime import cutile_unavailable, launch, tile_module, warn_fallback
+from ._runtime import cutile_ready, cutile_unavailable, launch, tile_module, warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # transformers' ACT2FN names (config.hidden_act / hidden_activation) -> the kernel's ACT constant
@@ -29,24 +29,23 @@ def gated_act_reference(gate_up: torch.Tensor, act: str) -> torch.Tensor:
 
 def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """[..., 2 * I] -> [..., I]: cuTile on a supported GPU, the exact reference otherwise."""
-    reason = cutile_unavailable(gate_up, DTYPES)
-    if reason:
-        warn_fallback("gated_act", reason)
-        return gated_act_reference(gate_up, act)
+    if not cutile_ready(gate_up, DTYPES):
+        reason = cutile_unavailable(gate_up, DTYPES)
+        if reason:
+            warn_fallback("gated_act", reason)
+            return gated_act_reference(gate_up, act)
     return gated_act_cutile(gate_up, act)
 
 
 def gated_act_cutile(gate_up: torch.Tensor, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
-    rows = gate_up.reshape(-1, 2 * inter)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = gate_up.view(-1, 2 * inter) if gate_up.is_contiguous() else gate_up.reshape(-1, 2 * inter).contiguous()
     if out is None:
         out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
     flat = out.view(-1, inter)
     if rows.shape[0] and inter:
         tile = tile_module("gated_act")
         grid = (-(-rows.shape[0] // tile.TILE_M), -(-inter // tile.TILE_N))
-        launch(grid, tile.gated_act_fwd, (rows[:, :inter], rows[:, inter:], flat, ACTIVATIONS[act],
-                                          tile.TILE_M, tile.TILE_N))
+        args = (rows[:, :inter], rows[:, inter:], flat, ACTIVATIONS[act], tile.TILE_M, tile.TILE_N)
+        launch(gate_up.get_device(), grid, tile.gated_act_fwd, args)
     return out

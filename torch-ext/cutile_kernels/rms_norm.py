@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._runtime import cutile_unavailable, launch, persistent_blocks, tile_module, warn_fallback
+from ._runtime import cutile_ready, cutile_unavailable, launch, sm_count, tile_module, warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HIDDEN = 16384  # the widest row one tile holds (kernel-src compiles TILE_N up to this)
@@ -40,21 +40,30 @@ def _weight_unavailable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
+def _weight_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The per-call weight check; `_weight_unavailable` says why when it fails."""
+    return (weight.dtype in (x.dtype, torch.float32) and weight.dim() == 1
+            and weight.shape[0] == x.shape[-1] <= MAX_HIDDEN and weight.get_device() == x.get_device()
+            and not (weight.requires_grad and torch.is_grad_enabled()))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama-form RMSNorm over the last dimension: cuTile on a supported GPU, the exact reference otherwise."""
-    reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
-    if reason:
-        warn_fallback("rms_norm", reason)
-        return rms_norm_reference(x, weight, eps)
+    if not (cutile_ready(x, DTYPES) and _weight_fits(x, weight)):
+        reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
+        if reason:
+            warn_fallback("rms_norm", reason)
+            return rms_norm_reference(x, weight, eps)
     return rms_norm_cutile(x, weight, eps)
 
 
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma-form RMSNorm: cuTile on a supported GPU, the exact reference otherwise."""
-    reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
-    if reason:
-        warn_fallback("gemma_rms_norm", reason)
-        return gemma_rms_norm_reference(x, weight, eps)
+    if not (cutile_ready(x, DTYPES) and _weight_fits(x, weight)):
+        reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
+        if reason:
+            warn_fallback("gemma_rms_norm", reason)
+            return gemma_rms_norm_reference(x, weight, eps)
     return rms_norm_cutile(x, weight, eps, gemma=True)
 
 
@@ -62,20 +71,17 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
                     gemma: bool = False) -> torch.Tensor:
     """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
-    rows = x.reshape(-1, n)  # a view for the layouts transformers passes; copies only if it must
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = x.view(-1, n) if x.is_contiguous() else x.reshape(-1, n).contiguous()
+    m = rows.shape[0]
     if out is None:
-        dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    out = out.view(rows.shape)
-    if rows.shape[0] and n:
+        dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.float32
+        out = torch.empty((m, n), dtype=dtype, device=x.device)
+    if m and n:
+        index = x.get_device()
         tile = tile_module("rms_norm")
-        tile_n = max(64, 1 << (n - 1).bit_length())  # compile-time: one specialization per power of two
-        tile_m = tile.rows_per_tile(tile_n)
-        n_tiles = -(-rows.shape[0] // tile_m)
-        grid = (min(n_tiles, persistent_blocks(x.device.index)),)
-        launch(grid, tile.rms_norm_fwd, (rows, weight, out, n, float(eps), gemma, tile_m, tile_n))
+        tile_n, tile_m = tile.tile_shape(n, m, sm_count(index))
+        grid = (min(-(-m // tile_m), tile.BLOCKS_PER_SM * sm_count(index)),)
+        launch(index, grid, tile.rms_norm_fwd, (rows, weight, out.view(m, n), n, float(eps), gemma, tile_m, tile_n))
     return out.view(x.shape)
 
 
