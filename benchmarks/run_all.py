@@ -203,8 +203,8 @@ def main():
               f"{best} {peers.get(best, float('nan')):.1f} µs; host {row['host'].get('cutile', float('nan')):.1f} "
               f"vs {min(row['host'][i] for i in peers) if peers else float('nan'):.1f} µs"
               + (f"; not timed: {row['bad']}" if row["bad"] else ""), flush=True)
-    if args.out_dir:
-        write_results(args.out_dir, results, versions, peak)
+        if args.out_dir:  # after every shape: a run cut short still leaves its table
+            write_results(args.out_dir, results, versions, peak)
 
 
 def write_results(out_dir: Path, results, versions, peak):
