@@ -33,7 +33,7 @@ def _constraint_factories():
     import cuda.tile as ct
     from cuda.tile.compilation import ArrayConstraint, ScalarConstraint
 
-    def array(dtype, ndim):  # what torch tensors from the launchers satisfy: unit last stride, no aliasing
+    def array(dtype, ndim):  # what the launchers pass: unit last stride, no aliasing
         return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0, alias_groups=(),
                                may_alias_internally=False, stride_constant=(None,) * (ndim - 1) + (1,))
 

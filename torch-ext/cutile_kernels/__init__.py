@@ -4,7 +4,8 @@ from .gated_act import gated_act, gated_act_cutile, gated_act_reference
 from .isolation import transformers_state_guard
 from .rms_norm import (gemma_rms_norm, gemma_rms_norm_reference, rms_norm, rms_norm_cutile,
                        rms_norm_reference)
+from .rope import apply_rotary_pos_emb, rope_cutile, rope_reference
 
-__all__ = ["layers", "gated_act", "gated_act_cutile", "gated_act_reference", "gemma_rms_norm",
-           "gemma_rms_norm_reference", "rms_norm", "rms_norm_cutile", "rms_norm_reference",
-           "transformers_state_guard"]
+__all__ = ["layers", "apply_rotary_pos_emb", "gated_act", "gated_act_cutile", "gated_act_reference",
+           "gemma_rms_norm", "gemma_rms_norm_reference", "rms_norm", "rms_norm_cutile", "rms_norm_reference",
+           "rope_cutile", "rope_reference", "transformers_state_guard"]

@@ -6,7 +6,9 @@ same process (a plain Llama then gets a Layout with uninitialized weights; a pla
 states). And when building the model raises (a Layout refusing a config), transformers' `apply_patches` never
 puts the original classes back into its modules. Inside `transformers_state_guard()` loads work as usual; on
 exit all four are restored, and models already loaded keep working (their modules, conversions for
-save_pretrained and recorders are their own).
+save_pretrained and recorders are their own). One exception: transformers' `rotary_pos_emb` is one module
+object per modeling file, shared by every model of that family, so its kernel forward is process-wide and is
+undone on exit as well: keep a model that uses `ApplyRotaryPosEmb` inside the block.
 
     with kernel.transformers_state_guard():
         model = AutoModelForCausalLM.from_pretrained(path, use_kernels=True, kernel_config=config)
@@ -40,6 +42,21 @@ def _module_classes() -> dict[tuple[str, str], type]:
     return found
 
 
+def _kernel_funcs() -> dict:
+    """Functions transformers turned into kernelizable module objects (e.g. apply_rotary_pos_emb), with the
+    forward bound on each instance (None: the class's own)."""
+    import torch
+
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("transformers"):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, torch.nn.Module) and hasattr(type(value), "kernel_layer_name"):
+                found[value] = value.__dict__.get("forward")
+    return found
+
+
 @contextlib.contextmanager
 def transformers_state_guard():
     from transformers import conversion_mapping, monkey_patching
@@ -53,6 +70,7 @@ def transformers_state_guard():
     recorders = {cls: copy.deepcopy(cls.__dict__["_can_record_outputs"])
                  for cls in _model_classes(PreTrainedModel) if "_can_record_outputs" in cls.__dict__}
     classes = _module_classes()
+    funcs = _kernel_funcs()
     try:
         yield
     finally:
@@ -68,3 +86,8 @@ def transformers_state_guard():
         conversion_mapping.USER_REGISTERED_MAPPINGS.update(user_registered)
         for cls, saved in recorders.items():
             cls._can_record_outputs = saved
+        for func, forward in funcs.items():  # kernelize binds the kernel forward on these shared instances
+            if forward is None:
+                func.__dict__.pop("forward", None)
+            else:
+                func.forward = forward

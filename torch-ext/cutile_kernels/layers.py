@@ -4,5 +4,6 @@ Each lives beside its reference, launcher and (for layers that own parameters) i
 """
 from .mlp import GemmaRMSNormMLP, RMSNormMLP, SwiGLUMLP
 from .rms_norm import GemmaRMSNorm, RMSNorm
+from .rope import ApplyRotaryPosEmb
 
-__all__ = ["GemmaRMSNorm", "GemmaRMSNormMLP", "RMSNorm", "RMSNormMLP", "SwiGLUMLP"]
+__all__ = ["ApplyRotaryPosEmb", "GemmaRMSNorm", "GemmaRMSNormMLP", "RMSNorm", "RMSNormMLP", "SwiGLUMLP"]
