@@ -46,7 +46,7 @@ def main():
 
     tile_compile.compile_tile = counted
     path = make_checkpoint("llama", Path(tempfile.gettempdir()) / f"llama-8b-{args.layers}l",
-                           num_hidden_layers=args.layers, **SHAPE)
+                           num_hidden_layers=args.layers, dtype=torch.bfloat16, **SHAPE)
     kw = dict(dtype=torch.bfloat16, device_map="cuda")
     plain = AutoModelForCausalLM.from_pretrained(path, **kw)
     with local_hub(ROOT) as hub:
