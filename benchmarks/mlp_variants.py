@@ -8,7 +8,6 @@ variant is checked against the plain transformers modules (float32 of the same b
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,34 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devtools.build import ROOT  # noqa: E402
+from devtools.timing import events_us, graph_us  # noqa: E402
 
 ROWS = [1, 4, 16, 4096]
-
-
-def median_us(fn, reps=100):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
-
-
-def graph_us(fn, reps=100):
-    """Per-call GPU time with launch gaps removed: 20 calls captured in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    return median_us(g.replay, reps) / 20
 
 
 def main():
@@ -93,7 +67,7 @@ def main():
                 want = mlp(norm(x)) if "norm" in name else mlp(x)
                 err = ((fn(x).float() - want.float()).norm() / want.float().norm()).item()
                 assert err < 2e-2, f"{name} {r}: rel err {err}"
-                cells.append(f"{median_us(lambda: fn(x)):.1f} / {graph_us(lambda: fn(x)):.1f}")
+                cells.append(f"{events_us(lambda: fn(x)):.1f} / {graph_us(lambda: fn(x)):.1f}")
             line = f"| {name} | " + " | ".join(cells) + " |"
             lines.append(line)
             print(line, flush=True)

@@ -19,6 +19,6 @@ try:
     print("tilegym rms_norm ok", (y.float() - ref.float()).abs().max().item())
     from tilegym.ops.cutile.silu_and_mul import silu_and_mul
     print("tilegym silu_and_mul ok", silu_and_mul(torch.randn(16, 2 * 4096, device="cuda", dtype=torch.bfloat16)).shape)
-except Exception as e:
+except Exception:
     import traceback
     traceback.print_exc()

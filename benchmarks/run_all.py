@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devtools.build import ROOT  # noqa: E402
+from devtools.timing import graph_us  # noqa: E402
 
 HIDDEN = [2560, 3584, 4096, 5120, 8192]
 INTER = [9728, 14336, 18944, 28672]
@@ -44,27 +45,6 @@ def copy_bandwidth() -> float:
     e.record()
     e.synchronize()
     return 2 * a.numel() * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
-
-
-def device_us(fn, sets) -> float:
-    for args in sets:
-        fn(*args)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(20):
-            fn(*sets[i % len(sets)])
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(15):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / 20)
-    return statistics.median(times)
 
 
 def host_us(fn, args, n=1000) -> float:
@@ -190,7 +170,7 @@ def main():
                 if not err < 1e-2:
                     row["bad"][impl] = f"rel err {err:.1e}"
                     continue
-                row["dev"][impl] = device_us(fn, sets)
+                row["dev"][impl] = graph_us(fn, sets)
                 row["host"][impl] = host_us(fn, sets[0], n=300 if m * n > 1 << 24 else 1000)
             except Exception as e:  # a peer that cannot run this shape is reported, not fatal
                 row["bad"][impl] = f"{type(e).__name__}: {str(e)[:60]}"

@@ -5,11 +5,16 @@
 An experimental copy of the kernel takes the choices as compile-time constants; each configuration is checked
 against the reference, then timed (CUDA graph of 20 calls, median).
 """
-import statistics
+
+import sys
+from pathlib import Path
 
 import cuda.tile as ct
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from devtools.timing import graph_us  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -38,26 +43,6 @@ def gated_sweep(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool],
                 a = 0.5 * g * (1.0 + ct.tanh(inner))
         a = ct.astype(ct.astype(a, out.dtype), ct.float32)
         ct.store(out, (m, n), tile=ct.astype(a * ct.astype(u, ct.float32), out.dtype), allow_tma=STORE_TMA)
-
-
-def graph_us(fn, reps=15):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / 20)
-    return statistics.median(times)
 
 
 def main():

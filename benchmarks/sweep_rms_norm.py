@@ -5,7 +5,6 @@
 An experimental copy of the kernel takes the design choices as compile-time constants; every configuration is
 checked against the reference, then timed (CUDA graph of 20 calls, median) against the copy bandwidth.
 """
-import statistics
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import cuda.tile as ct
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from devtools.timing import graph_us  # noqa: E402
 
 
 @ct.kernel
@@ -35,33 +35,11 @@ def rms_norm_sweep(x, weight, out, n_cols: int, eps: float, STORE_TMA: ct.Consta
             ct.store(out, (t, 0), tile=y, allow_tma=STORE_TMA)
 
 
-def graph_us(fn, reps=30):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / 20)
-    return statistics.median(times)
-
-
 def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     peak = 2 * a.numel() / graph_us(lambda: b.copy_(a)) / 1e3
-    del a, b
     print(f"{torch.cuda.get_device_name()}: copy {peak:.0f} GB/s; µs per call (graph), % of copy bandwidth")
     for m, n in [(16, 4096), (8192, 4096), (32768, 4096), (4096, 8192), (131072, 128), (8192, 1024)]:
         x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)

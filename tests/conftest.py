@@ -12,6 +12,33 @@ from devtools.local_hub import local_hub
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def assert_gpu_parity(path, mapping: dict):
+    """Load `path` plain and through KernelConfig(mapping) on the GPU in bf16; the kernel model must run cuTile
+    (no fallback warning) and match: logits within 2e-2 relative, argmax agreeing on > 95 % of positions (the
+    bound tests/test_gpu_layouts.py justifies). Returns the kernel model."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, KernelConfig
+
+    kw = dict(dtype=torch.bfloat16, device_map="cuda")
+    plain = AutoModelForCausalLM.from_pretrained(path, **kw)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 40), device="cuda")
+    with torch.no_grad():
+        want = plain(ids).logits.float()  # first: transformers' rotary function is shared by both models
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, use_kernels=True, kernel_config=KernelConfig(mapping, inherit_mapping=False), **kw)
+        with torch.no_grad():
+            got = model(ids).logits.float()
+    fallbacks = [str(w.message) for w in caught if "running the PyTorch reference" in str(w.message)]
+    assert not fallbacks, fallbacks
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 2e-2, rel
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    return model
+
+
 @pytest.fixture(scope="session")
 def kernel_repo(tmp_path_factory) -> Path:
     """A kernel repository root holding a fresh `build/` of this checkout."""

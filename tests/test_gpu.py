@@ -8,11 +8,10 @@ import warnings
 import kernels
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, KernelConfig
 
 from devtools.checkpoints import FAMILIES
 
-from .conftest import requires_cuda
+from .conftest import assert_gpu_parity, requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -83,20 +82,6 @@ def test_no_fallback_for_supported_inputs(ck):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kernel_config_route_on_gpu(checkpoints, hub, family):
     """Route 4a unpatched: from_pretrained(use_kernels=True, kernel_config=...) with real cuTile."""
-    kw = dict(dtype=torch.bfloat16, device_map="cuda")
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints[family], **kw)
-    config = KernelConfig({"RMSNorm": f"{hub}:RMSNorm"}, inherit_mapping=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = AutoModelForCausalLM.from_pretrained(checkpoints[family], use_kernels=True,
-                                                     kernel_config=config, **kw)
-        norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
-        assert norms and all(m.forward.__func__.__qualname__ == "RMSNorm.forward" for m in norms)
-        ids = torch.randint(0, model.config.vocab_size, (2, 33), device="cuda")
-        with torch.no_grad():
-            got, want = model(ids).logits.float(), plain(ids).logits.float()
-    fallbacks = [str(w.message) for w in caught if "running the PyTorch reference" in str(w.message)]
-    assert not fallbacks, fallbacks
-    rel = ((got - want).norm() / want.norm()).item()
-    assert rel < 2e-2, rel
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    model = assert_gpu_parity(checkpoints[family], {"RMSNorm": f"{hub}:RMSNorm"})
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all(m.forward.__func__.__qualname__ == "RMSNorm.forward" for m in norms)

@@ -6,16 +6,13 @@ N = I) and fp32 rsqrt/exp approximations: bf16 outputs then differ by about one 
 relative) in some elements, which two layers of a random model carry to a logit relative error ~1e-2.
 """
 import random
-import warnings
 
 import kernels
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, KernelConfig
 
-from devtools.checkpoints import ALL_FAMILIES
 
-from .conftest import requires_cuda
+from .conftest import assert_gpu_parity, requires_cuda
 from .test_layouts import CASES, configs
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -67,18 +64,4 @@ def test_gemma_rms_norm_cutile_matches_float64(ck, dtype):
 
 @pytest.mark.parametrize("family,case", CASES)
 def test_layout_models_on_gpu(checkpoints, hub, family, case):
-    kw = dict(dtype=torch.bfloat16, device_map="cuda")
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints[family], **kw)
-    config = KernelConfig(configs(family, hub)[case], inherit_mapping=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = AutoModelForCausalLM.from_pretrained(checkpoints[family], use_kernels=True, kernel_config=config,
-                                                     **kw)
-        ids = torch.randint(0, model.config.vocab_size, (2, 40), device="cuda")
-        with torch.no_grad():
-            got, want = model(ids).logits.float(), plain(ids).logits.float()
-    fallbacks = [str(w.message) for w in caught if "running the PyTorch reference" in str(w.message)]
-    assert not fallbacks, fallbacks
-    rel = ((got - want).norm() / want.norm()).item()
-    assert rel < 2e-2, rel
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    assert_gpu_parity(checkpoints[family], configs(family, hub)[case])

@@ -1,14 +1,12 @@
 """RoPE and edge cases on a real GPU: fresh random shapes against float64, poisoned outputs, strided inputs,
 zero rows and very wide rows, and a whole model with every kernel through KernelConfig."""
 import random
-import warnings
 
 import kernels
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, KernelConfig
 
-from .conftest import requires_cuda
+from .conftest import assert_gpu_parity, requires_cuda
 from .test_layouts import fused_key
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -76,18 +74,5 @@ def test_llama_with_every_kernel(hub, tmp_path):
 
     # head_dim 64: the tiny checkpoints' head_dim 16 is below what the RoPE kernel takes (it falls back)
     path = make_checkpoint("llama", tmp_path / "llama-hd64", head_dim=64)
-    kw = dict(dtype=torch.bfloat16, device_map="cuda")
-    plain = AutoModelForCausalLM.from_pretrained(path, **kw)
-    ids = torch.randint(0, 256, (2, 40), device="cuda")
-    with torch.no_grad():
-        want = plain(ids).logits.float()
-    config = KernelConfig({"RMSNorm": f"{hub}:RMSNorm", "rotary_pos_emb": f"{hub}:ApplyRotaryPosEmb",
-                           fused_key("post_attention_layernorm"): f"{hub}:RMSNormMLP"}, inherit_mapping=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = AutoModelForCausalLM.from_pretrained(path, use_kernels=True, kernel_config=config, **kw)
-        with torch.no_grad():
-            got = model(ids).logits.float()
-    fallbacks = [str(w.message) for w in caught if "running the PyTorch reference" in str(w.message)]
-    assert not fallbacks, fallbacks
-    assert ((got - want).norm() / want.norm()).item() < 2e-2
+    assert_gpu_parity(path, {"RMSNorm": f"{hub}:RMSNorm", "rotary_pos_emb": f"{hub}:ApplyRotaryPosEmb",
+                             fused_key("post_attention_layernorm"): f"{hub}:RMSNormMLP"})

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, KernelConfig
 
-from devtools.checkpoints import ALL_FAMILIES, FAMILIES
+from devtools.checkpoints import ALL_FAMILIES
 
 IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
 MLP_CLASS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}

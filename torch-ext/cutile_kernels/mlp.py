@@ -52,9 +52,9 @@ class _MergedGateUp(nn.Module):
         return self.down_proj(gated_act_reference(self.gate_up_proj(x), self.hidden_act))
 
 
-# --- SwiGLUMLP: replaces LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP ------------------------------------------
+class _MergedMLPKernel(nn.Module):
+    """What the kernel classes below read from their Layout (annotations only: kernel classes own nothing)."""
 
-class SwiGLUMLP(nn.Module):
     gate_up_proj: nn.Linear
     down_proj: nn.Linear
     hidden_act: str
@@ -62,8 +62,16 @@ class SwiGLUMLP(nn.Module):
     has_backward = False  # training runs the Layout's reference forward
     can_torch_compile = False
 
+
+def _merged_mlp(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return layer.down_proj(gated_act(layer.gate_up_proj(h), layer.hidden_act))
+
+
+# --- SwiGLUMLP: replaces LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP ------------------------------------------
+
+class SwiGLUMLP(_MergedMLPKernel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_act(self.gate_up_proj(x), self.hidden_act))
+        return _merged_mlp(self, x)
 
 
 class SwiGLUMLPLayout(_MergedGateUp):
@@ -89,19 +97,12 @@ class _NormMLPLayout(_MergedGateUp):
                                mlp.gate_proj.bias is not None, _activation(mlp.config))
 
 
-class RMSNormMLP(nn.Module):
+class RMSNormMLP(_MergedMLPKernel):
     weight: torch.Tensor
     variance_epsilon: float
-    gate_up_proj: nn.Linear
-    down_proj: nn.Linear
-    hidden_act: str
-
-    has_backward = False
-    can_torch_compile = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(hidden_states, self.weight, self.variance_epsilon)
-        return self.down_proj(gated_act(self.gate_up_proj(h), self.hidden_act))
+        return _merged_mlp(self, rms_norm(hidden_states, self.weight, self.variance_epsilon))
 
 
 class RMSNormMLPLayout(_NormMLPLayout):
@@ -118,19 +119,12 @@ class RMSNormMLPLayout(_NormMLPLayout):
 
 # --- GemmaRMSNormMLP: fuses Gemma3's (pre_feedforward_layernorm, mlp), GELU-tanh gating ---------------------
 
-class GemmaRMSNormMLP(nn.Module):
+class GemmaRMSNormMLP(_MergedMLPKernel):
     weight: torch.Tensor
     eps: float
-    gate_up_proj: nn.Linear
-    down_proj: nn.Linear
-    hidden_act: str
-
-    has_backward = False
-    can_torch_compile = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        h = gemma_rms_norm(hidden_states, self.weight, self.eps)
-        return self.down_proj(gated_act(self.gate_up_proj(h), self.hidden_act))
+        return _merged_mlp(self, gemma_rms_norm(hidden_states, self.weight, self.eps))
 
 
 class GemmaRMSNormMLPLayout(_NormMLPLayout):

@@ -47,23 +47,27 @@ def _weight_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (weight.requires_grad and torch.is_grad_enabled()))
 
 
+def _fallback_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    if cutile_ready(x, DTYPES) and _weight_fits(x, weight):  # the hot path: attribute reads only
+        return None
+    return cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama-form RMSNorm over the last dimension: cuTile on a supported GPU, the exact reference otherwise."""
-    if not (cutile_ready(x, DTYPES) and _weight_fits(x, weight)):
-        reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
-        if reason:
-            warn_fallback("rms_norm", reason)
-            return rms_norm_reference(x, weight, eps)
+    reason = _fallback_reason(x, weight)
+    if reason:
+        warn_fallback("rms_norm", reason)
+        return rms_norm_reference(x, weight, eps)
     return rms_norm_cutile(x, weight, eps)
 
 
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma-form RMSNorm: cuTile on a supported GPU, the exact reference otherwise."""
-    if not (cutile_ready(x, DTYPES) and _weight_fits(x, weight)):
-        reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
-        if reason:
-            warn_fallback("gemma_rms_norm", reason)
-            return gemma_rms_norm_reference(x, weight, eps)
+    reason = _fallback_reason(x, weight)
+    if reason:
+        warn_fallback("gemma_rms_norm", reason)
+        return gemma_rms_norm_reference(x, weight, eps)
     return rms_norm_cutile(x, weight, eps, gemma=True)
 
 
