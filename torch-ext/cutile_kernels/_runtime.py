@@ -69,6 +69,13 @@ def cutile_unavailable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str 
     return reason
 
 
+def compiling_without_grad(*tensors: torch.Tensor) -> bool:
+    """Under torch.compile (and no autograd to record), ops go through their torch.library custom op: Dynamo
+    cannot trace ct.launch, but it keeps an opaque op in the graph."""
+    return torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 _TILE_MODULES: dict = {}
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._runtime import cutile_ready, cutile_unavailable, launch, tile_module, warn_fallback
+from ._ops import add_op_namespace_prefix
+from ._runtime import cutile_ready, compiling_without_grad, cutile_unavailable, launch, tile_module, warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # transformers' ACT2FN names (config.hidden_act / hidden_activation) -> the kernel's ACT constant
@@ -29,6 +30,8 @@ def gated_act_reference(gate_up: torch.Tensor, act: str) -> torch.Tensor:
 
 def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """[..., 2 * I] -> [..., I]: cuTile on a supported GPU, the exact reference otherwise."""
+    if compiling_without_grad(gate_up):
+        return gated_act_op(gate_up, act)
     if not cutile_ready(gate_up, DTYPES):
         reason = cutile_unavailable(gate_up, DTYPES)
         if reason:
@@ -50,3 +53,14 @@ def gated_act_cutile(gate_up: torch.Tensor, act: str, out: torch.Tensor | None =
         args = (rows[:, :inter], rows[:, inter:], flat, ACTIVATIONS[act], approx, tile.TILE_M, tile.TILE_N)
         launch(gate_up.get_device(), grid, tile.gated_act_fwd, args)
     return out
+
+
+@torch.library.custom_op(add_op_namespace_prefix("gated_act"), mutates_args=())
+def gated_act_op(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """The torch.compile face of gated_act (cuTile or reference inside)."""
+    return gated_act(gate_up, act).contiguous()
+
+
+@gated_act_op.register_fake
+def _(gate_up, act):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._runtime import cutile_ready, cutile_unavailable, launch, sm_count, tile_module, warn_fallback
+from ._ops import add_op_namespace_prefix
+from ._runtime import cutile_ready, compiling_without_grad, cutile_unavailable, launch, sm_count, tile_module, \
+    warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HIDDEN = 16384  # the widest row one tile holds (kernel-src compiles TILE_N up to this)
@@ -55,6 +57,8 @@ def _fallback_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama-form RMSNorm over the last dimension: cuTile on a supported GPU, the exact reference otherwise."""
+    if compiling_without_grad(x, weight):
+        return rms_norm_op(x, weight, float(eps), False)
     reason = _fallback_reason(x, weight)
     if reason:
         warn_fallback("rms_norm", reason)
@@ -64,6 +68,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma-form RMSNorm: cuTile on a supported GPU, the exact reference otherwise."""
+    if compiling_without_grad(x, weight):
+        return rms_norm_op(x, weight, float(eps), True)
     reason = _fallback_reason(x, weight)
     if reason:
         warn_fallback("gemma_rms_norm", reason)
@@ -89,6 +95,17 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
     return out.view(x.shape)
 
 
+@torch.library.custom_op(add_op_namespace_prefix("rms_norm"), mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """The torch.compile face of both forms: an opaque op (cuTile or reference inside) with a fake below."""
+    return (gemma_rms_norm if gemma else rms_norm)(x, weight, eps).contiguous()
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps, gemma):
+    return x.new_empty(x.shape, dtype=x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype))
+
+
 class RMSNorm(nn.Module):
     """Stateless replacement of the `RMSNorm` forward that transformers registers (uses the host's weight)."""
 
@@ -96,7 +113,7 @@ class RMSNorm(nn.Module):
     variance_epsilon: float
 
     has_backward = False  # training keeps transformers' own forward until the backward kernel lands
-    can_torch_compile = False
+    can_torch_compile = True  # torch.compile sees one custom op (rms_norm_op), no graph break
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
@@ -110,7 +127,7 @@ class GemmaRMSNorm(nn.Module):
     eps: float
 
     has_backward = False
-    can_torch_compile = False
+    can_torch_compile = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return gemma_rms_norm(hidden_states, self.weight, self.eps)

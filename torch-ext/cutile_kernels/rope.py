@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._runtime import cutile_ready, cutile_unavailable, launch, tile_module, warn_fallback
+from ._ops import add_op_namespace_prefix
+from ._runtime import cutile_ready, compiling_without_grad, cutile_unavailable, launch, tile_module, warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -37,6 +38,8 @@ def _rope_unavailable(q, k, cos, sin, unsqueeze_dim) -> str | None:
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     """(q_embed, k_embed): cuTile on a supported GPU, the exact reference otherwise."""
+    if compiling_without_grad(q, k, cos, sin):
+        return rope_op(q, k, cos, sin, unsqueeze_dim)
     reason = None
     if not (cutile_ready(q, DTYPES) and cutile_ready(k, DTYPES)):
         reason = cutile_unavailable(q, DTYPES) or cutile_unavailable(k, DTYPES)
@@ -68,12 +71,25 @@ def rope_cutile(q, k, cos, sin, unsqueeze_dim: int = 1, q_out=None, k_out=None):
     return q_out, k_out
 
 
+@torch.library.custom_op(add_op_namespace_prefix("rope"), mutates_args=())
+def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            unsqueeze_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch.compile face of apply_rotary_pos_emb (cuTile or reference inside); contiguous outputs."""
+    q_embed, k_embed = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    return q_embed.contiguous(), k_embed.contiguous()
+
+
+@rope_op.register_fake
+def _(q, k, cos, sin, unsqueeze_dim):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
 class ApplyRotaryPosEmb(nn.Module):
     """Stateless replacement of transformers' `rotary_pos_emb` function:
     KernelConfig({"rotary_pos_emb": "<repo>:ApplyRotaryPosEmb"})."""
 
     has_backward = False
-    can_torch_compile = False
+    can_torch_compile = True
 
     def forward(self, q, k, cos, sin, unsqueeze_dim=1):
         return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
