@@ -73,3 +73,24 @@ def test_compiled_model_has_no_break_from_the_kernels(checkpoints, hub, cpu_kern
         got = torch.compile(model, backend="aot_eager")(ids).logits
     assert explanation.graph_break_count == 0, [str(r)[:300] for r in explanation.break_reasons]
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_op_registrations_pass_kernel_builders_ops_check():
+    """kernel-builder's torch-ops-check: every torch.library decorator names its op through a direct
+    add_op_namespace_prefix(...) call (so the build can give each variant its own namespace)."""
+    import ast
+
+    from devtools.build import ROOT
+
+    checked = 0
+    for path in (ROOT / "torch-ext" / "cutile_kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            for dec in getattr(node, "decorator_list", []):
+                if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr in (
+                        "custom_op", "triton_op", "register_fake", "register_kernel", "register_vmap",
+                        "register_torch_dispatch"):
+                    first = dec.args[0]
+                    assert isinstance(first, ast.Call) and getattr(first.func, "id", "") == "add_op_namespace_prefix", \
+                        f"{path.name}:{dec.lineno}"
+                    checked += 1
+    assert checked == 6

@@ -61,6 +61,6 @@ def gated_act_op(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     return gated_act(gate_up, act).contiguous()
 
 
-@gated_act_op.register_fake
+@torch.library.register_fake(add_op_namespace_prefix("gated_act"))
 def _(gate_up, act):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)

@@ -101,7 +101,7 @@ def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) 
     return (gemma_rms_norm if gemma else rms_norm)(x, weight, eps).contiguous()
 
 
-@rms_norm_op.register_fake
+@torch.library.register_fake(add_op_namespace_prefix("rms_norm"))
 def _(x, weight, eps, gemma):
     return x.new_empty(x.shape, dtype=x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype))
 

@@ -79,7 +79,7 @@ def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return q_embed.contiguous(), k_embed.contiguous()
 
 
-@rope_op.register_fake
+@torch.library.register_fake(add_op_namespace_prefix("rope"))
 def _(q, k, cos, sin, unsqueeze_dim):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
