@@ -59,6 +59,8 @@ def host_us(fn, args, n=1000) -> float:
 
 
 def rel_err(got, ref) -> float:
+    if isinstance(got, tuple):  # (q_embed, k_embed): one error over both
+        got = torch.cat([t.flatten() for t in got])
     return ((got.double() - ref).norm() / ref.norm()).item()
 
 
@@ -72,6 +74,19 @@ def ops(ck):
         x64 = x.double()
         h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)
         return h * (1 + w.double()) if gemma else h * w.double()
+
+    def rope_inputs(tokens, head_dim):
+        # decode/prefill of an 8B model: 32 query and 8 kv heads, (B, H, S, D) views of (B, S, H, D)
+        q = torch.randn(1, tokens, 32, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.randn(1, tokens, 8, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        freqs = torch.rand(1, tokens, head_dim // 2, device="cuda") * 100
+        emb = torch.cat([freqs, freqs], -1)
+        return q, k, emb.cos().bfloat16(), emb.sin().bfloat16()
+
+    def rope64(q, k, cos, sin):  # both outputs in one tensor, so one relative error covers q and k
+        c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+        rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)  # noqa: E731
+        return torch.cat([(x.double() * c + rot(x.double()) * s).flatten() for x in (q, k)])
 
     def act_inputs(m, i):
         return (torch.randn(m, 2 * i, device="cuda", dtype=torch.bfloat16),)
@@ -100,6 +115,10 @@ def ops(ck):
             "eager": lambda gu: ck.gated_act_reference(gu, "gelu_pytorch_tanh"),
             "compile": torch.compile(lambda gu: ck.gated_act_reference(gu, "gelu_pytorch_tanh"),
                                      dynamic=False)}),
+        "rope": (rope_inputs, rope64, lambda t, d: 2 * 2 * t * 40 * d, {
+            "cutile": lambda q, k, c, s: ck.apply_rotary_pos_emb(q, k, c, s),
+            "eager": lambda q, k, c, s: ck.rope_reference(q, k, c, s),
+            "compile": torch.compile(lambda q, k, c, s: ck.rope_reference(q, k, c, s), dynamic=False)}),
     }
     try:
         from liger_kernel.ops.geglu import LigerGELUMulFunction
@@ -153,7 +172,8 @@ def main():
     print(f"{versions}\ncopy bandwidth {peak:.0f} GB/s", flush=True)
     table = ops(ck)
     rows = ROWS[::2] if args.quick else ROWS
-    widths = {"rms_norm": HIDDEN, "gemma_rms_norm": HIDDEN[::2], "silu_mul": INTER, "gelu_tanh_mul": INTER[::2]}
+    widths = {"rms_norm": HIDDEN, "gemma_rms_norm": HIDDEN[::2], "silu_mul": INTER, "gelu_tanh_mul": INTER[::2],
+              "rope": [128]}  # rope: rows = tokens, width = head_dim
     if args.quick:
         widths = {k: v[:1] for k, v in widths.items()}
     jobs = [(op, m, n) for op in table for n in widths[op] for m in rows]
