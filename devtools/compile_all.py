@@ -40,11 +40,19 @@ def _constraint_factories():
     return array, ScalarConstraint
 
 
+def _specs(module, array, scalar) -> list:
+    """Forward specializations, then backward ones where the module has a backward kernel."""
+    specs = list(module.specializations(array, scalar))
+    if hasattr(module, "backward_specializations"):
+        specs += list(module.backward_specializations(array, scalar))
+    return specs
+
+
 def jobs(everything: bool) -> list[tuple[str, int, str]]:
     array, scalar = _constraint_factories()
     out = []
     for module in _load_modules():
-        specs = list(module.specializations(array, scalar))
+        specs = _specs(module, array, scalar)
         for target in TARGETS:
             picks = range(len(specs)) if everything or target == "sm_90" else sorted({0, len(specs) - 1})
             out += [(module.__name__, i, target) for i in picks]
@@ -56,7 +64,7 @@ def compile_one(job: tuple[str, int, str]) -> tuple[str, float, int]:
 
     module_name, index, target = job
     module = next(m for m in _load_modules() if m.__name__ == module_name)
-    kernel, params = list(module.specializations(*_constraint_factories()))[index]
+    kernel, params = _specs(module, *_constraint_factories())[index]
     name = kernel._annotated_function.pyfunc.__name__
     sig = KernelSignature(params, CallingConvention.cutile_python_v1()).with_mangled_symbol(name)
     t0 = time.perf_counter()

@@ -46,3 +46,31 @@ def specializations(array, scalar):
         for act in (SILU, GELU_TANH):
             yield gated_act_fwd, [array(dtype, 2), array(dtype, 2), array(dtype, 2), act,
                                   dtype != ct.float32, TILE_M, TILE_N]
+
+
+@ct.kernel
+def gated_act_bwd(gate, up, dy, dgate, dup, ACT: ct.Constant[int], TILE_M: ct.Constant[int],
+                  TILE_N: ct.Constant[int]):
+    """d/dgate = dy * up * act'(gate), d/dup = dy * act(gate); dgate and dup are the halves of one
+    (rows, 2 * intermediate) gradient, like the forward's input."""
+    m, n = ct.bid(0), ct.bid(1)
+    g = ct.astype(ct.load(gate, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+    u = ct.astype(ct.load(up, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+    d = ct.astype(ct.load(dy, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+    if ACT == SILU:
+        s = 1.0 / (1.0 + ct.exp(-g))
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
+    else:
+        k0 = 0.7978845608028654
+        th = ct.tanh(k0 * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + th)
+        da = 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * k0 * (1.0 + 3.0 * 0.044715 * g * g)
+    ct.store(dgate, (m, n), tile=ct.astype(d * u * da, dgate.dtype))
+    ct.store(dup, (m, n), tile=ct.astype(d * a, dup.dtype))
+
+
+def backward_specializations(array, scalar):
+    for dtype in (ct.bfloat16, ct.float16, ct.float32):
+        for act in (SILU, GELU_TANH):
+            yield gated_act_bwd, [array(dtype, 2)] * 5 + [act, TILE_M, TILE_N]

@@ -59,3 +59,39 @@ def specializations(array, scalar):
             for tile_m in sorted({tile_shape(tile_n, rows, 1)[1] for rows in (1, 1 << 20)}):
                 yield rms_norm_fwd, [array(x_dtype, 2), array(w_dtype, 1), array(out_dtype, 2),
                                      scalar(ct.int32), scalar(ct.float32), gemma, tile_m, tile_n]
+
+
+@ct.kernel
+def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
+                 GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int]):
+    """dx, and per-block partial sums of dw (rows of dw_partial, summed by the launcher). rstd is recomputed
+    from x (one more read of x, no saved state). The gradient of the Llama form treats its rounding of x̂ as
+    identity for dx, and uses the rounded x̂ for dw, as autograd through transformers' forward does."""
+    n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
+    w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
+                             ct.float32), (1, TILE_N))
+    if GEMMA:
+        w = w + 1.0
+    acc = ct.full((1, TILE_N), 0.0, dtype=ct.float32)
+    for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
+        xf = ct.astype(ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+        d = ct.astype(ct.load(dy, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+        rstd = ct.rsqrt(ct.sum(xf * xf, axis=1, keepdims=True) / n_cols + eps)
+        xhat = xf * rstd
+        g = d * w
+        dot = ct.sum(g * xhat, axis=1, keepdims=True) / n_cols
+        ct.store(dx, (t, 0), tile=ct.astype(rstd * (g - xhat * dot), dx.dtype), allow_tma=False)
+        if not GEMMA:
+            xhat = ct.astype(ct.astype(xhat, x.dtype), ct.float32)
+        acc = acc + ct.sum(d * xhat, axis=0, keepdims=True)
+    ct.store(dw_partial, (ct.bid(0), 0), tile=acc, allow_tma=False)
+
+
+def backward_specializations(array, scalar):
+    for dtype in (ct.bfloat16, ct.float16, ct.float32):
+        for gemma in (False, True):
+            for tile_n in (128, 4096, 16384):
+                for tile_m in sorted({tile_shape(tile_n, rows, 1)[1] for rows in (1, 1 << 20)}):
+                    yield rms_norm_bwd, [array(dtype, 2), array(dtype, 1), array(dtype, 2), array(dtype, 2),
+                                         array(ct.float32, 2), scalar(ct.int32), scalar(ct.float32), gemma,
+                                         tile_m, tile_n]

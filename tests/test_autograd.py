@@ -1,0 +1,80 @@
+"""The training path's backward formulas on CPU: float64 gradcheck, and agreement with autograd through
+transformers' own modules (the layers keep has_backward=False until tests/test_gpu_autograd.py has run)."""
+import kernels
+import pytest
+import torch
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+
+@pytest.fixture
+def ck(kernel_repo):
+    return kernels.get_local_kernel(kernel_repo / "build" / "torch-cpu")
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm_backward_formula_in_float64(ck, gemma):
+    """transformers' RMSNorm forward computes in fp32 even for float64 inputs, so gradcheck cannot use it;
+    the backward formula is checked against autograd of the same function in float64 (to 1e-10), and
+    gradcheck runs on that function through the formula."""
+    import importlib
+
+    formula = importlib.import_module(f"{ck.__name__}.autograd").rms_norm_backward_reference
+
+    def forward64(x, w):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return h * (1 + w) if gemma else h * w
+
+    class Checked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return forward64(x, w)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return formula(*ctx.saved_tensors, dy, 1e-6, gemma)
+
+    x = torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Checked.apply, (x, w))
+    dy = torch.randn(3, 4, 16, dtype=torch.float64)
+    forward64(x, w).backward(dy)
+    dx, dw = formula(x.detach(), w.detach(), dy, 1e-6, gemma)
+    assert torch.allclose(dx, x.grad, atol=1e-10) and torch.allclose(dw, w.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_gated_act_gradcheck(ck, act):
+    gu = torch.randn(5, 2 * 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ck.gated_act_autograd(t, act), (gu,))
+
+
+@pytest.mark.parametrize("norm_cls,gemma", [(LlamaRMSNorm, False), (Gemma3RMSNorm, True)])
+def test_rms_norm_grads_match_transformers(ck, norm_cls, gemma):
+    norm = norm_cls(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32) * 0.3 + (0 if gemma else 1))
+    x = torch.randn(6, 32, requires_grad=True)
+    dy = torch.randn(6, 32)
+    norm(x).backward(dy)
+    want = (x.grad.clone(), norm.weight.grad.clone())
+    x.grad = None
+    w = norm.weight.detach().clone().requires_grad_()
+    ck.rms_norm_autograd(x, w, 1e-6, gemma).backward(dy)
+    assert torch.allclose(x.grad, want[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(w.grad, want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_mlp_grads_match_transformers(ck):
+    from transformers import LlamaConfig
+
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=2))
+    x = torch.randn(5, 16, requires_grad=True)
+    mlp(x).sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    out = mlp.down_proj(ck.gated_act_autograd(x @ gate_up.T, "silu"))
+    out.sum().backward()
+    assert torch.allclose(x.grad, want, rtol=1e-5, atol=1e-6)
