@@ -1,7 +1,6 @@
 """The cuTile backward kernels on a real GPU against float64 autograd (fresh random shapes)."""
 import random
 
-import kernels
 import pytest
 import torch
 
@@ -11,10 +10,6 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 
 
-@pytest.fixture(scope="module")
-def ck(kernel_repo):
-    return kernels.get_local_kernel(kernel_repo)
-
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -22,13 +17,13 @@ def rel(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("gemma", [False, True])
-def test_rms_norm_backward(ck, dtype, gemma):
+def test_rms_norm_backward(ck_gpu, dtype, gemma):
     rng = random.Random()
     for rows, hidden in [(1, 4096), (37, 2560), (4096, 4096), (rng.randint(1, 3000), rng.choice([128, 5120]))]:
         x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
         w = (0.3 * torch.randn(hidden, device="cuda") + (0 if gemma else 1)).to(dtype).requires_grad_()
         dy = torch.randn(rows, hidden, device="cuda", dtype=dtype)
-        ck.rms_norm_autograd(x, w, 1e-6, gemma).backward(dy)
+        ck_gpu.rms_norm_autograd(x, w, 1e-6, gemma).backward(dy)
         x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
         h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
         (h * (1 + w64) if gemma else h * w64).backward(dy.double())
@@ -38,11 +33,11 @@ def test_rms_norm_backward(ck, dtype, gemma):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
-def test_gated_act_backward(ck, dtype, act):
+def test_gated_act_backward(ck_gpu, dtype, act):
     for rows, inter in [(1, 14336), (300, 9728), (2048, 2000)]:
         gu = torch.randn(rows, 2 * inter, device="cuda", dtype=dtype, requires_grad=True)
         dy = torch.randn(rows, inter, device="cuda", dtype=dtype)
-        ck.gated_act_autograd(gu, act).backward(dy)
+        ck_gpu.gated_act_autograd(gu, act).backward(dy)
         g64 = gu.detach().double().requires_grad_()
         g, u = g64.chunk(2, dim=-1)
         a = torch.nn.functional.silu(g) if act == "silu" else torch.nn.functional.gelu(g, approximate="tanh")

@@ -7,21 +7,15 @@ relative) in some elements, which two layers of a random model carry to a logit 
 """
 import random
 
-import kernels
 import pytest
 import torch
 
 
-from .conftest import assert_gpu_parity, requires_cuda
+from .conftest import GPU_REL_TOL, assert_gpu_parity, requires_cuda
 from .test_layouts import CASES, configs
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
-REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
-
-@pytest.fixture(scope="module")
-def ck(kernel_repo):
-    return kernels.get_local_kernel(kernel_repo)
 
 
 def gated64(gate_up, act):
@@ -32,7 +26,7 @@ def gated64(gate_up, act):
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gated_act_cutile_matches_float64(ck, act, dtype):
+def test_gated_act_cutile_matches_float64(ck_gpu, act, dtype):
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     shapes = [(1, 14336), (16, 11008), (4096, 9728), (3, 160)] + \
@@ -41,25 +35,25 @@ def test_gated_act_cutile_matches_float64(ck, act, dtype):
     for rows, inter in shapes:
         gate_up = torch.randn(rows, 2 * inter, device="cuda", dtype=dtype) * 3
         out = torch.full((rows, inter), float("nan"), device="cuda", dtype=dtype)
-        ck.gated_act_cutile(gate_up, act, out=out)
+        ck_gpu.gated_act_cutile(gate_up, act, out=out)
         torch.cuda.synchronize()
         assert not out.isnan().any(), f"unwritten outputs at {(rows, inter)}, seed {seed}"
         ref = gated64(gate_up, act)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < REL_TOL[dtype], f"{(rows, inter)} {dtype} {act}: {err:.2e}, seed {seed}"
+        assert err < GPU_REL_TOL[dtype], f"{(rows, inter)} {dtype} {act}: {err:.2e}, seed {seed}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gemma_rms_norm_cutile_matches_float64(ck, dtype):
+def test_gemma_rms_norm_cutile_matches_float64(ck_gpu, dtype):
     for rows, hidden in [(1, 2560), (777, 3840), (4096, 5376), (65536, 256)]:
         x = torch.randn(rows, hidden, device="cuda", dtype=dtype)
         w = (0.3 * torch.randn(hidden, device="cuda")).to(dtype)
         out = torch.full_like(x, float("nan"))
-        ck.rms_norm_cutile(x, w, 1e-6, out=out, gemma=True)
+        ck_gpu.rms_norm_cutile(x, w, 1e-6, out=out, gemma=True)
         x64 = x.double()
         ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
         assert not out.isnan().any()
-        assert ((out.double() - ref).norm() / ref.norm()).item() < REL_TOL[dtype]
+        assert ((out.double() - ref).norm() / ref.norm()).item() < GPU_REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("family,case", CASES)

@@ -2,20 +2,14 @@
 zero rows and very wide rows, and a whole model with every kernel through KernelConfig."""
 import random
 
-import kernels
 import pytest
 import torch
 
-from .conftest import assert_gpu_parity, requires_cuda
+from .conftest import GPU_REL_TOL, assert_gpu_parity, requires_cuda
 from .test_layouts import fused_key
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
-REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
-
-@pytest.fixture(scope="module")
-def ck(kernel_repo):
-    return kernels.get_local_kernel(kernel_repo)
 
 
 def rope64(x, cos, sin, unsqueeze_dim):
@@ -25,7 +19,7 @@ def rope64(x, cos, sin, unsqueeze_dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_rope_cutile_matches_float64(ck, dtype):
+def test_rope_cutile_matches_float64(ck_gpu, dtype):
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     for _ in range(10):
@@ -43,29 +37,29 @@ def test_rope_cutile_matches_float64(ck, dtype):
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         q_out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
         k_out = torch.full(k.shape, float("nan"), device="cuda", dtype=dtype)
-        got_q, got_k = ck.rope_cutile(q, k, cos, sin, unsqueeze_dim, q_out=q_out, k_out=k_out)
+        got_q, got_k = ck_gpu.rope_cutile(q, k, cos, sin, unsqueeze_dim, q_out=q_out, k_out=k_out)
         torch.cuda.synchronize()
         for got, x in ((got_q, q), (got_k, k)):
             assert not got.isnan().any(), f"unwritten outputs {(b, s, hq, hk, d, unsqueeze_dim)} seed {seed}"
             ref = rope64(x, cos, sin, unsqueeze_dim)
             err = ((got.double() - ref).norm() / ref.norm()).item()
-            assert err < REL_TOL[dtype], f"{(b, s, hq, hk, d, unsqueeze_dim)} {dtype}: {err:.2e} seed {seed}"
-        same_q, _ = ck.rope_reference(q, k, cos, sin, unsqueeze_dim)
+            assert err < GPU_REL_TOL[dtype], f"{(b, s, hq, hk, d, unsqueeze_dim)} {dtype}: {err:.2e} seed {seed}"
+        same_q, _ = ck_gpu.rope_reference(q, k, cos, sin, unsqueeze_dim)
         assert (got_q.float() - same_q.float()).abs().max() <= 2 * same_q.float().abs().max() * 2**-7
 
 
-def test_edge_cases(ck):
+def test_edge_cases(ck_gpu):
     bf = dict(device="cuda", dtype=torch.bfloat16)
     # very wide rows (hidden 16384) and zero rows
     x, w = torch.randn(33, 16384, **bf), torch.randn(16384, **bf)
-    ref = ck.rms_norm_reference(x, w, 1e-6).float()
-    assert (ck.rms_norm(x, w, 1e-6).float() - ref).abs().max() <= 0.02 * ref.abs().max()
-    assert ck.gated_act(torch.empty(0, 512, **bf), "silu").shape == (0, 256)
+    ref = ck_gpu.rms_norm_reference(x, w, 1e-6).float()
+    assert (ck_gpu.rms_norm(x, w, 1e-6).float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert ck_gpu.gated_act(torch.empty(0, 512, **bf), "silu").shape == (0, 256)
     q = torch.empty(1, 4, 0, 128, **bf)
-    assert ck.apply_rotary_pos_emb(q, q, torch.empty(1, 0, 128, **bf), torch.empty(1, 0, 128, **bf))[0].shape == q.shape
+    assert ck_gpu.apply_rotary_pos_emb(q, q, torch.empty(1, 0, 128, **bf), torch.empty(1, 0, 128, **bf))[0].shape == q.shape
     # non-contiguous gate_up (a column slice): correct result
     gu = torch.randn(64, 3000, **bf)[:, :2048]
-    assert torch.allclose(ck.gated_act(gu, "silu").float(), ck.gated_act_reference(gu, "silu").float(),
+    assert torch.allclose(ck_gpu.gated_act(gu, "silu").float(), ck_gpu.gated_act_reference(gu, "silu").float(),
                           rtol=1e-2, atol=1e-2)
 
 
