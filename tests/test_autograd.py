@@ -78,3 +78,14 @@ def test_swiglu_mlp_grads_match_transformers(ck):
     out = mlp.down_proj(ck.gated_act_autograd(x @ gate_up.T, "silu"))
     out.sum().backward()
     assert torch.allclose(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_rope_gradcheck(ck, unsqueeze_dim):
+    """The backward (the forward with the inverse rotation) in float64, with distinct sin halves so the
+    half-swap is exercised, against numerical gradients."""
+    b, s, d = 2, 5, 8
+    q = torch.randn((b, 3, s, d) if unsqueeze_dim == 1 else (b, s, 3, d), dtype=torch.float64, requires_grad=True)
+    k = torch.randn((b, 1, s, d) if unsqueeze_dim == 1 else (b, s, 1, d), dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(b, s, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k: ck.rope_autograd(q, k, cos, sin, unsqueeze_dim), (q, k))

@@ -43,3 +43,18 @@ def test_gated_act_backward(ck_gpu, dtype, act):
         a = torch.nn.functional.silu(g) if act == "silu" else torch.nn.functional.gelu(g, approximate="tanh")
         (a * u).backward(dy.double())
         assert rel(gu.grad, g64.grad) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_backward(ck_gpu, dtype):
+    q = torch.randn(2, 300, 8, 128, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 300, 2, 128, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+    freqs = torch.rand(2, 300, 64, device="cuda") * 100
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    qe, ke = ck_gpu.rope_autograd(q, k, cos, sin)
+    torch.autograd.backward((qe, ke), (dq, dk))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    torch.autograd.backward(ck_gpu.rope_reference(q64, k64, cos.double(), sin.double()), (dq.double(), dk.double()))
+    assert rel(q.grad, q64.grad) < REL_TOL[dtype] and rel(k.grad, k64.grad) < REL_TOL[dtype]

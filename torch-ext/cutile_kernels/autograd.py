@@ -2,7 +2,8 @@
 same formulas in PyTorch elsewhere. The formulas are verified by float64 gradcheck on CPU
 (tests/test_autograd.py); the cuTile backward kernels compile for every target (CI) and have a GPU test
 (tests/test_gpu_autograd.py) that has not run yet. Until it has, the layers keep `has_backward = False` and
-these functions are opt-in: rms_norm_autograd, gated_act_autograd.
+these functions are opt-in: rms_norm_autograd, gated_act_autograd, rope_autograd (whose backward is the forward
+kernel with the inverse rotation, so it needs no kernel of its own).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from ._runtime import cutile_ready, launch, sm_count, tile_module
 from .gated_act import ACTIVATIONS, DTYPES, gated_act
 from .rms_norm import gemma_rms_norm, rms_norm
+from .rope import apply_rotary_pos_emb
 
 
 def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False):
@@ -107,3 +109,27 @@ class GatedActFunction(torch.autograd.Function):
 
 def gated_act_autograd(gate_up, act: str):
     return GatedActFunction.apply(gate_up, act)
+
+
+class RotaryFunction(torch.autograd.Function):
+    """RoPE is a rotation, so its backward is the same kernel with the inverse rotation: with
+    sin' = -[sin[half:], sin[:half]], rope(dy, cos, sin') = rope(x, cos, sin)^T dy (for q and k alike)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.unsqueeze_dim = unsqueeze_dim
+        with torch.no_grad():
+            return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        half = sin.shape[-1] // 2
+        sin_inverse = -torch.cat([sin[..., half:], sin[..., :half]], dim=-1)
+        dq, dk = apply_rotary_pos_emb(dq.contiguous(), dk.contiguous(), cos, sin_inverse, ctx.unsqueeze_dim)
+        return dq, dk, None, None, None
+
+
+def rope_autograd(q, k, cos, sin, unsqueeze_dim: int = 1):
+    return RotaryFunction.apply(q, k, cos, sin, unsqueeze_dim)
