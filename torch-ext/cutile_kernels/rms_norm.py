@@ -49,32 +49,26 @@ def _weight_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (weight.requires_grad and torch.is_grad_enabled()))
 
 
-def _fallback_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    if cutile_ready(x, DTYPES) and _weight_fits(x, weight):  # the hot path: attribute reads only
-        return None
-    return cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
+def _dispatch(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """Both forms: the custom op under torch.compile, cuTile when it takes the inputs, else the reference."""
+    if compiling_without_grad(x, weight):
+        return rms_norm_op(x, weight, float(eps), gemma)
+    if not (cutile_ready(x, DTYPES) and _weight_fits(x, weight)):  # the hot path: attribute reads only
+        reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
+        if reason:
+            warn_fallback("gemma_rms_norm" if gemma else "rms_norm", reason)
+            return (gemma_rms_norm_reference if gemma else rms_norm_reference)(x, weight, eps)
+    return rms_norm_cutile(x, weight, eps, gemma=gemma)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama-form RMSNorm over the last dimension: cuTile on a supported GPU, the exact reference otherwise."""
-    if compiling_without_grad(x, weight):
-        return rms_norm_op(x, weight, float(eps), False)
-    reason = _fallback_reason(x, weight)
-    if reason:
-        warn_fallback("rms_norm", reason)
-        return rms_norm_reference(x, weight, eps)
-    return rms_norm_cutile(x, weight, eps)
+    return _dispatch(x, weight, eps, False)
 
 
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma-form RMSNorm: cuTile on a supported GPU, the exact reference otherwise."""
-    if compiling_without_grad(x, weight):
-        return rms_norm_op(x, weight, float(eps), True)
-    reason = _fallback_reason(x, weight)
-    if reason:
-        warn_fallback("gemma_rms_norm", reason)
-        return gemma_rms_norm_reference(x, weight, eps)
-    return rms_norm_cutile(x, weight, eps, gemma=True)
+    return _dispatch(x, weight, eps, True)
 
 
 def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
@@ -98,7 +92,7 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
 @torch.library.custom_op(add_op_namespace_prefix("rms_norm"), mutates_args=())
 def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
     """The torch.compile face of both forms: an opaque op (cuTile or reference inside) with a fake below."""
-    return (gemma_rms_norm if gemma else rms_norm)(x, weight, eps).contiguous()
+    return _dispatch(x, weight, eps, gemma).contiguous()
 
 
 @torch.library.register_fake(add_op_namespace_prefix("rms_norm"))
