@@ -1,8 +1,9 @@
 """Layers that own parameters, on CPU: SwiGLUMLP, RMSNormMLP (n-to-1), GemmaRMSNorm, GemmaRMSNormMLP.
 
 Each loads through from_pretrained(use_kernels=True, kernel_config=...) (transformers' "cpu" refusal lifted by
-the cpu_kernel_config fixture), matches the plain model exactly, saves back to the original keys, falls back to
-its Layout's reference forward in training, and leaves transformers' global state clean.
+the cpu_kernel_config fixture), matches the plain model exactly, saves back to the original keys, keeps the kernel
+forward in training (has_backward=True) with the plain model's loss and gradients, and leaves transformers' global
+state clean.
 """
 import json
 
@@ -81,14 +82,16 @@ def test_layout_loads_matches_and_round_trips(checkpoints, hub, cpu_kernel_confi
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_training_runs_the_layout_reference_forward(checkpoints, hub, cpu_kernel_config, family):
+def test_training_keeps_the_kernel_forward(checkpoints, hub, cpu_kernel_config, family):
+    """model.train() re-kernelizes in TRAINING mode (transformers); after enable_training the layers
+    (has_backward=True) stay, not the Layout's reference, and the step matches the plain model."""
     case = "fused"
     plain = AutoModelForCausalLM.from_pretrained(checkpoints[family])
     model, _ = load(checkpoints[family], configs(family, hub)[case])
+    kernels.get_kernel(hub, version=1).enable_training(model)
     model.train()
     plain.train()
-    for m in layouts(model):
-        assert m.forward.__func__ is type(m).forward  # the Layout's own reference, not a no-op
+    assert layouts(model) and all(m.forward.__func__ is not type(m).forward for m in layouts(model))
     out, ref = model(IDS, labels=IDS), plain(IDS, labels=IDS)
     assert torch.equal(out.logits, ref.logits)
     out.loss.backward()
@@ -102,8 +105,18 @@ def test_training_runs_the_layout_reference_forward(checkpoints, hub, cpu_kernel
     fused_name = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
     got = grads[f"model.layers.0.{fused_name}.gate_up_proj.weight"]
     assert torch.allclose(got, merged, rtol=1e-5, atol=1e-7)
-    model.eval()  # and back: the kernel forward returns
+    model.eval()  # and back to inference: still the kernel forward
     assert all(m.forward.__func__ is not type(m).forward for m in layouts(model))
+
+
+def test_train_without_enable_training_falls_back_to_the_reference(checkpoints, hub, cpu_kernel_config):
+    """What enable_training exists for: transformers maps a KernelConfig for the load-time mode only, so a plain
+    model.train() swaps the Layout's reference forward back in (still correct, but no kernels)."""
+    model, _ = load(checkpoints["llama"], configs("llama", hub)["fused"])
+    model.train()
+    assert all(m.forward.__func__ is type(m).forward for m in layouts(model))
+    with pytest.raises(ValueError, match="not loaded with a KernelConfig"):
+        kernels.get_kernel(hub, version=1).enable_training(AutoModelForCausalLM.from_pretrained(checkpoints["llama"]))
 
 
 def test_layout_forward_without_cuda_tile(checkpoints, hub, cpu_kernel_config, monkeypatch):

@@ -85,11 +85,21 @@ def test_kernelize_on_cpu_uses_the_cpu_variant(checkpoints, hub, family):
     assert torch.equal(logits(model), logits(plain))
 
 
-def test_training_mode_keeps_transformers_forward(checkpoints, hub):
-    """has_backward=False: kernelize in TRAINING mode leaves transformers' own (differentiable) forward."""
+def test_training_mode_uses_the_kernel(checkpoints, hub):
+    """has_backward=True: kernelize in TRAINING mode swaps the kernel in, and a training step's loss and every
+    gradient equal the plain model's (on CPU the kernel runs its exact, differentiable reference)."""
+    plain = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
     model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
+    model.train()
     repo = LayerRepository(hub, layer_name="RMSNorm", version=1)
     with use_kernel_mapping({"RMSNorm": {"cpu": repo}}, inherit_mapping=False):
         kernelize(model, mode=Mode.TRAINING, device="cpu")
-    for m in norms(model):
-        assert m.forward.__func__ is type(m).forward
+    assert_kernel_forward(model, kernels.get_kernel(hub, version=1))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    out, ref = model(ids, labels=ids), plain(ids, labels=ids)
+    out.loss.backward()
+    ref.loss.backward()
+    assert torch.equal(out.loss, ref.loss)
+    want = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, want[name].grad), name

@@ -51,16 +51,13 @@ _READY: set[int] = set()
 
 def cutile_ready(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
     """The per-call check (a few attribute reads): True when cuTile takes `x` on an already-vetted GPU."""
-    return (x.is_cuda and x.dtype in dtypes and not (x.requires_grad and torch.is_grad_enabled())
-            and x.get_device() in _READY)
+    return x.is_cuda and x.dtype in dtypes and x.get_device() in _READY
 
 
 def cutile_unavailable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str | None:
     """None when cuTile can take `x`; otherwise the reason, for `warn_fallback`. Vets the GPU on first use."""
     if x.dtype not in dtypes:
         return f"dtype {x.dtype} is not handled (only {', '.join(str(d) for d in dtypes)})"
-    if torch.is_grad_enabled() and x.requires_grad:
-        return "autograd is recording and this kernel has no backward"
     if x.device.type != "cuda":
         return f"the input is on {x.device.type}"
     reason = cutile_import_error() or _device_reason(x.get_device())
@@ -69,11 +66,10 @@ def cutile_unavailable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str 
     return reason
 
 
-def compiling_without_grad(*tensors: torch.Tensor) -> bool:
-    """Under torch.compile (and no autograd to record), ops go through their torch.library custom op: Dynamo
-    cannot trace ct.launch, but it keeps an opaque op in the graph."""
-    return torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd is recording for one of `tensors`: the call goes through the custom op, whose registered
+    backward runs the cuTile backward kernels."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 _TILE_MODULES: dict = {}

@@ -59,7 +59,7 @@ class _MergedMLPKernel(nn.Module):
     down_proj: nn.Linear
     hidden_act: str
 
-    has_backward = False  # training runs the Layout's reference forward
+    has_backward = True  # GEMMs differentiate through torch, the norm and activation through their custom ops
     can_torch_compile = True  # the GEMMs stay torch ops; norm and activation are custom ops
 
 

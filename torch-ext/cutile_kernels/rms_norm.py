@@ -1,6 +1,7 @@
 """RMSNorm in the Llama form (Llama, Mistral, Qwen2, Qwen3) and the Gemma form (Gemma3: x̂ · (1 + w)).
 
-Reference, cuTile launcher and layers side by side; the cuTile kernel is `tile/rms_norm.py::rms_norm_fwd`.
+Reference, cuTile launchers (forward and backward), the custom ops and layers side by side; the cuTile kernels
+are `tile/rms_norm.py::rms_norm_fwd` and `rms_norm_bwd`.
 """
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import torch
 from torch import nn
 
 from ._ops import add_op_namespace_prefix
-from ._runtime import cutile_ready, compiling_without_grad, cutile_unavailable, launch, sm_count, tile_module, \
-    warn_fallback
+from ._runtime import cutile_ready, cutile_unavailable, launch, needs_grad, sm_count, tile_module, warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HIDDEN = 16384  # the widest row one tile holds (kernel-src compiles TILE_N up to this)
@@ -37,27 +37,27 @@ def _weight_unavailable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
         return f"the hidden size {x.shape[-1]} is wider than {MAX_HIDDEN}"
     if weight.shape != x.shape[-1:] or weight.device != x.device:
         return f"the weight has shape {tuple(weight.shape)} on {weight.device}, the input {tuple(x.shape)}"
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return "autograd is recording (weight.requires_grad) and this kernel has no backward"
     return None
 
 
 def _weight_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The per-call weight check; `_weight_unavailable` says why when it fails."""
     return (weight.dtype in (x.dtype, torch.float32) and weight.dim() == 1
-            and weight.shape[0] == x.shape[-1] <= MAX_HIDDEN and weight.get_device() == x.get_device()
-            and not (weight.requires_grad and torch.is_grad_enabled()))
+            and weight.shape[0] == x.shape[-1] <= MAX_HIDDEN and weight.get_device() == x.get_device())
 
 
 def _dispatch(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-    """Both forms: the custom op under torch.compile, cuTile when it takes the inputs, else the reference."""
-    if compiling_without_grad(x, weight):
+    """Both forms: the custom op under torch.compile or when autograd records (its backward is cuTile), the
+    cuTile launch when it takes the inputs, else the reference (differentiable by PyTorch)."""
+    if torch.compiler.is_compiling():
         return rms_norm_op(x, weight, float(eps), gemma)
     if not (cutile_ready(x, DTYPES) and _weight_fits(x, weight)):  # the hot path: attribute reads only
         reason = cutile_unavailable(x, DTYPES) or _weight_unavailable(x, weight)
         if reason:
             warn_fallback("gemma_rms_norm" if gemma else "rms_norm", reason)
             return (gemma_rms_norm_reference if gemma else rms_norm_reference)(x, weight, eps)
+    if needs_grad(x, weight):
+        return rms_norm_op(x, weight, float(eps), gemma)
     return rms_norm_cutile(x, weight, eps, gemma=gemma)
 
 
@@ -100,13 +100,70 @@ def _(x, weight, eps, gemma):
     return x.new_empty(x.shape, dtype=x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype))
 
 
+# --- backward: (dx, dweight) ----------------------------------------------------------------------------------
+
+def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False):
+    """(dx, dweight) of rms_norm / gemma_rms_norm, in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, d = x.to(acc), dy.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    g = d * (weight.to(acc) + (1.0 if gemma else 0.0))
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    xw = xhat if gemma else xhat.to(x.dtype).to(acc)  # the Llama form multiplies w by x̂ rounded to x's dtype
+    return dx.to(x.dtype), (d * xw).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+
+
+def rms_norm_backward_cutile(x, weight, dy, eps: float, gemma: bool = False):
+    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by torch."""
+    n = x.shape[-1]
+    rows, d = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
+    m, index = rows.shape[0], x.get_device()
+    dx = torch.empty_like(rows)
+    tile = tile_module("rms_norm")
+    tile_n, tile_m = tile.tile_shape(n, m, sm_count(index))
+    blocks = max(1, min(-(-m // tile_m), tile.BLOCKS_PER_SM * sm_count(index)))
+    dw_partial = torch.zeros(blocks, n, dtype=torch.float32, device=x.device)
+    if m:
+        launch(index, (blocks,), tile.rms_norm_bwd,
+               (rows, weight, d, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n))
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op(add_op_namespace_prefix("rms_norm_backward"), mutates_args=())
+def rms_norm_backward_op(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float,
+                         gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    fast = cutile_ready(x, DTYPES) and _weight_fits(x, weight) and weight.dtype == dy.dtype == x.dtype
+    return (rms_norm_backward_cutile if fast else rms_norm_backward_reference)(x, weight, dy, eps, gemma)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("rms_norm_backward"))
+def _(x, weight, dy, eps, gemma):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, ctx.eps, ctx.gemma = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _rms_norm_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dweight = rms_norm_backward_op(x, weight, dy, ctx.eps, ctx.gemma)
+    return dx, dweight, None, None
+
+
+torch.library.register_autograd(add_op_namespace_prefix("rms_norm"), _rms_norm_backward,
+                                setup_context=_rms_norm_setup)
+
+
 class RMSNorm(nn.Module):
     """Stateless replacement of the `RMSNorm` forward that transformers registers (uses the host's weight)."""
 
     weight: torch.Tensor
     variance_epsilon: float
 
-    has_backward = False  # training keeps transformers' own forward until the backward kernel lands
+    has_backward = True  # autograd goes through rms_norm_op, whose backward is the cuTile rms_norm_bwd kernel
     can_torch_compile = True  # torch.compile sees one custom op (rms_norm_op), no graph break
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -120,7 +177,7 @@ class GemmaRMSNorm(nn.Module):
     weight: torch.Tensor
     eps: float
 
-    has_backward = False
+    has_backward = True
     can_torch_compile = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

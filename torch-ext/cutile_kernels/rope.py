@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ._ops import add_op_namespace_prefix
-from ._runtime import cutile_ready, compiling_without_grad, cutile_unavailable, launch, tile_module, warn_fallback
+from ._runtime import cutile_ready, cutile_unavailable, launch, needs_grad, tile_module, warn_fallback
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -33,12 +33,15 @@ def _rope_unavailable(q, k, cos, sin, unsqueeze_dim) -> str | None:
         return "q, k, cos and sin differ in dtype or cos/sin in shape"
     if any(t.stride(-1) != 1 for t in (q, k, cos, sin)):
         return "a last dimension is not contiguous"
+    if needs_grad(cos, sin):
+        return "cos/sin require grad (the kernel's backward gives q and k gradients only)"
     return None
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """(q_embed, k_embed): cuTile on a supported GPU, the exact reference otherwise."""
-    if compiling_without_grad(q, k, cos, sin):
+    """(q_embed, k_embed): cuTile on a supported GPU (through the custom op under torch.compile or when autograd
+    records for q or k), the exact reference otherwise."""
+    if torch.compiler.is_compiling() and not needs_grad(cos, sin):
         return rope_op(q, k, cos, sin, unsqueeze_dim)
     reason = None
     if not (cutile_ready(q, DTYPES) and cutile_ready(k, DTYPES)):
@@ -47,6 +50,8 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     if reason:
         warn_fallback("apply_rotary_pos_emb", reason)
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    if needs_grad(q, k):
+        return rope_op(q, k, cos, sin, unsqueeze_dim)
     return rope_cutile(q, k, cos, sin, unsqueeze_dim)
 
 
@@ -84,11 +89,29 @@ def _(q, k, cos, sin, unsqueeze_dim):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
+def _rope_setup(ctx, inputs, output):
+    _, _, cos, sin, ctx.unsqueeze_dim = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_backward(ctx, dq, dk):
+    """RoPE is a rotation, so its backward is the same op with the inverse rotation: with
+    sin' = -[sin[half:], sin[:half]], rope(dy, cos, sin') = rope(x, cos, sin)^T dy (for q and k alike)."""
+    cos, sin = ctx.saved_tensors
+    half = sin.shape[-1] // 2
+    sin_inverse = -torch.cat([sin[..., half:], sin[..., :half]], dim=-1)
+    dq, dk = rope_op(dq.contiguous(), dk.contiguous(), cos, sin_inverse, ctx.unsqueeze_dim)
+    return dq, dk, None, None, None
+
+
+torch.library.register_autograd(add_op_namespace_prefix("rope"), _rope_backward, setup_context=_rope_setup)
+
+
 class ApplyRotaryPosEmb(nn.Module):
     """Stateless replacement of transformers' `rotary_pos_emb` function:
     KernelConfig({"rotary_pos_emb": "<repo>:ApplyRotaryPosEmb"})."""
 
-    has_backward = False
+    has_backward = True  # rope_op's backward is the same kernel with the inverse rotation
     can_torch_compile = True
 
     def forward(self, q, k, cos, sin, unsqueeze_dim=1):

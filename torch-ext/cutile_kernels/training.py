@@ -1,0 +1,27 @@
+"""Keeping the layers in `model.train()`.
+
+transformers turns a KernelConfig into a kernels mapping for the mode the model is in at load time (inference)
+and reuses that mapping when `model.train()` re-kernelizes in TRAINING mode: no entry matches, so every layer
+falls back to transformers' own forward (and a Layout to its reference forward), although the layers declare
+`has_backward = True`. `enable_training(model)` registers each entry for every mode (kernels' Mode.FALLBACK).
+"""
+from __future__ import annotations
+
+
+def enable_training(model):
+    """Make `model.train()` keep the kernels of a model loaded with `use_kernels=True, kernel_config=...`;
+    applies at once when the model is already training. Returns the model."""
+    from kernels import Mode
+
+    config = getattr(model, "kernel_config", None)
+    if config is None or not isinstance(config.kernel_mapping, dict):
+        raise ValueError("cutile_kernels.enable_training: the model was not loaded with a KernelConfig")
+    for devices in config.kernel_mapping.values():
+        for device, repos in devices.items():
+            if not isinstance(repos, dict):  # a KernelConfig that was never applied: nothing to widen
+                raise ValueError("cutile_kernels.enable_training: the model's KernelConfig was not applied")
+            # Every mode would pick the same layer; the layer's has_backward/can_torch_compile still decide.
+            devices[device] = {Mode.FALLBACK: next(iter(repos.values()))}
+    if model.training:
+        model.set_use_kernels(True)
+    return model
