@@ -1,4 +1,7 @@
-"""The README's main job runs end to end on CPU and reports exact parity."""
+"""The README's main job runs end to end on CPU and reports exact parity; its report and the end-to-end
+benchmark (benchmarks/e2e.py) have the expected rows and columns."""
+import json
+import math
 import subprocess
 import sys
 
@@ -17,14 +20,45 @@ def repo_build():
                                             ("mistral", "mlp")])
 def test_demo_reports_parity(tmp_path, repo_build, family, kernels):
     out = subprocess.run([sys.executable, "-m", "devtools.demo", "--family", family, "--kernels", kernels,
-                          "--cache", str(tmp_path / "ck"), "--out", str(tmp_path / "report")],
+                          "--no-liger", "--cache", str(tmp_path / "ck"), "--out", str(tmp_path / "report"),
+                          "--json", str(tmp_path / "r.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max |logits - plain| = 0.000e+00; greedy 16 tokens identical: True" in out.stdout
-    assert "| decode ms/token |" in (tmp_path / "report" / "demo.md").read_text()
+    md = (tmp_path / "report" / "demo.md").read_text().splitlines()
+    assert md[0].endswith("| plain | kernels (reference path) | speedup | Liger | Liger speedup |")
+    for label in ("prefill tokens/s", "decode ms/token"):
+        cells = next(line for line in md if line.startswith(f"| {label} |")).strip("|").split("|")
+        assert len(cells) == 6 and [c.strip() for c in cells[4:]] == ["n/a", "n/a"]
+    assert "Liger: n/a (skipped (--no-liger))" in md
+    assert (tmp_path / "report" / "demo.png").stat().st_size < 60_000
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["family"] == family and result["liger"] is None
+    assert result["ours"]["max_logit_diff"] == 0.0 and result["ours"]["greedy_identical"] is True
+    # CPU timings are noise (a busy machine can even make decode negative): only check that they are numbers
+    assert all(math.isfinite(result[who][k]) for who in ("plain", "ours") for k in ("prefill_tok_s", "decode_ms"))
 
 
 def test_demo_refuses_two_mlp_kernels():
     out = subprocess.run([sys.executable, "-m", "devtools.demo", "--kernels", "mlp,fused"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "choose one of mlp and fused" in out.stderr
+
+
+def test_e2e_combined_table(tmp_path):
+    """One tiny family through benchmarks/e2e.py (its own demo subprocess): one table, one plot, the numbers."""
+    out = subprocess.run([sys.executable, "benchmarks/e2e.py", "--families", "llama", "--no-liger",
+                          "--cache", str(tmp_path / "ck"), "--out", str(tmp_path / "res" / "e2e")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[e2e 1/1] llama" in out.stdout and "[3/6]" in out.stdout
+    md = (tmp_path / "res" / "e2e.md").read_text()
+    assert "torch 2." in md and "transformers 5." in md and "cuda.tile" in md and "liger-kernel" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| family | plain prefill tok/s | ours | Liger | plain decode ms/tok | ours | Liger |")
+    assert len(table) == 3 and table[2].startswith("| llama |")
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert len(cells) == len(table[0].strip("|").split("|")) == 11
+    assert cells[3] == cells[6] == "n/a" and cells[9] == "0.00e+00 / n/a" and cells[10] == "True / n/a"
+    assert (tmp_path / "res" / "e2e.png").stat().st_size < 60_000
+    assert json.loads((tmp_path / "res" / "e2e.json").read_text())[0]["family"] == "llama"
