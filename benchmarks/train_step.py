@@ -14,7 +14,7 @@ transformers process-wide, so it runs last. --kernel-root: a directory with buil
 Ours runs twice. transformers 5.22 registers a KernelConfig's repos for Mode.INFERENCE only (the model is in eval
 at load), and kernels does not fall back from TRAINING to INFERENCE, so after model.train() every layer runs
 transformers' own forward whatever the layers declare. The second row first calls the package's
-enable_training(model), which registers them as Mode.FALLBACK (done by hand for builds without it): kernels then
+enable_training(model), which registers them as Mode.FALLBACK: kernels then
 keeps a layer in training when it declares has_backward = True. Each row reports the forwards that layer 0 runs
 and the "running the PyTorch reference" warnings (each op warns once per process and reason).
 """
@@ -124,7 +124,6 @@ def main() -> None:
     free()
 
     import kernels
-    from kernels import Mode
 
     with local_hub(args.kernel_root) as repo:
         ck = kernels.get_kernel(repo, version=1)
@@ -140,11 +139,8 @@ def main() -> None:
                 warnings.simplefilter("always")
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_kernels=True, **placement,
                                                              kernel_config=KernelConfig(mapping, inherit_mapping=False))
-                if name == "ours+train" and hasattr(ck, "enable_training"):
+                if name == "ours+train":
                     ck.enable_training(model)
-                elif name == "ours+train":  # a build without enable_training: the same widening, by hand
-                    for repos in (r for dev in model.kernel_config.kernel_mapping.values() for r in dev.values()):
-                        repos[Mode.FALLBACK] = repos[Mode.INFERENCE]
                 model.train()
                 results[name] = measure(model, ids, args, device)
                 results[name]["ran"] = forwards(model)
