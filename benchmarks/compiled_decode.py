@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devtools.build import ROOT  # noqa: E402
 from devtools.checkpoints import make_checkpoint  # noqa: E402
-from devtools.demo import SIZE_8B, kernel_mapping  # noqa: E402
+from devtools.demo import SIZE_8B, emit, fallback_notes, kernel_mapping  # noqa: E402
 from devtools.local_hub import local_hub  # noqa: E402
 from devtools.timing import median_ms  # noqa: E402
 
@@ -128,8 +128,7 @@ def main() -> None:
                                                          kernel_config=KernelConfig(mapping, inherit_mapping=False))
             results["ours"] = measure(model, ids, args, device, compile_config)
             del model
-    notes = sorted({str(w.message) for w in caught
-                    if issubclass(w.category, RuntimeWarning) and "running the PyTorch reference" in str(w.message)})
+    notes = fallback_notes(caught)
     print(f"      {len(notes)} 'running the PyTorch reference' RuntimeWarning(s)"
           + "".join(f"\n        - {n}" for n in notes))
 
@@ -155,12 +154,7 @@ def main() -> None:
     details += [f"- {name}: graph-break reasons while generating: {'; '.join(r['reasons'])}"
                 for name, r in results.items() if r["reasons"]]
     details.append(f"- ours: {len(notes)} fallback warning(s)" + "".join(f"; {n}" for n in notes))
-    table = "\n".join(rows + [""] + details) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        print(f"      wrote {args.out}")
-    print(table)
+    emit("\n".join(rows + [""] + details) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devtools.build import ROOT  # noqa: E402
 from devtools.checkpoints import make_checkpoint  # noqa: E402
-from devtools.demo import SIZE_8B, kernel_mapping  # noqa: E402
+from devtools.demo import LIGER_NAME, SIZE_8B, apply_liger, emit, fallback_notes, kernel_mapping  # noqa: E402
 from devtools.local_hub import local_hub  # noqa: E402
 from devtools.timing import median_ms  # noqa: E402
 
-LIGER = dict(llama="apply_liger_kernel_to_llama", qwen3="apply_liger_kernel_to_qwen3",
-             mistral="apply_liger_kernel_to_mistral", gemma3="apply_liger_kernel_to_gemma3_text")
 BOUND = 3e-2  # relative L2 error of a bf16 gradient against plain
 
 
@@ -92,7 +90,7 @@ def free() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", choices=list(LIGER), default="llama")
+    p.add_argument("--family", choices=["llama", "qwen3", "mistral", "gemma3"], default="llama")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--tiny", action="store_true", help="tiny config, 64 tokens, 2 warm-up, 5 reps (CPU check)")
@@ -146,23 +144,18 @@ def main() -> None:
                 results[name]["ran"] = forwards(model)
                 del model
                 free()
-            notes = results[name]["notes"] = sorted({str(w.message) for w in caught if issubclass(
-                w.category, RuntimeWarning) and "running the PyTorch reference" in str(w.message)})
+            notes = results[name]["notes"] = fallback_notes(caught)
             print(f"      layer-0 forwards in train(): {results[name]['ran']}\n      {len(notes)} 'running the "
                   "PyTorch reference' RuntimeWarning(s)" + "".join(f"\n        - {n}" for n in notes))
 
     liger_label = "Liger-Kernel"
-    print(f"[4/5] Liger-Kernel ({LIGER[args.family]}: rope, rms_norm, "
+    print(f"[4/5] Liger-Kernel (apply_liger_kernel_to_{LIGER_NAME[args.family]}: rope, rms_norm, "
           f"{'geglu' if args.family == 'gemma3' else 'swiglu'}; no cross-entropy patches)")
     liger_note = None
     try:
-        import liger_kernel.transformers as lk
-
-        liger_label = f"Liger-Kernel {importlib.metadata.version('liger-kernel')}"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
-        act = "geglu" if args.family == "gemma3" else "swiglu"
-        getattr(lk, LIGER[args.family])(model=model, rope=True, rms_norm=True, cross_entropy=False,
-                                        fused_linear_cross_entropy=False, **{act: True})
+        apply_liger(args.family, model)  # imports liger_kernel: ImportError when it is not installed
+        liger_label = f"Liger-Kernel {importlib.metadata.version('liger-kernel')}"
         results["liger"] = measure(model.train(), ids, args, device)
         del model
         free()
@@ -193,12 +186,7 @@ def main() -> None:
             details.append(f"- {name}: layer-0 forwards in train(): {r['ran']}; "
                            f"{len(r['notes'])} fallback warning(s)" + "".join(f"; {n}" for n in r["notes"]))
     details.append(f"- bound for a bf16 gradient: relative L2 error <= {BOUND:g}")
-    table = "\n".join(rows + [""] + details) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        print(f"      wrote {args.out}")
-    print(table)
+    emit("\n".join(rows + [""] + details) + "\n", args.out)
 
 
 if __name__ == "__main__":

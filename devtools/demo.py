@@ -64,6 +64,20 @@ def kernel_mapping(family: str, kernels: list[str], repo: str) -> dict:
     return mapping
 
 
+def fallback_notes(caught) -> list[str]:
+    """The kernels' one-time "running the PyTorch reference" warnings among recorded warnings."""
+    return sorted({str(w.message) for w in caught if "running the PyTorch reference" in str(w.message)})
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print a benchmark's report and, with --out, write it there too."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"      wrote {out}")
+    print(text)
+
+
 def liger_importable() -> bool:
     try:
         import liger_kernel.transformers  # noqa: F401
@@ -175,7 +189,7 @@ def measure(family: str = "llama", *, size: str | None = None, layers: int = 2,
             print("[4/6] kernels: timing (median; decode from generate)", flush=True)
             result["ours"] = dict(ours, **timings(model, timed_ids, device))
             del model
-    notes = sorted({str(w.message) for w in caught if "running the PyTorch reference" in str(w.message)})
+    notes = fallback_notes(caught)
     result.update(kind="cuTile" if device == "cuda" and not notes else "reference path", notes=notes)
 
     # Liger patches transformers' modeling modules process-wide (classes, apply_rotary_pos_emb): it goes LAST,
