@@ -1,5 +1,7 @@
 """cuTile kernels for transformers LLMs, loaded through the Kernel Hub (`kernels`)."""
 from . import layers
+from ._runtime import CutileFallbackWarning
+from .configs import recommended_mapping
 from .gated_act import gated_act, gated_act_backward_reference, gated_act_cutile, gated_act_reference
 from .isolation import transformers_state_guard
 from .rms_norm import (gemma_rms_norm, gemma_rms_norm_reference, rms_norm, rms_norm_backward_reference,
@@ -7,7 +9,7 @@ from .rms_norm import (gemma_rms_norm, gemma_rms_norm_reference, rms_norm, rms_n
 from .rope import apply_rotary_pos_emb, rope_cutile, rope_reference
 from .training import enable_training
 
-__all__ = ["layers", "apply_rotary_pos_emb", "enable_training", "gated_act", "gated_act_backward_reference",
+__all__ = ["layers", "CutileFallbackWarning", "apply_rotary_pos_emb", "enable_training", "gated_act", "gated_act_backward_reference",
            "gated_act_cutile", "gated_act_reference", "gemma_rms_norm", "gemma_rms_norm_reference", "rms_norm",
-           "rms_norm_backward_reference", "rms_norm_cutile", "rms_norm_reference", "rope_cutile", "rope_reference",
-           "transformers_state_guard"]
+           "rms_norm_backward_reference", "rms_norm_cutile", "rms_norm_reference", "recommended_mapping", "rope_cutile",
+           "rope_reference", "transformers_state_guard"]

@@ -19,13 +19,18 @@ INSTALL_HINT = ("pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.* nvidi
 _warned: set[tuple[str, str]] = set()
 
 
+class CutileFallbackWarning(RuntimeWarning):
+    """An op ran its exact PyTorch reference instead of cuTile (issued once per op and reason); filter by this
+    category, e.g. ``warnings.simplefilter("error", CutileFallbackWarning)`` to insist on the kernels."""
+
+
 def warn_fallback(op: str, reason: str) -> None:
     """Warn once per (op, reason) that `op` runs the exact PyTorch reference instead of cuTile."""
     if (op, reason) in _warned:
         return
     _warned.add((op, reason))
     warnings.warn(f"cutile_kernels.{op}: running the PyTorch reference because {reason}",
-                  RuntimeWarning, stacklevel=3)
+                  CutileFallbackWarning, stacklevel=3)
 
 
 @functools.cache
