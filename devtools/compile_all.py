@@ -2,7 +2,8 @@
 
     python -m devtools.compile_all [--all]
 
-Each kernel module lists its specializations (`specializations(array, scalar)`). By default sm_90 (Hopper, the
+Each kernel module lists its launches (`specializations(array)`: the same launch plans its launcher runs, on
+stand-in tensors). By default sm_90 (Hopper, the
 first target) compiles all of them and the other targets the first and last of each kernel; `--all` compiles
 every specialization for every target. A kernel that does not compile exits non-zero.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import io
 import os
 import pkgutil
@@ -29,30 +31,46 @@ def _load_modules():
     return [importlib.import_module(f"{PACKAGE}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
 
 
-def _constraint_factories():
+class Tensor:
+    """Stands for a tensor in a kernel module's launch plans (`specializations(array)`)."""
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, tuple(shape)
+
+
+def _constraints(plan) -> tuple:
+    """(kernel, parameters) for export_kernel from a launch plan (kernel, grid, args): tensors become array
+    constraints, ct.Constant parameters keep their value, other scalars become typed scalar constraints."""
+    import typing
+
     import cuda.tile as ct
+    import torch
     from cuda.tile.compilation import ArrayConstraint, ScalarConstraint
 
-    def array(dtype, ndim):  # what the launchers pass: unit last stride, no aliasing
-        return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0, alias_groups=(),
-                               may_alias_internally=False, stride_constant=(None,) * (ndim - 1) + (1,))
+    dtypes = {torch.bfloat16: ct.bfloat16, torch.float16: ct.float16, torch.float32: ct.float32}
+    kernel, _, args = plan
+    params = []
+    for arg, p in zip(args, inspect.signature(kernel._annotated_function.pyfunc).parameters.values()):
+        if isinstance(arg, Tensor):  # what the launchers pass: unit last stride, no aliasing
+            ndim = len(arg.shape)
+            params.append(ArrayConstraint(dtypes[arg.dtype], ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
+                                          alias_groups=(), may_alias_internally=False,
+                                          stride_constant=(None,) * (ndim - 1) + (1,)))
+        elif typing.get_origin(p.annotation) is typing.Annotated:  # ct.Constant[...]
+            params.append(arg)
+        else:
+            params.append(ScalarConstraint(ct.float32 if isinstance(arg, float) else ct.int32))
+    return kernel, params
 
-    return array, ScalarConstraint
 
-
-def _specs(module, array, scalar) -> list:
-    """Forward specializations, then backward ones where the module has a backward kernel."""
-    specs = list(module.specializations(array, scalar))
-    if hasattr(module, "backward_specializations"):
-        specs += list(module.backward_specializations(array, scalar))
-    return specs
+def _specs(module) -> list:
+    return [_constraints(plan) for plan in module.specializations(Tensor)]
 
 
 def jobs(everything: bool) -> list[tuple[str, int, str]]:
-    array, scalar = _constraint_factories()
     out = []
     for module in _load_modules():
-        specs = _specs(module, array, scalar)
+        specs = _specs(module)
         for target in TARGETS:
             picks = range(len(specs)) if everything or target == "sm_90" else sorted({0, len(specs) - 1})
             out += [(module.__name__, i, target) for i in picks]
@@ -64,7 +82,7 @@ def compile_one(job: tuple[str, int, str]) -> tuple[str, float, int]:
 
     module_name, index, target = job
     module = next(m for m in _load_modules() if m.__name__ == module_name)
-    kernel, params = _specs(module, *_constraint_factories())[index]
+    kernel, params = _specs(module)[index]
     name = kernel._annotated_function.pyfunc.__name__
     sig = KernelSignature(params, CallingConvention.cutile_python_v1()).with_mangled_symbol(name)
     t0 = time.perf_counter()

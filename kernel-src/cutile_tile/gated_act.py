@@ -10,9 +10,10 @@ grids; the hardware's approximate exp2/divide/tanh are worth ~5 % at large shape
 error, well under one bf16/fp16 rounding (2^-8 / 2^-11), so they are used for those dtypes and not for fp32.
 """
 import cuda.tile as ct
+import torch
 
-SILU = 0
-GELU_TANH = 1
+from . import ACTIVATIONS
+SILU, GELU_TANH = ACTIVATIONS["silu"], ACTIVATIONS["gelu_pytorch_tanh"]
 TILE_M = 1
 TILE_N = 1024
 _LOG2E = 1.4426950408889634
@@ -41,11 +42,29 @@ def gated_act_fwd(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool
     ct.store(out, (m, n), tile=ct.astype(a * ct.astype(u, ct.float32), out.dtype))
 
 
-def specializations(array, scalar):
-    for dtype in (ct.bfloat16, ct.float16, ct.float32):
-        for act in (SILU, GELU_TANH):
-            yield gated_act_fwd, [array(dtype, 2), array(dtype, 2), array(dtype, 2), act,
-                                  dtype != ct.float32, TILE_M, TILE_N]
+def forward_launch(gate, up, out, act: str):
+    """(kernel, grid, args) of gated_act_fwd for gate, up (rows, I) -> out (rows, I); the hardware's
+    approximate exp2/divide/tanh below fp32 (see the module docstring)."""
+    m, n = out.shape
+    grid = (-(-m // TILE_M), -(-n // TILE_N))
+    return gated_act_fwd, grid, (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, TILE_M, TILE_N)
+
+
+def backward_launch(gate, up, dy, dgate, dup, act: str):
+    """(kernel, grid, args) of gated_act_bwd."""
+    m, n = dy.shape
+    return gated_act_bwd, (-(-m // TILE_M), -(-n // TILE_N)), (gate, up, dy, dgate, dup, ACTIVATIONS[act],
+                                                                TILE_M, TILE_N)
+
+
+def specializations(array):
+    """Every launch the launchers ask for (`array(dtype, shape)` stands for a tensor): one per dtype and
+    activation, forward and backward."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for act in ACTIVATIONS:
+            t = array(dtype, (64, 1024))
+            yield forward_launch(t, t, t, act)
+            yield backward_launch(t, t, t, t, t, act)
 
 
 @ct.kernel
@@ -68,9 +87,3 @@ def gated_act_bwd(gate, up, dy, dgate, dup, ACT: ct.Constant[int], TILE_M: ct.Co
         da = 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * k0 * (1.0 + 3.0 * 0.044715 * g * g)
     ct.store(dgate, (m, n), tile=ct.astype(d * u * da, dgate.dtype))
     ct.store(dup, (m, n), tile=ct.astype(d * a, dup.dtype))
-
-
-def backward_specializations(array, scalar):
-    for dtype in (ct.bfloat16, ct.float16, ct.float32):
-        for act in (SILU, GELU_TANH):
-            yield gated_act_bwd, [array(dtype, 2)] * 5 + [act, TILE_M, TILE_N]

@@ -13,6 +13,7 @@ Design (benchmarks/sweep_rms_norm.py, H100): persistent blocks (2 per SM), tiles
 stores without TMA reach the copy bandwidth at 8192+ rows; with few rows, one row per block spreads the work.
 """
 import cuda.tile as ct
+import torch
 
 TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within one block)
 BLOCKS_PER_SM = 2
@@ -25,6 +26,15 @@ def tile_shape(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int]:
     while tile_m > 1 and n_rows < tile_m * n_sms:
         tile_m //= 2
     return tile_n, tile_m
+
+
+def forward_launch(x, weight, out, eps: float, gemma: bool, n_sms: int):
+    """(kernel, grid, args) of rms_norm_fwd for rows x (m, n) -> out (m, n): what the launcher runs and
+    `specializations` enumerates, so both pass the same arguments in the same order."""
+    m, n = x.shape
+    tile_n, tile_m = tile_shape(n, m, n_sms)
+    grid = (max(1, min(-(-m // tile_m), BLOCKS_PER_SM * n_sms)),)
+    return rms_norm_fwd, grid, (x, weight, out, n, float(eps), gemma, tile_m, tile_n)
 
 
 @ct.kernel
@@ -50,15 +60,36 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float,
         ct.store(out, (t, 0), tile=ct.astype(y, out.dtype), allow_tma=False)
 
 
-def specializations(array, scalar):
-    """Every (kernel, parameters) the launcher can ask for; `array(dtype, ndim)`/`scalar(dtype)` build them."""
-    dtype_sets = [(d, d, d, gemma) for d in (ct.bfloat16, ct.float16, ct.float32) for gemma in (False, True)]
-    dtype_sets += [(d, ct.float32, ct.float32, False) for d in (ct.bfloat16, ct.float16)]  # fp32 weight
+def specializations(array):
+    """Every launch the launchers can ask for (`array(dtype, shape)` stands for a tensor): forward and
+    backward, every dtype set, hidden sizes 33..16384 (TILE_N 64..16384), decode and prefill row counts."""
+    dtype_sets = [(d, d, d, gemma) for d in (torch.bfloat16, torch.float16, torch.float32) for gemma in (False, True)]
+    dtype_sets += [(d, torch.float32, torch.float32, False) for d in (torch.bfloat16, torch.float16)]  # fp32 w
     for x_dtype, w_dtype, out_dtype, gemma in dtype_sets:
-        for tile_n in (2 ** k for k in range(6, 15)):  # hidden 33 .. 16384
-            for tile_m in sorted({tile_shape(tile_n, rows, 1)[1] for rows in (1, 1 << 20)}):
-                yield rms_norm_fwd, [array(x_dtype, 2), array(w_dtype, 1), array(out_dtype, 2),
-                                     scalar(ct.int32), scalar(ct.float32), gemma, tile_m, tile_n]
+        for n in (2 ** k for k in range(6, 15)):
+            for m in (1, 1 << 20):
+                yield forward_launch(array(x_dtype, (m, n)), array(w_dtype, (n,)), array(out_dtype, (m, n)), 1e-6,
+                                     gemma, 1)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for gemma in (False, True):
+            for n in (128, 4096, 16384):
+                for m in (1, 1 << 20):
+                    rows, w = array(dtype, (m, n)), array(dtype, (n,))
+                    yield backward_launch(rows, w, rows, rows, array(torch.float32, (1, n)), 1e-6, gemma, 1)
+
+
+def backward_blocks(m: int, n: int, n_sms: int) -> int:
+    """Blocks of rms_norm_bwd, i.e. rows of its dw_partial output."""
+    tile_n, tile_m = tile_shape(n, m, n_sms)
+    return max(1, min(-(-m // tile_m), BLOCKS_PER_SM * n_sms))
+
+
+def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, n_sms: int):
+    """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(...) rows."""
+    m, n = x.shape
+    tile_n, tile_m = tile_shape(n, m, n_sms)
+    return rms_norm_bwd, (backward_blocks(m, n, n_sms),), (x, weight, dy, dx, dw_partial, n, float(eps), gemma,
+                                                           tile_m, tile_n)
 
 
 @ct.kernel
@@ -85,13 +116,3 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
             xhat = ct.astype(ct.astype(xhat, x.dtype), ct.float32)
         acc = acc + ct.sum(d * xhat, axis=0, keepdims=True)
     ct.store(dw_partial, (ct.bid(0), 0), tile=acc, allow_tma=False)
-
-
-def backward_specializations(array, scalar):
-    for dtype in (ct.bfloat16, ct.float16, ct.float32):
-        for gemma in (False, True):
-            for tile_n in (128, 4096, 16384):
-                for tile_m in sorted({tile_shape(tile_n, rows, 1)[1] for rows in (1, 1 << 20)}):
-                    yield rms_norm_bwd, [array(dtype, 2), array(dtype, 1), array(dtype, 2), array(dtype, 2),
-                                         array(ct.float32, 2), scalar(ct.int32), scalar(ct.float32), gemma,
-                                         tile_m, tile_n]

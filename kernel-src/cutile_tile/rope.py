@@ -9,6 +9,7 @@ Compile-time constants: dtype, HALF (D / 2, a power of two: 32, 64, 128) and TIL
 a power of two up to 16: decode uses 1), so a model compiles a few specializations per dtype.
 """
 import cuda.tile as ct
+import torch
 
 MAX_TILE_S = 16
 _ZERO = ct.PaddingMode.ZERO
@@ -46,9 +47,18 @@ def rope_fwd(q, k, cos, sin, q_out, k_out, n_q_heads: int, HALF: ct.Constant[int
         _rotate(k, k_out, b, h - n_q_heads, s, c1, c2, s1, s2, HALF, TILE_S)
 
 
-def specializations(array, scalar):
-    for dtype in (ct.bfloat16, ct.float16, ct.float32):
-        for half in (32, 64, 128):
-            for tile_s in (1, MAX_TILE_S):
-                yield rope_fwd, [array(dtype, 4), array(dtype, 4), array(dtype, 3), array(dtype, 3),
-                                 array(dtype, 4), array(dtype, 4), scalar(ct.int32), half, tile_s]
+def forward_launch(q, k, cos, sin, q_out, k_out):
+    """(kernel, grid, args) of rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D)."""
+    b, hq, s, d = q.shape
+    tile_s = min(MAX_TILE_S, 1 << (s - 1).bit_length())
+    return rope_fwd, (-(-s // tile_s), b, hq + k.shape[1]), (q, k, cos, sin, q_out, k_out, hq, d // 2, tile_s)
+
+
+def specializations(array):
+    """Every launch the launcher asks for (`array(dtype, shape)` stands for a tensor): per dtype and head_dim
+    (64, 128, 256), decode (one position) and prefill."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (64, 128, 256):
+            for s in (1, 4096):
+                q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
+                yield forward_launch(q, k, cs, cs, q, k)

@@ -16,6 +16,7 @@ MIN_CAPABILITY = (8, 0)
 INSTALL_HINT = ("pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.* nvidia-cuda-nvcc==13.4.* "
                 "nvidia-nvvm==13.4.*")
 
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what every kernel takes (fp32 statistics inside)
 _warned: set[tuple[str, str]] = set()
 
 
@@ -54,13 +55,11 @@ def _device_reason(index: int) -> str | None:
 _READY: set[int] = set()
 
 
-def cutile_ready(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """The per-call check (a few attribute reads): True when cuTile takes `x` on an already-vetted GPU."""
-    return x.is_cuda and x.dtype in dtypes and x.get_device() in _READY
-
-
-def cutile_unavailable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str | None:
-    """None when cuTile can take `x`; otherwise the reason, for `warn_fallback`. Vets the GPU on first use."""
+def device_unsupported(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str | None:
+    """None when cuTile can take `x` (dtype, a CUDA tensor, a vetted GPU); otherwise the reason. The first
+    line is the per-call path (a few attribute reads); the GPU is vetted once, on its first tensor."""
+    if x.is_cuda and x.dtype in dtypes and x.get_device() in _READY:
+        return None
     if x.dtype not in dtypes:
         return f"dtype {x.dtype} is not handled (only {', '.join(str(d) for d in dtypes)})"
     if x.device.type != "cuda":
@@ -69,23 +68,6 @@ def cutile_unavailable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str 
     if reason is None:
         _READY.add(x.get_device())
     return reason
-
-
-def needs_grad(*tensors: torch.Tensor) -> bool:
-    """Autograd is recording for one of `tensors`: the call goes through the custom op, whose registered
-    backward runs the cuTile backward kernels."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-_TILE_MODULES: dict = {}
-
-
-def tile_module(name: str):
-    """`tile/<name>.py`, the cuTile kernels from kernel-src/ (imported on first use: it imports cuda.tile)."""
-    module = _TILE_MODULES.get(name)
-    if module is None:
-        module = _TILE_MODULES[name] = importlib.import_module(f".tile.{name}", __package__)
-    return module
 
 
 @functools.cache

@@ -1,19 +1,26 @@
 """Gated activation of a merged gate_up projection, act(gate) * up: SiLU (SwiGLU) and GELU-tanh (GeGLU).
 
-Reference, cuTile launchers (forward and backward) and the custom ops; the kernels are
-`tile/gated_act.py::gated_act_fwd` and `gated_act_bwd`.
+References, cuTile launchers (forward and backward) and the op descriptions; the kernels and their launch
+plans are `tile/gated_act.py` (kernel-src/cutile_tile/gated_act.py).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from ._ops import add_op_namespace_prefix
-from ._runtime import cutile_ready, cutile_unavailable, launch, needs_grad, tile_module, warn_fallback
+from ._op import CutileOp
+from ._runtime import DTYPES, device_unsupported, launch
+from .tile import ACTIVATIONS
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# transformers' ACT2FN names (config.hidden_act / hidden_activation) -> the kernel's ACT constant
-ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
+
+@functools.cache
+def _kernels():
+    """tile/gated_act.py: gated_act_fwd, gated_act_bwd and their launch plans (imports cuda.tile: first use)."""
+    from .tile import gated_act
+
+    return gated_act
 
 
 def check_activation(act: str) -> str:
@@ -22,52 +29,37 @@ def check_activation(act: str) -> str:
     return act
 
 
+def _check(gate_up: torch.Tensor, act: str, dy: torch.Tensor | None = None) -> str | None:
+    """None when the cuTile kernels take these arguments, else why not; an unknown activation or an odd
+    last dimension raises (no half is the gate)."""
+    check_activation(act)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"cutile_kernels.gated_act: the last dimension of gate_up is {gate_up.shape[-1]}; it "
+                         "must be even ([gate | up] halves)")
+    reason = device_unsupported(gate_up, DTYPES)
+    if reason is None and dy is not None and dy.dtype is not gate_up.dtype:
+        reason = f"the backward takes one dtype (gate_up {gate_up.dtype}, grad {dy.dtype})"
+    return reason
+
+
 def gated_act_reference(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up in the input dtype, exactly as transformers' MLPs compute it."""
+    check_activation(act)
     gate, up = gate_up.chunk(2, dim=-1)
     a = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
     return a * up
 
 
-def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """[..., 2 * I] -> [..., I]: cuTile on a supported GPU (through the custom op under torch.compile or when
-    autograd records), the exact reference otherwise."""
-    if torch.compiler.is_compiling():
-        return gated_act_op(gate_up, act)
-    if not cutile_ready(gate_up, DTYPES):
-        reason = cutile_unavailable(gate_up, DTYPES)
-        if reason:
-            warn_fallback("gated_act", reason)
-            return gated_act_reference(gate_up, act)
-    if needs_grad(gate_up):
-        return gated_act_op(gate_up, act)
-    return gated_act_cutile(gate_up, act)
-
-
 def gated_act_cutile(gate_up: torch.Tensor, act: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of the output's shape."""
     inter = gate_up.shape[-1] // 2
     rows = gate_up.view(-1, 2 * inter) if gate_up.is_contiguous() else gate_up.reshape(-1, 2 * inter).contiguous()
     if out is None:
         out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
-    flat = out.view(-1, inter)
     if rows.shape[0] and inter:
-        tile = tile_module("gated_act")
-        grid = (-(-rows.shape[0] // tile.TILE_M), -(-inter // tile.TILE_N))
-        approx = gate_up.dtype != torch.float32  # hardware exp2/div/tanh: exact enough below fp32
-        args = (rows[:, :inter], rows[:, inter:], flat, ACTIVATIONS[act], approx, tile.TILE_M, tile.TILE_N)
-        launch(gate_up.get_device(), grid, tile.gated_act_fwd, args)
+        plan = _kernels().forward_launch(rows[:, :inter], rows[:, inter:], out.view(-1, inter), act)
+        launch(gate_up.get_device(), *plan)
     return out
-
-
-@torch.library.custom_op(add_op_namespace_prefix("gated_act"), mutates_args=())
-def gated_act_op(gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """The torch.compile face of gated_act (cuTile or reference inside)."""
-    return gated_act(gate_up, act).contiguous()
-
-
-@torch.library.register_fake(add_op_namespace_prefix("gated_act"))
-def _(gate_up, act):
-    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
 # --- backward: d(gate_up) ------------------------------------------------------------------------------------
@@ -88,29 +80,20 @@ def gated_act_backward_reference(gate_up, dy, act: str):
     return torch.cat([d * u * da, d * a], dim=-1).to(gate_up.dtype)
 
 
-def gated_act_backward_cutile(gate_up, dy, act: str):
+def gated_act_backward_cutile(gate_up: torch.Tensor, dy: torch.Tensor, act: str) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * inter).contiguous()
     d = dy.reshape(-1, inter).contiguous()
     grad = torch.empty_like(rows)
     if rows.shape[0] and inter:
-        tile = tile_module("gated_act")
-        grid = (-(-rows.shape[0] // tile.TILE_M), -(-inter // tile.TILE_N))
-        launch(gate_up.get_device(), grid, tile.gated_act_bwd,
-               (rows[:, :inter], rows[:, inter:], d, grad[:, :inter], grad[:, inter:], ACTIVATIONS[act],
-                tile.TILE_M, tile.TILE_N))
+        plan = _kernels().backward_launch(rows[:, :inter], rows[:, inter:], d, grad[:, :inter], grad[:, inter:], act)
+        launch(gate_up.get_device(), *plan)
     return grad.view(gate_up.shape)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("gated_act_backward"), mutates_args=())
-def gated_act_backward_op(gate_up: torch.Tensor, dy: torch.Tensor, act: str) -> torch.Tensor:
-    fast = cutile_ready(gate_up, DTYPES) and dy.dtype == gate_up.dtype
-    return (gated_act_backward_cutile if fast else gated_act_backward_reference)(gate_up, dy, act)
-
-
-@torch.library.register_fake(add_op_namespace_prefix("gated_act_backward"))
-def _(gate_up, dy, act):
-    return torch.empty_like(gate_up)
+GATED_ACT_BACKWARD = CutileOp(
+    "gated_act_backward", launcher=gated_act_backward_cutile, reference=gated_act_backward_reference,
+    check=lambda gate_up, dy, act: _check(gate_up, act, dy), fake=lambda gate_up, dy, act: torch.empty_like(gate_up))
 
 
 def _gated_act_setup(ctx, inputs, output):
@@ -120,8 +103,15 @@ def _gated_act_setup(ctx, inputs, output):
 
 def _gated_act_backward(ctx, dy):
     (gate_up,) = ctx.saved_tensors
-    return gated_act_backward_op(gate_up, dy, ctx.act), None
+    return GATED_ACT_BACKWARD.op(gate_up, dy, ctx.act), None
 
 
-torch.library.register_autograd(add_op_namespace_prefix("gated_act"), _gated_act_backward,
-                                setup_context=_gated_act_setup)
+GATED_ACT = CutileOp("gated_act", launcher=gated_act_cutile, reference=gated_act_reference, check=_check,
+                      fake=lambda gate_up, act: gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2),
+                      backward=_gated_act_backward, setup_context=_gated_act_setup)
+
+
+def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """[..., 2 * I] -> [..., I], act(gate) * up for act in ACTIVATIONS: cuTile on a supported GPU, the exact
+    reference otherwise."""
+    return GATED_ACT(gate_up, act)

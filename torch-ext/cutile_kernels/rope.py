@@ -1,15 +1,24 @@
-"""Rotary position embedding (transformers' registered function `rotary_pos_emb`): reference, cuTile launcher
-and the `ApplyRotaryPosEmb` layer. The kernel is `tile/rope.py::rope_fwd` (q and k in one launch).
+"""Rotary position embedding (transformers' registered function `rotary_pos_emb`): reference, cuTile launcher,
+op description and the `ApplyRotaryPosEmb` layer. The kernel and its launch plan are `tile/rope.py`
+(kernel-src/cutile_tile/rope.py; q and k in one launch).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
-from ._ops import add_op_namespace_prefix
-from ._runtime import cutile_ready, cutile_unavailable, launch, needs_grad, tile_module, warn_fallback
+from ._op import CutileOp
+from ._runtime import DTYPES, device_unsupported, launch
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+@functools.cache
+def _kernels():
+    """tile/rope.py: rope_fwd and its launch plan (imports cuda.tile: first use only)."""
+    from .tile import rope
+
+    return rope
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -23,70 +32,42 @@ def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1):
     return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
 
 
-def _rope_unavailable(q, k, cos, sin, unsqueeze_dim) -> str | None:
-    half = q.shape[-1] // 2
+def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
+    """None when the cuTile kernel takes these arguments, else why not."""
+    reason = device_unsupported(q, DTYPES) or device_unsupported(k, DTYPES)
+    if reason is not None:
+        return reason
+    d = q.shape[-1]
     if unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return f"the layout is not (B, H, S, D) with cos (B, S, D) (unsqueeze_dim={unsqueeze_dim})"
-    if q.shape[-1] % 2 or half & (half - 1) or half < 16:
-        return f"head_dim {q.shape[-1]} is not twice a power of two (>= 32)"
-    if not (k.dtype == cos.dtype == sin.dtype == q.dtype) or cos.shape != sin.shape:
+    if d % 2 or (d // 2) & (d // 2 - 1) or d < 32 or k.shape[-1] != d or cos.shape[-1] != d:
+        return f"head_dim {d} is not twice a power of two (>= 32) for q, k, cos and sin alike"
+    if not (k.dtype is q.dtype and cos.dtype is q.dtype and sin.dtype is q.dtype) or cos.shape != sin.shape:
         return "q, k, cos and sin differ in dtype or cos/sin in shape"
-    if any(t.stride(-1) != 1 for t in (q, k, cos, sin)):
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         return "a last dimension is not contiguous"
-    if needs_grad(cos, sin):
-        return "cos/sin require grad (the kernel's backward gives q and k gradients only)"
     return None
 
 
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """(q_embed, k_embed): cuTile on a supported GPU (through the custom op under torch.compile or when autograd
-    records for q or k), the exact reference otherwise."""
-    if torch.compiler.is_compiling() and not needs_grad(cos, sin):
-        return rope_op(q, k, cos, sin, unsqueeze_dim)
-    reason = None
-    if not (cutile_ready(q, DTYPES) and cutile_ready(k, DTYPES)):
-        reason = cutile_unavailable(q, DTYPES) or cutile_unavailable(k, DTYPES)
-    reason = reason or _rope_unavailable(q, k, cos, sin, unsqueeze_dim)
-    if reason:
-        warn_fallback("apply_rotary_pos_emb", reason)
-        return rope_reference(q, k, cos, sin, unsqueeze_dim)
-    if needs_grad(q, k):
-        return rope_op(q, k, cos, sin, unsqueeze_dim)
-    return rope_cutile(q, k, cos, sin, unsqueeze_dim)
-
-
-def rope_cutile(q, k, cos, sin, unsqueeze_dim: int = 1, q_out=None, k_out=None):
-    """The cuTile path alone. Outputs are new contiguous tensors in q's and k's logical shape."""
+def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
+                q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cuTile path alone (no checks). Outputs are new tensors in q's and k's logical shape (or the given
+    contiguous buffers)."""
     if unsqueeze_dim == 2:  # (B, S, H, D): the kernel indexes (B, H, S, D); a transposed view is free
         q_embed, k_embed = rope_cutile(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1,
                                        None if q_out is None else q_out.transpose(1, 2),
                                        None if k_out is None else k_out.transpose(1, 2))
         return q_embed.transpose(1, 2), k_embed.transpose(1, 2)
-    b, hq, s, d = q.shape
+    b, _, s, d = q.shape
     cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
     if cos.stride(0) == 0 or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format) if q_out is None else q_out
     k_out = torch.empty_like(k, memory_format=torch.contiguous_format) if k_out is None else k_out
     if q.numel() and k.numel():
-        tile = tile_module("rope")
-        tile_s = min(tile.MAX_TILE_S, 1 << (s - 1).bit_length())
-        grid = (-(-s // tile_s), b, hq + k.shape[1])
-        launch(q.get_device(), grid, tile.rope_fwd, (q, k, cos, sin, q_out, k_out, hq, d // 2, tile_s))
+        launch(q.get_device(), *_kernels().forward_launch(q, k, cos, sin, q_out, k_out))
     return q_out, k_out
-
-
-@torch.library.custom_op(add_op_namespace_prefix("rope"), mutates_args=())
-def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            unsqueeze_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch.compile face of apply_rotary_pos_emb (cuTile or reference inside); contiguous outputs."""
-    q_embed, k_embed = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
-    return q_embed.contiguous(), k_embed.contiguous()
-
-
-@torch.library.register_fake(add_op_namespace_prefix("rope"))
-def _(q, k, cos, sin, unsqueeze_dim):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -100,11 +81,20 @@ def _rope_backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
     half = sin.shape[-1] // 2
     sin_inverse = -torch.cat([sin[..., half:], sin[..., :half]], dim=-1)
-    dq, dk = rope_op(dq.contiguous(), dk.contiguous(), cos, sin_inverse, ctx.unsqueeze_dim)
+    dq, dk = ROPE.op(dq.contiguous(), dk.contiguous(), cos, sin_inverse, ctx.unsqueeze_dim)
     return dq, dk, None, None, None
 
 
-torch.library.register_autograd(add_op_namespace_prefix("rope"), _rope_backward, setup_context=_rope_setup)
+ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check,
+                 fake=lambda q, k, cos, sin, unsqueeze_dim: (q.new_empty(q.shape), k.new_empty(k.shape)),
+                 backward=_rope_backward, setup_context=_rope_setup)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """(q_embed, k_embed): cuTile on a supported GPU, the exact reference otherwise."""
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)  # the op's backward gives q and k gradients only
+    return ROPE(q, k, cos, sin, unsqueeze_dim)
 
 
 class ApplyRotaryPosEmb(nn.Module):

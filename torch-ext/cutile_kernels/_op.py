@@ -1,0 +1,71 @@
+"""One definition per op: from a description (name, launcher, reference, check, fake, backward) `CutileOp`
+builds the public function's dispatch, the torch.library custom op with its fake and autograd registration,
+and the one-time fallback warning.
+
+    RMS_NORM = CutileOp("rms_norm", launcher=rms_norm_cutile, reference=..., check=..., fake=...)
+    RMS_NORM(x, weight, eps, gemma)          # what the public function calls
+    RMS_NORM.op                              # the custom op (torch.ops.<variant namespace>.rms_norm)
+
+Routing of a call, in this order (`__call__`):
+  1. under torch.compile: the custom op (Inductor sees one opaque node with a fake);
+  2. `check(*args)` returns a reason (CPU tensor, dtype, shape the kernel does not take): one warning per
+     reason, then the exact PyTorch reference (differentiable by PyTorch); invalid arguments raise there;
+  3. autograd records for a tensor argument of a differentiable op: the custom op, whose registered backward
+     runs the cuTile backward kernels;
+  4. otherwise the cuTile launcher directly (the lowest host cost per call).
+The custom op's body (`run`) never routes back through `__call__`: it takes the launcher or the reference.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import torch
+
+from ._ops import add_op_namespace_prefix
+from ._runtime import warn_fallback
+
+
+class CutileOp:
+    """An op from its description: `launcher` (the cuTile path alone; its annotated signature is the custom op's
+    schema), `reference` (the exact PyTorch computation, same arguments), `check` ((*args) -> None when the
+    launcher takes them, else the reason; raises ValueError on invalid arguments), `fake` (output metadata for
+    torch.compile) and optionally `backward` + `setup_context` (as torch.library.register_autograd takes them)."""
+
+    def __init__(self, name: str, *, launcher, reference, check, fake, backward=None, setup_context=None):
+        self.name, self.launcher, self.reference, self.check = name, launcher, reference, check
+        self.differentiable = backward is not None
+
+        @functools.wraps(launcher)
+        def body(*args):
+            return self.run(*args)
+
+        # The schema: the launcher's parameters without its optional output buffers (`out=None`: the GPU tests
+        # poison them; an op may not return its inputs) and without defaults (every caller passes all).
+        sig = inspect.signature(launcher)
+        body.__signature__ = sig.replace(parameters=[
+            p.replace(default=p.empty) for p in sig.parameters.values() if p.default is not None])
+        self.op = torch.library.custom_op(add_op_namespace_prefix(name), body, mutates_args=())
+        torch.library.register_fake(add_op_namespace_prefix(name), fake)
+        if backward is not None:
+            torch.library.register_autograd(add_op_namespace_prefix(name), backward, setup_context=setup_context)
+
+    def run(self, *args):
+        """The custom op's body: the launcher, or the reference when `check` gives a reason (warned once)."""
+        reason = self.check(*args)
+        if reason is not None:
+            warn_fallback(self.name, reason)
+        out = (self.launcher if reason is None else self.reference)(*args)
+        # contiguous, as the fakes promise (a reference or a transposed launch may return strided views)
+        return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        reason = self.check(*args)
+        if reason is not None:
+            warn_fallback(self.name, reason)
+            return self.reference(*args)
+        if self.differentiable and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self.op(*args)
+        return self.launcher(*args)
