@@ -1,6 +1,7 @@
 """The repository is a Kernel Hub repository that kernels 0.17.2 accepts, and build/ holds loadable variants."""
 import json
 import sys
+import warnings
 
 import kernels
 import pytest
@@ -70,4 +71,16 @@ def test_kernel_loads_without_cuda_tile(kernel_repo, monkeypatch):
     module = kernels.get_local_kernel(kernel_repo / "build" / "torch-cuda")
     x = torch.randn(3, 16)
     w = torch.randn(16)
-    assert torch.equal(module.rms_norm(x, w, 1e-6), module.rms_norm_reference(x, w, 1e-6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", module.CutileFallbackWarning)
+        assert torch.equal(module.rms_norm(x, w, 1e-6), module.rms_norm_reference(x, w, 1e-6))
+
+
+def test_missing_cuda_tile_is_reported_with_install_hint(ck, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda.tile", None)
+    ck._runtime.cutile_import_error.cache_clear()
+    try:
+        reason = ck._runtime.cutile_import_error()
+    finally:
+        ck._runtime.cutile_import_error.cache_clear()
+    assert reason and "pip install cuda-tile==1.7.0" in reason

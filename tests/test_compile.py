@@ -1,42 +1,73 @@
-"""torch.compile: every op is a torch.library custom op with a fake implementation (opcheck), under the
-namespace of the variant's generated `_ops` module, and a compiled model shows no graph break from them."""
-import importlib
+"""torch.compile: every op is a torch.library custom op (with a fake; opcheck in tests/test_<op>.py) registered
+under the namespace of the variant's generated `_ops` module, as kernel-builder's torch-ops-check requires, and
+compiled functions, training steps and models show no graph break from them."""
+import ast
+import textwrap
 
-import kernels
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, KernelConfig
 
-from .test_layouts import configs
+from devtools.build import ROOT
+
+OPS = {"rms_norm", "rms_norm_backward", "gated_act", "gated_act_backward", "rope"}
+# torch.library functions that name the op they register or implement
+REGISTRATIONS = {"custom_op", "triton_op", "define", "impl", "impl_abstract", "register_fake", "register_kernel",
+                 "register_autograd", "register_autocast", "register_vmap", "register_torch_dispatch"}
 
 
-@pytest.fixture
-def ck(kernel_repo):
-    return kernels.get_local_kernel(kernel_repo / "build" / "torch-cpu")
+def registrations(source: str) -> tuple[int, list[int]]:
+    """(how many torch.library registration calls, decorators or plain calls, the source makes; the lines of
+    those whose op name is not a direct `add_op_namespace_prefix(...)` call)."""
+    tree = ast.parse(source)
+    imported = {alias.asname or alias.name for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module == "torch.library"
+                for alias in node.names if alias.name in REGISTRATIONS}
+    count, bad = 0, []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if not ((isinstance(f, ast.Attribute) and f.attr in REGISTRATIONS
+                 and ast.unparse(f.value) in ("torch.library", "library"))
+                or (isinstance(f, ast.Name) and f.id in imported)):
+            continue
+        count += 1
+        name = node.args[0] if node.args else next((k.value for k in node.keywords), None)
+        if not (isinstance(name, ast.Call) and getattr(name.func, "id", "") == "add_op_namespace_prefix"):
+            bad.append(node.lineno)
+    return count, bad
 
 
-def op(ck, module, name):
-    return getattr(importlib.import_module(f"{ck.__name__}.{module}"), name)
+def test_op_registrations_pass_kernel_builders_ops_check(ck):
+    """kernel-builder's torch-ops-check: every torch.library registration names its op through a direct
+    add_op_namespace_prefix(...) call (so the build can give each variant its own namespace), and the ops land
+    in the variant's namespace, `ck._ops.ops`."""
+    count = 0
+    for path in sorted((ROOT / "torch-ext" / "cutile_kernels").glob("*.py")):
+        found, bad = registrations(path.read_text())
+        assert not bad, [f"{path.name}:{line}" for line in bad]
+        count += found
+    assert count >= 2  # at least a custom_op and a register_fake
+    namespace = ck._ops.ops.name
+    registered = {name.removeprefix(f"{namespace}::") for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith(f"{namespace}::")}
+    assert registered >= OPS, registered
+    assert all(isinstance(getattr(ck._ops.ops, name), torch._ops.OpOverloadPacket) for name in OPS)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(ck, dtype):
-    x = torch.randn(3, 5, 64, dtype=dtype)
-    w = torch.randn(64, dtype=dtype)
-    for gemma in (False, True):
-        torch.library.opcheck(op(ck, "rms_norm", "rms_norm_op"), (x, w, 1e-6, gemma))
-    torch.library.opcheck(op(ck, "rms_norm", "rms_norm_op"), (x[:, ::2], w, 1e-6, False))  # strided input
-    for act in ("silu", "gelu_pytorch_tanh"):
-        torch.library.opcheck(op(ck, "gated_act", "gated_act_op"), (torch.randn(4, 7, 96, dtype=dtype), act))
-    q, k = torch.randn(2, 4, 9, 32, dtype=dtype), torch.randn(2, 2, 9, 32, dtype=dtype)
-    cos, sin = torch.randn(2, 9, 32, dtype=dtype), torch.randn(2, 9, 32, dtype=dtype)
-    torch.library.opcheck(op(ck, "rope", "rope_op"), (q, k, cos, sin, 1))
-
-
-def test_ops_live_in_the_variant_namespace(ck):
-    ns = getattr(torch.ops, ck.__name__)
-    for name in ("rms_norm", "gated_act", "rope"):
-        assert hasattr(ns, name), name
+def test_the_ops_check_finds_a_name_not_built_by_the_prefix():
+    source = textwrap.dedent("""\
+        import torch
+        from torch.library import register_fake as fake_of
+        @torch.library.custom_op("ns::a", mutates_args=())
+        def a(x: torch.Tensor) -> torch.Tensor: ...
+        torch.library.register_autograd(prefix("a"), backward, setup_context=setup)
+        fake_of(name="ns::a")(lambda x: x)
+        torch.library.custom_op(add_op_namespace_prefix("b"), body, mutates_args=())
+        op.register_fake(lambda x: x)  # a CustomOpDef method: names no op
+    """)
+    assert registrations(source) == (4, [3, 5, 6])
 
 
 def test_functional_ops_compile_without_graph_breaks(ck):
@@ -52,20 +83,34 @@ def test_functional_ops_compile_without_graph_breaks(ck):
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_compiled_model_has_no_break_from_the_kernels(checkpoints, hub, cpu_kernel_config):
+def test_compiled_training_step_has_no_break_from_the_ops(ck):
+    """Forward and backward through the custom ops under torch.compile(fullgraph=True): a break raises."""
+    def f(x, w, gate_up):
+        return ck.rms_norm(x, w, 1e-6).sum() + ck.gemma_rms_norm(x, w, 1e-6).sum() + ck.gated_act(gate_up, "silu").sum()
+
+    args = [torch.randn(3, 64, requires_grad=True), torch.randn(64, requires_grad=True),
+            torch.randn(3, 128, requires_grad=True)]
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*args).backward()
+    got = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    f(*args).backward()
+    assert all(torch.allclose(g, a.grad, rtol=1e-5, atol=1e-6) for g, a in zip(got, args))
+
+
+def test_compiled_model_has_no_break_from_the_kernels(checkpoints, hub, ck_hub, cpu_kernel_config):
     """kernelize in TORCH_COMPILE mode keeps these layers (can_torch_compile=True); Dynamo sees our custom
     ops, never a ct.launch, and the compiled logits equal the eager ones."""
     from kernels import LayerRepository, Mode, kernelize, use_kernel_mapping
 
     model, _ = AutoModelForCausalLM.from_pretrained(
         checkpoints["qwen3"], use_kernels=True, output_loading_info=True,
-        kernel_config=KernelConfig({**configs("qwen3", hub)["fused"], "rotary_pos_emb": f"{hub}:ApplyRotaryPosEmb"}))
+        kernel_config=KernelConfig(ck_hub.recommended_mapping("qwen3", hub, norm=False)))
     layers = {"RMSNorm": "RMSNorm", "RMSNormMLP": "RMSNormMLP", "rotary_pos_emb": "ApplyRotaryPosEmb"}
     mapping = {key: {"cpu": LayerRepository(hub, layer_name=layer, version=1)} for key, layer in layers.items()}
     with use_kernel_mapping(mapping, inherit_mapping=False):
         kernelize(model, mode=Mode.INFERENCE | Mode.TORCH_COMPILE, device="cpu")
-    layer = kernels.get_kernel(hub, version=1).layers.RMSNormMLP
-    assert model.model.layers[0].post_attention_layernorm.forward.__func__ is layer.forward
+    assert model.model.layers[0].post_attention_layernorm.forward.__func__ is ck_hub.layers.RMSNormMLP.forward
     ids = torch.randint(0, 256, (1, 11))
     with torch.no_grad():
         want = model(ids).logits
@@ -75,22 +120,24 @@ def test_compiled_model_has_no_break_from_the_kernels(checkpoints, hub, cpu_kern
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_op_registrations_pass_kernel_builders_ops_check():
-    """kernel-builder's torch-ops-check: every torch.library decorator names its op through a direct
-    add_op_namespace_prefix(...) call (so the build can give each variant its own namespace)."""
-    import ast
+@pytest.mark.gpu
+def test_compiled_static_cache_generate_uses_cuda_graphs(wide_checkpoints, hub, ck_hub):
+    """generate() with a static cache compiles the decode step (transformers' auto-compile, inductor with
+    mode="reduce-overhead", i.e. CUDA graphs) with fullgraph=True, so any graph break raises; the greedy tokens
+    equal the eager kernel model's and no CUDA graph is skipped."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
 
-    from devtools.build import ROOT
-
-    checked = 0
-    for path in (ROOT / "torch-ext" / "cutile_kernels").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            for dec in getattr(node, "decorator_list", []):
-                if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr in (
-                        "custom_op", "triton_op", "register_fake", "register_kernel", "register_vmap",
-                        "register_torch_dispatch"):
-                    first = dec.args[0]
-                    assert isinstance(first, ast.Call) and getattr(first.func, "id", "") == "add_op_namespace_prefix", \
-                        f"{path.name}:{dec.lineno}"
-                    checked += 1
-    assert checked == 10  # custom_op + register_fake for rms_norm, gated_act, rope and the two backward ops
+    model = AutoModelForCausalLM.from_pretrained(
+        wide_checkpoints["llama"], dtype=torch.bfloat16, device_map="cuda", use_kernels=True,
+        kernel_config=KernelConfig(ck_hub.recommended_mapping("llama", hub, norm=False), inherit_mapping=False))
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), device="cuda")
+    gen = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **gen)
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = model.generate(ids, cache_implementation="static", compile_config=CompileConfig(fullgraph=True), **gen)
+    compiled = model.generate(ids, cache_implementation="static", compile_config=CompileConfig(fullgraph=True), **gen)
+    assert counters["stats"]["unique_graphs"] >= 1, "the decode step was not compiled"
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert (compiled == eager).float().mean().item() > 0.9

@@ -1,6 +1,8 @@
-"""Every route that loads the RMSNorm kernel into tiny Llama, Mistral, Qwen2 and Qwen3 checkpoints on CPU.
+"""Every route that loads the RMSNorm kernel into tiny Llama, Mistral, Qwen2 and Qwen3 checkpoints, and the guard
+that keeps a kernel load out of later plain loads.
 
-(a) transformers' KernelConfig with the Hub repo id resolved to the local build through LOCAL_KERNELS;
+(a) transformers' KernelConfig with the Hub repo id resolved to the local build through LOCAL_KERNELS (on CPU
+    with transformers' "cpu" refusal lifted; on a GPU unpatched, with real cuTile, also with every kernel);
 (b) local paths: kernels.get_local_kernel / LocalLayerRepository + kernelize, and transformers'
     use_local_kernel=True (broken upstream, kept as a strict xfail);
 (c) CPU: transformers refuses "cpu"; kernels' own kernelize(device="cpu") picks the torch-cpu variant.
@@ -11,14 +13,9 @@ import torch
 from kernels import LayerRepository, LocalLayerRepository, Mode, kernelize, use_kernel_mapping
 from transformers import AutoModelForCausalLM, KernelConfig
 
-from devtools.checkpoints import FAMILIES
+from devtools.checkpoints import FAMILIES, make_checkpoint
 
-IDS = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
+from ._helpers import IDS, assert_gpu_parity, layout_mapping, layouts, load, logits, plain
 
 
 def norms(model):
@@ -34,26 +31,40 @@ def assert_kernel_forward(model, kernel_module):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("form", ["string", "revision"])
-def test_kernel_config_from_pretrained(checkpoints, hub, cpu_kernel_config, family, form):
+def test_kernel_config_from_pretrained(checkpoints, hub, ck_hub, cpu_kernel_config, family, form):
     value = f"{hub}:RMSNorm" if form == "string" else (f"{hub}:RMSNorm", {"revision": "v1"})
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints[family])
+    want = logits(plain(checkpoints[family]))
     model = AutoModelForCausalLM.from_pretrained(checkpoints[family], use_kernels=True,
                                                  kernel_config=KernelConfig({"RMSNorm": value}))
-    assert_kernel_forward(model, kernels.get_kernel(hub, version=1))
-    assert torch.equal(logits(model), logits(plain))
+    assert_kernel_forward(model, ck_hub)
+    assert torch.equal(logits(model), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernel_config_route_on_gpu(checkpoints, hub, ck_hub, family):
+    """Route (a) unpatched: from_pretrained(use_kernels=True, kernel_config=...) with real cuTile."""
+    model = assert_gpu_parity(ck_hub, checkpoints[family], {"RMSNorm": f"{hub}:RMSNorm"})
+    assert_kernel_forward(model, ck_hub)
+
+
+@pytest.mark.gpu
+def test_llama_with_every_kernel(hub, ck_hub, tmp_path):
+    # head_dim 64: the tiny checkpoints' head_dim 16 is below what the RoPE kernel takes (it falls back)
+    path = make_checkpoint("llama", tmp_path / "llama-hd64", head_dim=64)
+    assert_gpu_parity(ck_hub, path, ck_hub.recommended_mapping("llama", hub))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_get_local_kernel_and_local_layer_repository(checkpoints, kernel_repo, family):
     module = kernels.get_local_kernel(kernel_repo)
     assert module.__name__.startswith("_cutile_kernels_cpu_")
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints[family])
-    model = AutoModelForCausalLM.from_pretrained(checkpoints[family])
+    want, model = logits(plain(checkpoints[family])), plain(checkpoints[family])
     repo = LocalLayerRepository(repo_path=kernel_repo / "build", layer_name="RMSNorm")
     with use_kernel_mapping({"RMSNorm": {"cpu": repo}}, inherit_mapping=False):
         kernelize(model, mode=Mode.INFERENCE, device="cpu")
     assert_kernel_forward(model, module)
-    assert torch.equal(logits(model), logits(plain))
+    assert torch.equal(logits(model), want)
 
 
 @pytest.mark.xfail(strict=True, raises=AttributeError,
@@ -61,9 +72,9 @@ def test_get_local_kernel_and_local_layer_repository(checkpoints, kernel_repo, f
                           "\"'tuple' object has no attribute 'split'\" (docs/upstream-use-local-kernel.md)")
 def test_use_local_kernel_true(checkpoints, kernel_repo, cpu_kernel_config):
     config = KernelConfig({"RMSNorm": f"{kernel_repo / 'build'}:RMSNorm"}, use_local_kernel=True)
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
+    want = logits(plain(checkpoints["llama"]))
     model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], use_kernels=True, kernel_config=config)
-    assert torch.equal(logits(model), logits(plain))
+    assert torch.equal(logits(model), want)
 
 
 def test_transformers_refuses_cpu_in_kernel_config(checkpoints, hub):
@@ -73,33 +84,45 @@ def test_transformers_refuses_cpu_in_kernel_config(checkpoints, hub):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kernelize_on_cpu_uses_the_cpu_variant(checkpoints, hub, family):
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints[family])
-    model = AutoModelForCausalLM.from_pretrained(checkpoints[family])
+def test_kernelize_on_cpu_uses_the_cpu_variant(checkpoints, hub, ck_hub, family):
+    want, model = logits(plain(checkpoints[family])), plain(checkpoints[family])
     repo = LayerRepository(hub, layer_name="RMSNorm", version=1)
     with use_kernel_mapping({"RMSNorm": {"cpu": repo}}, inherit_mapping=False):
         kernelize(model, mode=Mode.INFERENCE, device="cpu")
-    module = kernels.get_kernel(hub, version=1)
-    assert module.__name__.startswith("_cutile_kernels_cpu_")
-    assert_kernel_forward(model, module)
-    assert torch.equal(logits(model), logits(plain))
+    assert ck_hub.__name__.startswith("_cutile_kernels_cpu_")
+    assert_kernel_forward(model, ck_hub)
+    assert torch.equal(logits(model), want)
 
 
-def test_training_mode_uses_the_kernel(checkpoints, hub):
-    """has_backward=True: kernelize in TRAINING mode swaps the kernel in, and a training step's loss and every
-    gradient equal the plain model's (on CPU the kernel runs its exact, differentiable reference)."""
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
-    model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
-    model.train()
-    repo = LayerRepository(hub, layer_name="RMSNorm", version=1)
-    with use_kernel_mapping({"RMSNorm": {"cpu": repo}}, inherit_mapping=False):
-        kernelize(model, mode=Mode.TRAINING, device="cpu")
-    assert_kernel_forward(model, kernels.get_kernel(hub, version=1))
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    out, ref = model(ids, labels=ids), plain(ids, labels=ids)
-    out.loss.backward()
-    ref.loss.backward()
-    assert torch.equal(out.loss, ref.loss)
-    want = dict(plain.named_parameters())
-    for name, p in model.named_parameters():
-        assert torch.equal(p.grad, want[name].grad), name
+# --- the guard ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_guard_keeps_later_plain_loads_clean(checkpoints, hub, ck, ck_hub, cpu_kernel_config, guarded):
+    """Without the guard transformers leaks the load's patches into a later plain load (this is the bug the
+    guard exists for); with it the later plain load is exactly the plain model."""
+    path = checkpoints["qwen3"]
+    ref_logits = logits(plain(path))
+    mapping = layout_mapping(ck_hub, "qwen3", hub, "fused")
+    if guarded:
+        with ck.transformers_state_guard():
+            load(path, mapping)
+    else:
+        load(path, mapping)  # the autouse guard cleans up after the test
+    later, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    clean = not any(info.values()) and not layouts(later)
+    assert clean is guarded
+    if guarded:
+        assert torch.equal(logits(later), ref_logits)
+        with torch.no_grad():
+            assert len(later(IDS, output_hidden_states=True).hidden_states) == 3
+
+
+def test_guard_restores_classes_after_a_failed_load(ck, ck_hub, hub, cpu_kernel_config, tmp_path):
+    """transformers' apply_patches leaves Layout classes in its modules when building the model raises."""
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.LlamaMLP
+    path = make_checkpoint("llama", tmp_path / "relu", hidden_act="relu")
+    with ck.transformers_state_guard(), pytest.raises(ValueError):
+        load(path, layout_mapping(ck_hub, "llama", hub, "mlp"))
+    assert modeling_llama.LlamaMLP is original

@@ -1,6 +1,8 @@
-"""RoPE on CPU: the reference is transformers' apply_rotary_pos_emb, and the `rotary_pos_emb` function of
-every family is replaced through KernelConfig with identical logits."""
-import kernels
+"""RoPE (transformers' `rotary_pos_emb` function): the op against float64 on every device (the matrix; on a GPU
+cuTile over fresh random layouts with poisoned outputs), the reference against transformers'
+apply_rotary_pos_emb, the registered backward (the inverse rotation: gradcheck, float64), opcheck, and the
+function of every family replaced through KernelConfig with identical logits."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, KernelConfig
@@ -8,59 +10,148 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from devtools.checkpoints import ALL_FAMILIES
 
-IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(2))
+from ._helpers import (CI_DEVICE, DEVICES, DTYPES, fresh_rng, assert_close_to_float64, assert_grads_close, logits,
+                       no_fallback, poisoned, reset_fallback_warnings)
 
 
-@pytest.fixture
-def ck(kernel_repo):
-    return kernels.get_local_kernel(kernel_repo / "build" / "torch-cpu")
+def rope64(x, cos, sin, unsqueeze_dim):
+    x, c, s = x.double(), cos.double().unsqueeze(unsqueeze_dim), sin.double().unsqueeze(unsqueeze_dim)
+    half = x.shape[-1] // 2
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, device):
+    """q, k in transformers' layout (projections viewed (B, S, H, D), transposed to (B, H, S, D) when
+    unsqueeze_dim is 1), and cos/sin of random frequencies."""
+    q = torch.randn(b, s, hq, d, device=device, dtype=dtype)
+    k = torch.randn(b, s, hk, d, device=device, dtype=dtype)
+    if unsqueeze_dim == 1:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    freqs = torch.rand(b, s, d // 2, device=device) * 100
+    emb = torch.cat([freqs, freqs], -1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def check_rope(ck, q, k, cos, sin, unsqueeze_dim, where=""):
+    """One call against float64: on a GPU the cuTile launcher writes into poisoned buffers, elsewhere the public
+    function runs (the reference); q's output stays within 2 ulp (bf16) of the same-dtype reference."""
+    where = f"q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype} unsqueeze_dim={unsqueeze_dim} {where}"
+    if q.is_cuda:
+        got = ck.rope_cutile(q, k, cos, sin, unsqueeze_dim, q_out=poisoned(q.shape, q), k_out=poisoned(k.shape, k))
+    else:
+        got = ck.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    for out, x in zip(got, (q, k)):
+        assert_close_to_float64(out, rope64(x, cos, sin, unsqueeze_dim), q.dtype, where)
+    same_q, _ = ck.rope_reference(q, k, cos, sin, unsqueeze_dim)
+    assert (got[0].float() - same_q.float()).abs().max() <= 2 * same_q.float().abs().max() * 2**-7, where
+
+
+def check_rope_backward(ck, q, k, cos, sin):
+    """dq and dk of the public function (on a GPU: the inverse rotation in cuTile, no fallback) against
+    autograd of the reference in float64."""
+    q, k = q.requires_grad_(), k.requires_grad_()
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    with no_fallback(ck, on=q.is_cuda):
+        torch.autograd.backward(ck.apply_rotary_pos_emb(q, k, cos, sin), (dq, dk))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    torch.autograd.backward(ck.rope_reference(q64, k64, cos.double(), sin.double()), (dq.double(), dk.double()))
+    assert_grads_close([(q.grad, q64.grad), (k.grad, k64.grad)], q.dtype, tuple(q.shape))
+
+
+# --- the matrix --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope(device_ck, device, dtype):
+    seed, rng = fresh_rng()
+    for _ in range(10 if device == "cuda" else 3):
+        b, s, d = rng.choice([1, 2, 3]), rng.choice([1, 5, 16, 17, 300, 2048]), rng.choice([64, 128, 256])
+        if device == "cpu":
+            s = min(s, 17)
+        hk = rng.choice([1, 2, 8])
+        hq = hk * rng.choice([1, 4])
+        unsqueeze_dim = rng.choice([1, 2])
+        inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, device)
+        check_rope(device_ck, *inputs, unsqueeze_dim, f"seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_backward(device_ck, device, dtype):
+    check_rope_backward(device_ck, *make_inputs(2, 300 if device == "cuda" else 9, 8, 2, 128, 1, dtype, device))
+
+
+@pytest.mark.kernels_ci
+def test_rope_ci(ck_gpu):
+    check_rope(ck_gpu, *make_inputs(1, 7, 4, 2, 64, 1, torch.bfloat16, CI_DEVICE), 1)
+    check_rope_backward(ck_gpu, *make_inputs(1, 7, 4, 2, 64, 1, torch.bfloat16, CI_DEVICE))
+
+
+# --- the reference and the registered backward (CPU) --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 def test_reference_equals_transformers(ck, dtype, unsqueeze_dim):
-    b, hq, hk, s, d = 2, 4, 2, 7, 64
-    shape = (b, hq, s, d) if unsqueeze_dim == 1 else (b, s, hq, d)
-    kshape = (b, hk, s, d) if unsqueeze_dim == 1 else (b, s, hk, d)
-    q, k = torch.randn(shape, dtype=dtype), torch.randn(kshape, dtype=dtype)
-    freqs = torch.randn(b, s, d // 2)
-    emb = torch.cat([freqs, freqs], -1)
-    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    q, k, cos, sin = make_inputs(2, 7, 4, 2, 64, unsqueeze_dim, dtype, "cpu")
     want = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
     got = ck.layers.ApplyRotaryPosEmb().forward(q, k, cos, sin, unsqueeze_dim)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_unsupported_head_dim_is_a_reason(ck):
-    import importlib
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_op_gradcheck(ck, unsqueeze_dim):
+    """The backward (the forward with the inverse rotation) in float64, with distinct sin halves so the
+    half-swap is exercised, against numerical gradients."""
+    b, s, d = 2, 5, 8
+    q = torch.randn((b, 3, s, d) if unsqueeze_dim == 1 else (b, s, 3, d), dtype=torch.float64, requires_grad=True)
+    k = torch.randn((b, 1, s, d) if unsqueeze_dim == 1 else (b, s, 1, d), dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(b, s, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k: ck._ops.ops.rope(q, k, cos, sin, unsqueeze_dim), (q, k))
 
-    q = torch.randn(1, 2, 3, 96)
-    check = importlib.import_module(f"{ck.__name__}.rope")._rope_unavailable
-    reason = check(q, q, torch.randn(1, 3, 96), torch.randn(1, 3, 96), 1)
-    assert reason and "head_dim 96" in reason
 
+@pytest.mark.parametrize("dtype,requires_grad", [(torch.float32, False), (torch.bfloat16, False),
+                                                (torch.float32, True)])
+def test_opcheck(ck, dtype, requires_grad):
+    q = torch.randn(2, 4, 9, 32, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(2, 2, 9, 32, dtype=dtype, requires_grad=requires_grad)
+    cos, sin = torch.randn(2, 9, 32, dtype=dtype), torch.randn(2, 9, 32, dtype=dtype)
+    torch.library.opcheck(ck._ops.ops.rope.default, (q, k, cos, sin, 1))
+
+
+# --- through KernelConfig -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_rotary_pos_emb_through_kernel_config(checkpoints, hub, cpu_kernel_config, family):
-    plain = AutoModelForCausalLM.from_pretrained(checkpoints[family])
-    with torch.no_grad():
-        want = plain(IDS).logits  # before the load: the rotary function object is shared by both models
+def test_rotary_pos_emb_through_kernel_config(checkpoints, hub, ck_hub, cpu_kernel_config, family):
+    # the plain logits first: the rotary function object is shared by both models
+    want = logits(AutoModelForCausalLM.from_pretrained(checkpoints[family]))
     config = KernelConfig({"rotary_pos_emb": f"{hub}:ApplyRotaryPosEmb"})
     model = AutoModelForCausalLM.from_pretrained(checkpoints[family], use_kernels=True, kernel_config=config)
-    layer = kernels.get_kernel(hub, version=1).layers.ApplyRotaryPosEmb
+    layer = ck_hub.layers.ApplyRotaryPosEmb
     funcs = {id(f): f for m in model.modules() for f in m.__dict__.get("_kernel_funcs", {}).values()}
     assert funcs and all(f.forward.__func__ is layer.forward for f in funcs.values())
-    with torch.no_grad():
-        assert torch.equal(model(IDS).logits, want)
+    assert torch.equal(logits(model), want)
 
 
-def test_guard_restores_the_shared_rotary_function(checkpoints, hub, cpu_kernel_config, kernel_repo):
+def test_guard_restores_the_shared_rotary_function(checkpoints, hub, ck, cpu_kernel_config):
     from transformers.models.qwen3 import modeling_qwen3
 
-    guard = kernels.get_local_kernel(kernel_repo / "build" / "torch-cpu").transformers_state_guard
     func = modeling_qwen3.apply_rotary_pos_emb
-    with guard():
+    with ck.transformers_state_guard():
         AutoModelForCausalLM.from_pretrained(checkpoints["qwen3"], use_kernels=True,
                                              kernel_config=KernelConfig({"rotary_pos_emb": f"{hub}:ApplyRotaryPosEmb"}))
         assert "forward" in func.__dict__
     assert "forward" not in func.__dict__
+
+
+# --- GPU: edge shapes and reasons ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_zero_length_and_unsupported_head_dim(ck_gpu):
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    q = torch.empty(1, 4, 0, 128, **bf)
+    assert ck_gpu.apply_rotary_pos_emb(q, q, torch.empty(1, 0, 128, **bf), torch.empty(1, 0, 128, **bf))[0].shape == \
+        q.shape
+    reset_fallback_warnings(ck_gpu)
+    q = torch.randn(1, 2, 3, 96, **bf)
+    with pytest.warns(ck_gpu.CutileFallbackWarning, match="head_dim 96"):
+        ck_gpu.apply_rotary_pos_emb(q, q, torch.randn(1, 3, 96, **bf), torch.randn(1, 3, 96, **bf))

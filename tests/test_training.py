@@ -1,0 +1,134 @@
+"""Training through the kernels (layers declare has_backward=True): kernelize in TRAINING mode, enable_training
+for a KernelConfig-loaded model, and on a GPU a bf16 training step whose loss and gradients stay as accurate as
+plain transformers' while the cuTile backward ops run. Each op's backward alone: tests/test_<op>.py."""
+import collections
+
+import pytest
+import torch
+from kernels import LayerRepository, Mode, kernelize, use_kernel_mapping
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+from devtools.checkpoints import ALL_FAMILIES
+
+from ._helpers import IDS, layouts, load, no_fallback, plain, rel_err
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_enable_training_keeps_the_kernel_forward(checkpoints, hub, ck_hub, cpu_kernel_config, family):
+    """model.train() re-kernelizes in TRAINING mode (transformers); after enable_training the layers
+    (has_backward=True) stay, not the Layout's reference, and the step matches the plain model."""
+    reference = plain(checkpoints[family])
+    model, _ = load(checkpoints[family], ck_hub.recommended_mapping(family, hub, norm=False, rope=False))
+    ck_hub.enable_training(model)
+    model.train()
+    reference.train()
+    assert layouts(model) and all(m.forward.__func__ is not type(m).forward for m in layouts(model))
+    out, ref = model(IDS, labels=IDS), reference(IDS, labels=IDS)
+    assert torch.equal(out.logits, ref.logits)
+    out.loss.backward()
+    ref.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    g = grads[next(n for n in grads if n.endswith("gate_up_proj.weight"))]
+    assert g is not None and g.abs().sum() > 0
+    # the merged gradient is the two original gradients, concatenated
+    layer = reference.model.layers[0].mlp
+    merged = torch.cat([layer.gate_proj.weight.grad, layer.up_proj.weight.grad])
+    fused_name = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    got = grads[f"model.layers.0.{fused_name}.gate_up_proj.weight"]
+    assert torch.allclose(got, merged, rtol=1e-5, atol=1e-7)
+    model.eval()  # and back to inference: still the kernel forward
+    assert all(m.forward.__func__ is not type(m).forward for m in layouts(model))
+
+
+def test_train_without_enable_training_falls_back_to_the_reference(checkpoints, hub, ck_hub, cpu_kernel_config):
+    """What enable_training exists for: transformers maps a KernelConfig for the load-time mode only, so a plain
+    model.train() swaps the Layout's reference forward back in (still correct, but no kernels)."""
+    model, _ = load(checkpoints["llama"], ck_hub.recommended_mapping("llama", hub, norm=False, rope=False))
+    model.train()
+    assert all(m.forward.__func__ is type(m).forward for m in layouts(model))
+    with pytest.raises(ValueError, match="not loaded with a KernelConfig"):
+        ck_hub.enable_training(plain(checkpoints["llama"]))
+
+
+def test_kernelize_in_training_mode(checkpoints, hub, ck_hub):
+    """kernelize in TRAINING mode swaps the RMSNorm kernel in, and a training step's loss and every gradient
+    equal the plain model's (on CPU the kernel runs its exact, differentiable reference)."""
+    reference, model = plain(checkpoints["llama"]), plain(checkpoints["llama"])
+    model.train()
+    repo = LayerRepository(hub, layer_name="RMSNorm", version=1)
+    with use_kernel_mapping({"RMSNorm": {"cpu": repo}}, inherit_mapping=False):
+        kernelize(model, mode=Mode.TRAINING, device="cpu")
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all(m.forward.__func__ is ck_hub.layers.RMSNorm.forward for m in norms)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    out, ref = model(ids, labels=ids), reference(ids, labels=ids)
+    out.loss.backward()
+    ref.loss.backward()
+    assert torch.equal(out.loss, ref.loss)
+    want = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, want[name].grad), name
+
+
+class OpCalls(TorchDispatchMode):
+    """Counts the calls of `ck`'s custom ops (forward and the backward autograd runs)."""
+
+    def __init__(self, ck):
+        super().__init__()
+        self.prefix = f"{ck._ops.ops.name}::"
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().startswith(self.prefix):
+            self.calls[func.name().removeprefix(self.prefix)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family):
+    """model.train() through KernelConfig runs the cuTile forward and backward ops (counted; none falls back),
+    and the bf16 step is as accurate as plain transformers' bf16 step: against a float32 plain step, the loss and
+    every gradient of the kernel model stay within 2x (+ a small floor) of plain bf16's own error. bf16 rounding
+    differs in where it happens (fused norm, merged gate_up GEMM), not in how much, so a wrong gradient shows as
+    many times the error."""
+    from transformers import KernelConfig
+
+    path = wide_checkpoints[family]
+    mapping = ck_hub.recommended_mapping(family, hub, norm=False)
+    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cuda")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    ids = torch.randint(0, reference.config.vocab_size, (2, 128), device="cuda")
+    runs = {}
+    for name, m in (("fp32", fp32), ("plain", reference)):
+        m.train()
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        runs[name] = out.loss.item(), m
+    with no_fallback(ck_hub):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda", use_kernels=True,
+                                                     kernel_config=KernelConfig(mapping, inherit_mapping=False))
+        ck_hub.enable_training(model).train()
+        with OpCalls(ck_hub) as counted:
+            out = model(ids, labels=ids)
+            out.loss.backward()
+    layers, calls = model.config.num_hidden_layers, counted.calls
+    assert calls["rms_norm_backward"] >= layers and calls["gated_act_backward"] == layers, calls
+    assert calls["rope"] == 2 * layers, calls  # forward and the inverse rotation in backward
+    ref_loss, plain_loss = runs["fp32"][0], runs["plain"][0]
+    assert abs(out.loss.item() - ref_loss) <= 2 * abs(plain_loss - ref_loss) + 2e-3
+    want32, want16 = dict(fp32.named_parameters()), dict(reference.named_parameters())
+    fused = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    checked = 0
+    for name, p in model.named_parameters():
+        if name.endswith("gate_up_proj.weight"):
+            mlp = name.replace(f"{fused}.gate_up_proj.weight", "mlp.")
+            g32 = torch.cat([want32[mlp + "gate_proj.weight"].grad, want32[mlp + "up_proj.weight"].grad])
+            g16 = torch.cat([want16[mlp + "gate_proj.weight"].grad, want16[mlp + "up_proj.weight"].grad])
+        else:
+            key = name.replace(f"{fused}.down_proj", "mlp.down_proj")
+            g32, g16 = want32[key].grad, want16[key].grad
+        assert rel_err(p.grad, g32) <= 2 * rel_err(g16, g32) + 1e-2, (name, rel_err(p.grad, g32), rel_err(g16, g32))
+        checked += 1
+    assert checked == len(want32) - model.config.num_hidden_layers  # gate and up count once, merged
