@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import Layout, check_fusion, check_replacement, refuse
 from .gated_act import check_activation, gated_act, gated_act_reference
 from .rms_norm import gemma_rms_norm, gemma_rms_norm_reference, rms_norm, rms_norm_reference
 
@@ -33,12 +34,15 @@ def merged_gate_up_rules(src: str, dst: str) -> list:
     return rules
 
 
-def _activation(config) -> str:
+def _activation(config, site) -> str:
     act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
-    return check_activation(act)
+    try:
+        return check_activation(act)
+    except ValueError as e:  # refused inside transformers' model construction: leave its state clean
+        refuse(str(e).removeprefix("cutile_kernels: "), site)
 
 
-class _MergedGateUp(nn.Module):
+class _MergedGateUp(Layout):
     """gate_up_proj and down_proj with the shapes (and bias) of an MLP's gate/up/down projections."""
 
     def _init_projections(self, hidden: int, inter: int, bias: bool, act: str) -> None:
@@ -77,10 +81,11 @@ class SwiGLUMLP(_MergedMLPKernel):
 class SwiGLUMLPLayout(_MergedGateUp):
     conversion_mapping = merged_gate_up_rules("mlp", "mlp")
 
-    def __init__(self, config):
+    def __init__(self, config, *modules):  # more arguments: transformers hands it a fusion's modules (refused)
+        site = check_replacement(type(self), config, *modules)  # LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP
         super().__init__()
         self._init_projections(config.hidden_size, config.intermediate_size,
-                               bool(getattr(config, "mlp_bias", False)), _activation(config))
+                               bool(getattr(config, "mlp_bias", False)), _activation(config, site))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._mlp_reference(x)
@@ -91,10 +96,10 @@ class SwiGLUMLPLayout(_MergedGateUp):
 class _NormMLPLayout(_MergedGateUp):
     """Takes the first child's slot (the norm); keeps the norm's `weight`, so its key is unchanged."""
 
-    def _init_from(self, norm: nn.Module, mlp: nn.Module) -> None:
+    def _init_from(self, norm: nn.Module, mlp: nn.Module, site) -> None:
         self.weight = nn.Parameter(torch.empty(norm.weight.shape))
         self._init_projections(mlp.gate_proj.in_features, mlp.gate_proj.out_features,
-                               mlp.gate_proj.bias is not None, _activation(mlp.config))
+                               mlp.gate_proj.bias is not None, _activation(mlp.config, site))
 
 
 class RMSNormMLP(_MergedMLPKernel):
@@ -108,10 +113,11 @@ class RMSNormMLP(_MergedMLPKernel):
 class RMSNormMLPLayout(_NormMLPLayout):
     conversion_mapping = merged_gate_up_rules("mlp", "post_attention_layernorm")
 
-    def __init__(self, norm: nn.Module, mlp: nn.Module):
+    def __init__(self, norm: nn.Module, mlp: nn.Module = None):
+        site = check_fusion(type(self), norm, mlp)  # the post_attention_layernorm and mlp of a Llama-form layer
         super().__init__()
         self.variance_epsilon = norm.variance_epsilon
-        self._init_from(norm, mlp)
+        self._init_from(norm, mlp, site)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self._mlp_reference(rms_norm_reference(hidden_states, self.weight, self.variance_epsilon))
@@ -130,10 +136,11 @@ class GemmaRMSNormMLP(_MergedMLPKernel):
 class GemmaRMSNormMLPLayout(_NormMLPLayout):
     conversion_mapping = merged_gate_up_rules("mlp", "pre_feedforward_layernorm")
 
-    def __init__(self, norm: nn.Module, mlp: nn.Module):
+    def __init__(self, norm: nn.Module, mlp: nn.Module = None):
+        site = check_fusion(type(self), norm, mlp)  # Gemma3's pre_feedforward_layernorm and mlp
         super().__init__()
         self.eps = norm.eps
-        self._init_from(norm, mlp)
+        self._init_from(norm, mlp, site)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self._mlp_reference(gemma_rms_norm_reference(hidden_states, self.weight, self.eps))

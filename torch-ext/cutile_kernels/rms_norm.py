@@ -167,11 +167,15 @@ class GemmaRMSNorm(nn.Module):
         return gemma_rms_norm(hidden_states, self.weight, self.eps)
 
 
-class GemmaRMSNormLayout(nn.Module):
+from .checks import Layout, check_replacement  # noqa: E402  (the Layouts' load-time checks)
+
+
+class GemmaRMSNormLayout(Layout):
     """Gemma3RMSNorm's parameters under their own names (`weight`), so checkpoints load and save unchanged
     and no conversion rule is registered. Its forward is the exact reference (training, fallbacks)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):  # Gemma3Attention passes `dim=` by keyword
+        check_replacement(type(self), dim, eps)  # replaces Gemma3RMSNorm only (never a Llama-form norm)
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
