@@ -1,9 +1,13 @@
 """Kernel Hub benchmark (kernels convention): `kernels benchmark ./ ` runs it against the local build/.
 
-Each workload checks the kernel against the PyTorch reference (verify_*) and times it.
+Each workload checks the kernel against the PyTorch reference (verify_*) and times it. The runner loads this
+file on its own (not as part of the `benchmarks` package), so it imports nothing from here.
 """
 import torch
 from kernels.benchmark import Benchmark
+
+# workload -> (rows, hidden): a decode batch, a prefill, Qwen3's q_norm (4096 tokens x 32 heads, head_dim 128)
+WORKLOADS = {"decode": (16, 4096), "prefill": (8192, 4096), "qk_norm": (4096 * 32, 128)}
 
 
 class RMSNormBenchmark(Benchmark):
@@ -20,29 +24,8 @@ class RMSNormBenchmark(Benchmark):
     def _reference(self):
         return self.kernel.rms_norm_reference(self.x, self.w, 1e-6)
 
-    def setup_decode(self):
-        self._make(16, 4096)
 
-    def benchmark_decode(self):
-        self._run()
-
-    def verify_decode(self):
-        return self._reference()
-
-    def setup_prefill(self):
-        self._make(8192, 4096)
-
-    def benchmark_prefill(self):
-        self._run()
-
-    def verify_prefill(self):
-        return self._reference()
-
-    def setup_qk_norm(self):
-        self._make(4096 * 32, 128)  # Qwen3 q_norm: 4096 tokens x 32 heads, head_dim 128
-
-    def benchmark_qk_norm(self):
-        self._run()
-
-    def verify_qk_norm(self):
-        return self._reference()
+for _name, _shape in WORKLOADS.items():  # setup_<workload>, benchmark_<workload>, verify_<workload>
+    setattr(RMSNormBenchmark, f"setup_{_name}", lambda self, shape=_shape: self._make(*shape))
+    setattr(RMSNormBenchmark, f"benchmark_{_name}", RMSNormBenchmark._run)
+    setattr(RMSNormBenchmark, f"verify_{_name}", RMSNormBenchmark._reference)

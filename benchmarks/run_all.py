@@ -1,264 +1,244 @@
-"""Every kernel over shapes of real models, against torch eager, torch.compile, Liger-Kernel and TileGym.
+"""Every op, forward and backward, over real model widths: cuTile against torch eager, torch.compile, Liger-Kernel
+and TileGym.
 
-    python benchmarks/run_all.py [--quick] [--out-dir benchmarks/results/<gpu>]
+    python -m benchmarks.run_all [--quick] [--out benchmarks/results/<gpu>/kernels.md]   (and kernels.png)
+    python -m benchmarks.run_all --tiny                                                  (CPU: tiny shapes)
 
-For each op and shape, every implementation is first checked against a float64 reference (relative error
-under 1e-2, bf16); one that fails is reported and not timed. Two times per implementation:
-  - device: one CUDA graph of 20 back-to-back calls (inputs rotated so large shapes do not sit in L2),
-    median of replays / 20 — the kernel itself;
-  - host: 1000 back-to-back calls from Python, one synchronize at the end — what a decode step pays.
-Writes `<out-dir>/kernels.md` (table, versions) and `<out-dir>/kernels.png` (speedup plot).
+Widths come from the harness's model registry (forward: every distinct width; backward: 8B widths), rows from
+decode (1) to prefill (32768 tokens). Every implementation is first checked against float64 (relative error
+< 1e-2 per output, bf16); one that fails is reported and not timed. Device µs: `harness.device_us` (CUDA graph of
+20 calls, rotating inputs); host µs: `harness.host_us` (back-to-back calls).
+
+Backward rows time the backward alone. The forward runs once, outside the timing, on inputs that require grad; the
+timed call is the autograd node it recorded, `out.grad_fn.apply(dy)`: for ours the custom op's registered backward
+(the cuTile backward kernels), for Liger its autograd Function's backward, for compile the backward graph that
+AOTAutograd and Inductor built for the reference. Eager is the package's backward formula in PyTorch. Bytes
+counted for "% of copy": forward norms read x, w and write y; backward norms read x, w, dy and write dx, dw; the
+gated activation reads gate_up (and dy) and writes its output (d gate_up); RoPE reads and writes q and k.
 """
 from __future__ import annotations
 
-import argparse
+import importlib
 import math
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from devtools.build import ROOT  # noqa: E402
-from devtools.timing import graph_us  # noqa: E402
+from . import harness as h
 
-HIDDEN = [2560, 3584, 4096, 5120, 8192]
-INTER = [9728, 14336, 18944, 28672]
-ROWS = [1, 16, 64, 512, 4096, 32768]
 EPS = 1e-6
+PEERS = ("compile", "liger", "tilegym")
+IMPLS = ("cutile", "eager", *PEERS)  # in this order: Liger's RoPE rotates its inputs in place
 
 
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(10):
-        b.copy_(a)
-    e.record()
-    e.synchronize()
-    return 2 * a.numel() * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
+def norm64(x, w, gemma=False):
+    x = x.double()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+    return y * (1 + w.double()) if gemma else y * w.double()
 
 
-def host_us(fn, args, n=1000) -> float:
-    for _ in range(20):
-        fn(*args)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn(*args)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+def act64(gu, act):
+    g, u = gu.double().chunk(2, dim=-1)
+    return (F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")) * u
+
+
+def rope64(q, k, cos, sin):
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)  # noqa: E731
+    return tuple(x.double() * c + rot(x.double()) * s for x in (q, k))
+
+
+def grads64(f, n_diff: int, n_grads: int = 1):
+    """The float64 reference of a backward row: autograd through `f` on (*inputs, *grads)."""
+    def ref(*args):
+        inputs = [t.double().requires_grad_(i < n_diff) for i, t in enumerate(args[:-n_grads])]
+        outs = f(*inputs)
+        return torch.autograd.grad(outs, inputs[:n_diff], [g.double() for g in args[-n_grads:]])
+    return ref
+
+
+def backward(forward, n_diff: int, n_grads: int = 1):
+    """A backward implementation: (prepare, call). prepare(*inputs, *grads) runs `forward` once on inputs that
+    require grad and returns (its autograd node, *grads); call(node, *grads) is the timed backward (the gradients
+    of the inputs that require grad, in the order the node lists them)."""
+    def prepare(*args):
+        inputs, grads = args[:-n_grads], args[-n_grads:]
+        leaves = [t.detach().requires_grad_(i < n_diff) for i, t in enumerate(inputs)]
+        with torch.enable_grad():
+            out = forward(*leaves)
+        return ((out[0] if isinstance(out, tuple) else out).grad_fn, *(g.clone() for g in grads))  # Liger: in place
+    return prepare, lambda node, *grads: tuple(g for g in node.apply(*grads) if g is not None)
+
+
+def cases(ck, tiny: bool) -> list[dict]:
+    """One dict per op and direction: make(rows, width) -> inputs, ref (float64), nbytes(rows, width), impls."""
+    ops, dt = importlib.import_module(f"{ck.__name__}._ops").ops, dict(device=h.DEVICE, dtype=torch.bfloat16)
+    shape = h.TINY if tiny else h.SIZE_8B
+    ws = lambda attr, gemma: [getattr(h.TINY, attr)] if tiny else h.widths(attr, gemma=gemma)  # noqa: E731
+    heads = [shape] if tiny else [h.MODELS["llama3-8b"], h.MODELS["gemma3-12b"]]
+    lg_norm, lg_swiglu, lg_geglu, lg_rope, tg_norm, tg_swiglu = (h.peer(m) for m in (
+        "liger_kernel.ops.rms_norm", "liger_kernel.ops.swiglu", "liger_kernel.ops.geglu",
+        "liger_kernel.transformers.rope", "tilegym.ops.cutile.rms_norm", "tilegym.ops.cutile.silu_and_mul"))
+    rand = lambda *s: torch.randn(*s, **dt)  # noqa: E731
+
+    def norm_case(gemma, bwd):
+        name = "gemma_rms_norm" if gemma else "rms_norm"
+        public, ref = (ck.gemma_rms_norm if gemma else ck.rms_norm), getattr(ck, f"{name}_reference")
+        offset = {"offset": 1.0} if gemma else {}  # TileGym's Gemma form
+        liger = lg_norm and (lambda x, w: lg_norm.LigerRMSNormFunction.apply(
+            x, w, EPS, 1.0 if gemma else 0.0, "gemma" if gemma else "llama", False))
+        make = lambda m, n: (rand(m, n), (1 + 0.1 * torch.randn(n, device=h.DEVICE)).bfloat16()) + (  # noqa: E731
+            (rand(m, n),) if bwd else ())
+        if not bwd:
+            impls = dict(cutile=lambda x, w: public(x, w, EPS), eager=lambda x, w: ref(x, w, EPS),
+                         compile=h.compiled(lambda x, w: ref(x, w, EPS)), liger=liger,
+                         tilegym=tg_norm and (lambda x, w: tg_norm.rms_norm(x, None, w, EPS, **offset)))
+            return dict(op=name, make=make, ref=lambda x, w: norm64(x, w, gemma), impls=impls,
+                        nbytes=lambda m, n: 4 * m * n + 2 * n, widths=ws("hidden", gemma))
+        impls = dict(cutile=backward(lambda x, w: ops.rms_norm(x, w, EPS, gemma), 2),
+                     eager=lambda x, w, dy: ck.rms_norm_backward_reference(x, w, dy, EPS, gemma),
+                     compile=backward(h.compiled(lambda x, w: ref(x, w, EPS)), 2), liger=liger and backward(liger, 2))
+        return dict(op=f"{name} bwd", make=make, ref=grads64(lambda x, w: norm64(x, w, gemma), 2), impls=impls,
+                    nbytes=lambda m, n: 6 * m * n + 4 * n, widths=[shape.hidden])
+
+    def act_case(act, bwd):
+        name = "silu_mul" if act == "silu" else "gelu_tanh_mul"
+        ref = lambda gu: ck.gated_act_reference(gu, act)  # noqa: E731
+        if act == "silu":
+            liger = lg_swiglu and (lambda gu: lg_swiglu.LigerFusedGateUpSiLUMulFunction.apply(gu))
+        else:
+            liger = lg_geglu and (lambda gu: lg_geglu.LigerGELUMulFunction.apply(*gu.chunk(2, dim=-1)))
+        make = lambda m, i: (rand(m, 2 * i),) + ((rand(m, i),) if bwd else ())  # noqa: E731
+        if not bwd:
+            impls = dict(cutile=lambda gu: ck.gated_act(gu, act), eager=ref, compile=h.compiled(ref), liger=liger,
+                         tilegym=tg_swiglu and act == "silu" and (lambda gu: tg_swiglu.silu_and_mul(gu)))
+            return dict(op=name, make=make, ref=lambda gu: act64(gu, act), impls=impls,
+                        nbytes=lambda m, i: 6 * m * i, widths=ws("intermediate", act != "silu"))
+        impls = dict(cutile=backward(lambda gu: ops.gated_act(gu, act), 1),
+                     eager=lambda gu, dy: ck.gated_act_backward_reference(gu, dy, act),
+                     compile=backward(h.compiled(ref), 1), liger=liger and backward(liger, 1 if act == "silu" else 2))
+        return dict(op=f"{name} bwd", make=make, ref=grads64(lambda gu: act64(gu, act), 1), impls=impls,
+                    nbytes=lambda m, i: 10 * m * i, widths=[shape.intermediate])
+
+    def rope_case(bwd):
+        def make(t, s):  # (B, H, S, D) views of (B, S, H, D), as attention produces them; cos/sin (B, S, D)
+            q, k = (rand(1, t, n, s.head_dim).transpose(1, 2) for n in (s.heads, s.kv_heads))
+            freqs = torch.rand(1, t, s.head_dim // 2, device=h.DEVICE) * 100
+            emb = torch.cat([freqs, freqs], -1)
+            return (q, k, emb.cos().bfloat16(), emb.sin().bfloat16()) + ((rand(*q.shape), rand(*k.shape)) if bwd
+                                                                          else ())
+        liger = lg_rope and (lambda q, k, c, s: lg_rope.liger_rotary_pos_emb(q, k, c, s))
+        nbytes = lambda t, s: 2 * 2 * t * (s.heads + s.kv_heads) * s.head_dim  # noqa: E731
+        if not bwd:
+            impls = dict(cutile=ck.apply_rotary_pos_emb, eager=ck.rope_reference, compile=h.compiled(ck.rope_reference),
+                         liger=liger)
+            return dict(op="rope", make=make, ref=rope64, impls=impls, nbytes=nbytes, widths=heads)
+
+        def inverse(s):  # RoPE's backward is RoPE with the inverse rotation
+            return -torch.cat([s[..., s.shape[-1] // 2:], s[..., :s.shape[-1] // 2]], -1)
+        impls = dict(cutile=backward(lambda q, k, c, s: ops.rope(q, k, c, s, 1), 2, 2),
+                     eager=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
+                     compile=backward(h.compiled(ck.rope_reference), 2, 2), liger=liger and backward(liger, 2, 2))
+        return dict(op="rope bwd", make=make, ref=grads64(rope64, 2, 2), impls=impls, nbytes=nbytes, widths=heads[:1])
+
+    found = [c(*a) for bwd in (False, True) for c, a in ((norm_case, (False, bwd)), (norm_case, (True, bwd)),
+                                                         (act_case, ("silu", bwd)), (act_case, (h.GELU, bwd)),
+                                                         (rope_case, (bwd,)))]
+    for case in found:
+        case["impls"] = {k: (v if isinstance(v, tuple) else (None, v)) for k, v in case["impls"].items() if v}
+    return found
+
 
 
 def rel_err(got, ref) -> float:
-    if isinstance(got, tuple):  # (q_embed, k_embed): one error over both
-        got = torch.cat([t.flatten() for t in got])
-    return ((got.double() - ref).norm() / ref.norm()).item()
+    """Largest relative L2 error over the outputs (a peer returning (d gate, d up) is compared as one tensor)."""
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    if len(got) != len(ref):
+        got = (torch.cat(got, -1),)
+    return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
 
 
-def ops(ck):
-    """name -> (make inputs, float64 reference, bytes moved, {impl: fn})"""
-    def norm_inputs(m, n):
-        return (torch.randn(m, n, device="cuda", dtype=torch.bfloat16),
-                (1 + 0.1 * torch.randn(n, device="cuda")).to(torch.bfloat16))
-
-    def norm64(x, w, gemma=False):
-        x64 = x.double()
-        h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)
-        return h * (1 + w.double()) if gemma else h * w.double()
-
-    def rope_inputs(tokens, head_dim):
-        # decode/prefill of an 8B model: 32 query and 8 kv heads, (B, H, S, D) views of (B, S, H, D)
-        q = torch.randn(1, tokens, 32, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        k = torch.randn(1, tokens, 8, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        freqs = torch.rand(1, tokens, head_dim // 2, device="cuda") * 100
-        emb = torch.cat([freqs, freqs], -1)
-        return q, k, emb.cos().bfloat16(), emb.sin().bfloat16()
-
-    def rope64(q, k, cos, sin):  # both outputs in one tensor, so one relative error covers q and k
-        c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
-        rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)  # noqa: E731
-        return torch.cat([(x.double() * c + rot(x.double()) * s).flatten() for x in (q, k)])
-
-    def act_inputs(m, i):
-        return (torch.randn(m, 2 * i, device="cuda", dtype=torch.bfloat16),)
-
-    def act64(gu, act):
-        g, u = gu.double().chunk(2, dim=-1)
-        return (g * torch.sigmoid(g) if act == "silu" else F.gelu(g, approximate="tanh")) * u
-
-    eager_norm = ck.rms_norm_reference
-    eager_gemma = ck.gemma_rms_norm_reference
-    table = {
-        "rms_norm": (norm_inputs, lambda x, w: norm64(x, w), lambda m, n: 4 * m * n, {
-            "cutile": lambda x, w: ck.rms_norm(x, w, EPS),
-            "eager": lambda x, w: eager_norm(x, w, EPS),
-            "compile": torch.compile(lambda x, w: eager_norm(x, w, EPS), dynamic=False)}),
-        "gemma_rms_norm": (norm_inputs, lambda x, w: norm64(x, w, True), lambda m, n: 4 * m * n, {
-            "cutile": lambda x, w: ck.gemma_rms_norm(x, w, EPS),
-            "eager": lambda x, w: eager_gemma(x, w, EPS),
-            "compile": torch.compile(lambda x, w: eager_gemma(x, w, EPS), dynamic=False)}),
-        "silu_mul": (act_inputs, lambda gu: act64(gu, "silu"), lambda m, i: 6 * m * i, {
-            "cutile": lambda gu: ck.gated_act(gu, "silu"),
-            "eager": lambda gu: ck.gated_act_reference(gu, "silu"),
-            "compile": torch.compile(lambda gu: ck.gated_act_reference(gu, "silu"), dynamic=False)}),
-        "gelu_tanh_mul": (act_inputs, lambda gu: act64(gu, "gelu_pytorch_tanh"), lambda m, i: 6 * m * i, {
-            "cutile": lambda gu: ck.gated_act(gu, "gelu_pytorch_tanh"),
-            "eager": lambda gu: ck.gated_act_reference(gu, "gelu_pytorch_tanh"),
-            "compile": torch.compile(lambda gu: ck.gated_act_reference(gu, "gelu_pytorch_tanh"),
-                                     dynamic=False)}),
-        "rope": (rope_inputs, rope64, lambda t, d: 2 * 2 * t * 40 * d, {
-            "cutile": lambda q, k, c, s: ck.apply_rotary_pos_emb(q, k, c, s),
-            "eager": lambda q, k, c, s: ck.rope_reference(q, k, c, s),
-            "compile": torch.compile(lambda q, k, c, s: ck.rope_reference(q, k, c, s), dynamic=False)}),
-    }
-    try:
-        from liger_kernel.ops.geglu import LigerGELUMulFunction
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
-
-        table["rms_norm"][3]["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
-        table["gemma_rms_norm"][3]["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 1.0, "gemma",
-                                                                                      False)
-        table["silu_mul"][3]["liger"] = lambda gu: LigerFusedGateUpSiLUMulFunction.apply(gu)
-        table["gelu_tanh_mul"][3]["liger"] = lambda gu: LigerGELUMulFunction.apply(*gu.chunk(2, dim=-1))
-    except ImportError as e:
-        print(f"liger-kernel unavailable: {e}")
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from tilegym.ops.cutile.rms_norm import rms_norm as tg_rms_norm
-            from tilegym.ops.cutile.silu_and_mul import silu_and_mul as tg_silu_and_mul
-        table["rms_norm"][3]["tilegym"] = lambda x, w: tg_rms_norm(x, None, w, EPS)
-        table["gemma_rms_norm"][3]["tilegym"] = lambda x, w: tg_rms_norm(x, None, w, EPS, offset=1.0)
-        table["silu_mul"][3]["tilegym"] = lambda gu: tg_silu_and_mul(gu)
-    except ImportError as e:
-        print(f"tilegym unavailable: {e}")
-    return table
+def label(width) -> str:
+    return f"{width.heads}q+{width.kv_heads}kv x {width.head_dim}" if isinstance(width, h.Shape) else str(width)
 
 
-def main():
-    import cuda.tile as ct
-    import kernels
-    import transformers
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
-    parser.add_argument("--out-dir", type=Path)
-    args = parser.parse_args()
-    torch._dynamo.config.recompile_limit = 10_000
-    torch._dynamo.config.cache_size_limit = 10_000
-    ck = kernels.get_local_kernel(ROOT)
-    gpu = torch.cuda.get_device_name()
-    peak = copy_bandwidth()
-    versions = (f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}, kernels "
-                f"{kernels.__version__}, cuda.tile {ct.__version__}, python {platform.python_version()}")
-    for name in ("liger_kernel", "tilegym"):
+def measure(case, rows: int, width, tiny: bool) -> dict:
+    nbytes = case["nbytes"](rows, width)
+    sets = h.input_sets(lambda: case["make"](rows, width), nbytes)
+    ref = case["ref"](*sets[0])
+    row = dict(op=case["op"], rows=rows, width=label(width), bytes=nbytes, dev={}, host={}, bad={})
+    for name, (prepare, call) in case["impls"].items():
         try:
-            from importlib.metadata import version
-            versions += f", {name} {version(name.replace('_', '-'))}"
-        except Exception:
-            pass
-    print(f"{versions}\ncopy bandwidth {peak:.0f} GB/s", flush=True)
-    table = ops(ck)
-    rows = ROWS[::2] if args.quick else ROWS
-    widths = {"rms_norm": HIDDEN, "gemma_rms_norm": HIDDEN[::2], "silu_mul": INTER, "gelu_tanh_mul": INTER[::2],
-              "rope": [128]}  # rope: rows = tokens, width = head_dim
-    if args.quick:
-        widths = {k: v[:1] for k, v in widths.items()}
-    jobs = [(op, m, n) for op in table for n in widths[op] for m in rows]
+            args = [prepare(*s) for s in sets] if prepare else sets
+            err = rel_err(call(*args[0]), ref)
+            if not err < 1e-2:
+                row["bad"][name] = f"rel err {err:.1e}"
+                continue
+            row["dev"][name] = h.device_us(call, args)
+            row["host"][name] = h.host_us(call, args[0], n=10 if tiny else 300 if nbytes > 1 << 25 else 1000)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported, not fatal
+            row["bad"][name] = f"{type(e).__name__}: {str(e)[:60]}"
+    return row
+
+
+def speedup(row, key: str) -> float:
+    peers = [row[key][i] for i in PEERS if i in row[key]]
+    return min(peers) / row[key]["cutile"] if peers and "cutile" in row[key] else math.nan
+
+
+def report(results, args) -> str:
+    cells = lambda r: [f"{r['dev'][i]:.1f} / {r['host'][i]:.1f}" if i in r["dev"] else r["bad"].get(i, "—")  # noqa
+                       for i in IMPLS]
+    rows = [[r["op"], f"{r['rows']} x {r['width']}", *cells(r),
+             h.fmt(h.pct_of_copy(r["bytes"], r["dev"]["cutile"]) if "cutile" in r["dev"] else None, ".0f", "%"),
+             h.fmt(speedup(r, "dev"), ".2f", "x"), h.fmt(speedup(r, "host"), ".2f", "x")] for r in results]
+    return "\n".join([
+        h.header("cutile-kernels vs peers, forward and backward", args),
+        f"bf16. Copy bandwidth measured in the same run: {h.copy_gbs():.0f} GB/s. Device µs: CUDA graph of 20 calls, "
+        "median per call; host µs: back-to-back Python calls. Speedup = best of torch.compile, Liger and TileGym / "
+        "cuTile (device; host). Backward (bwd) rows: the backward alone (see `benchmarks/run_all.py`).\n",
+        *h.table(["op", "rows x width", *(f"{i} dev / host µs" for i in IMPLS), "cuTile % of copy", "speedup dev",
+                  "speedup host"], rows)]) + "\n"
+
+
+def plot(results, path) -> None:
+    panels = []
+    for key, title in (("dev", "device time"), ("host", "host time per call")):
+        by_op = {}
+        for r in results:
+            if not math.isnan(s := speedup(r, key)):
+                by_op.setdefault(r["op"], {}).setdefault(r["rows"], []).append(s)
+        xs = sorted({m for ops in by_op.values() for m in ops})
+        panels.append((title, xs, {op: [statistics.median(v[m]) if m in v else None for m in xs]
+                                   for op, v in by_op.items()}))
+    h.plot(path, panels, ylabel="best peer / cuTile (median over widths)", logx=True)
+
+
+def main(argv=None) -> None:
+    args = h.arguments("benchmarks.run_all", __doc__, argv, out="kernels.md", add=lambda p: p.add_argument(
+        "--quick", action="store_true", help="every other row count and the first width of each op (a smoke run)"))
+    if not args.tiny:
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 10_000
+    print(h.header("cutile-kernels vs peers", args) + f"copy bandwidth {h.copy_gbs():.0f} GB/s", flush=True)
+    todo = [(c, m, w) for c in cases(h.local_kernel(args.kernel_root), args.tiny)
+            for w in (c["widths"][:1] if args.quick else c["widths"])
+            for m in ((2, 16) if args.tiny else h.ROWS[::2] if args.quick else h.ROWS)]
     results = []
-    for k, (op, m, n) in enumerate(jobs, 1):
-        make, ref64, nbytes, impls = table[op]
-        nsets = max(1, min(4, math.ceil(256e6 / nbytes(m, n))))
-        sets = [make(m, n) for _ in range(nsets)]
-        ref = ref64(*sets[0])
-        row = {"op": op, "rows": m, "width": n, "bytes": nbytes(m, n), "dev": {}, "host": {}, "bad": {}}
-        for impl, fn in impls.items():
-            try:
-                err = rel_err(fn(*sets[0]), ref)
-                if not err < 1e-2:
-                    row["bad"][impl] = f"rel err {err:.1e}"
-                    continue
-                row["dev"][impl] = graph_us(fn, sets)
-                row["host"][impl] = host_us(fn, sets[0], n=300 if m * n > 1 << 24 else 1000)
-            except Exception as e:  # a peer that cannot run this shape is reported, not fatal
-                row["bad"][impl] = f"{type(e).__name__}: {str(e)[:60]}"
-        results.append(row)
-        cut = row["dev"].get("cutile")
-        peers = {i: t for i, t in row["dev"].items() if i != "cutile"}
-        best = min(peers, key=peers.get) if peers else None
-        bw = 100 * row["bytes"] / (cut * 1e-6) / 1e9 / peak if cut else float("nan")
-        print(f"[{k}/{len(jobs)}] {op} {m}x{n}: cutile {cut or float('nan'):.1f} µs ({bw:.0f}% of copy), best peer "
-              f"{best} {peers.get(best, float('nan')):.1f} µs; host {row['host'].get('cutile', float('nan')):.1f} "
-              f"vs {min(row['host'][i] for i in peers) if peers else float('nan'):.1f} µs"
-              + (f"; not timed: {row['bad']}" if row["bad"] else ""), flush=True)
-        if args.out_dir:  # after every shape: a run cut short still leaves its table
-            write_results(args.out_dir, results, versions, peak)
-
-
-def write_results(out_dir: Path, results, versions, peak):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    impls = ["cutile", "eager", "compile", "liger", "tilegym"]
-    lines = [f"# cutile-kernels vs peers\n\n{versions}. bf16. Copy bandwidth measured in the same run: "
-             f"{peak:.0f} GB/s.\n",
-             "Device µs: CUDA graph of 20 calls, median per call. Host µs: 1000 back-to-back Python calls. "
-             "Speedup = best peer / cuTile (device; host). Goals: ≥ 95 % of copy bandwidth at 8192+ rows, "
-             "≥ 1.1x the best of torch.compile, Liger and TileGym.\n",
-             "| op | rows x width | " + " | ".join(f"{i} dev / host µs" for i in impls)
-             + " | cuTile % of copy | speedup dev | speedup host |",
-             "|---|---|" + "---|" * (len(impls) + 3)]
-    for r in results:
-        cells = []
-        for i in impls:
-            if i in r["dev"]:
-                cells.append(f"{r['dev'][i]:.1f} / {r['host'][i]:.1f}")
-            else:
-                cells.append(r["bad"].get(i, "—"))
-        cut = r["dev"].get("cutile")
-        peer_dev = [r["dev"][i] for i in ("compile", "liger", "tilegym") if i in r["dev"]]
-        peer_host = [r["host"][i] for i in ("compile", "liger", "tilegym") if i in r["host"]]
-        pct = f"{100 * r['bytes'] / (cut * 1e-6) / 1e9 / peak:.0f}%" if cut else "—"
-        sd = f"{min(peer_dev) / cut:.2f}x" if cut and peer_dev else "—"
-        sh = f"{min(peer_host) / r['host']['cutile']:.2f}x" if cut and peer_host else "—"
-        lines.append(f"| {r['op']} | {r['rows']} x {r['width']} | " + " | ".join(cells) + f" | {pct} | {sd} | {sh} |")
-    (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=80)
-    for ax, key, title in ((axes[0], "dev", "device time"), (axes[1], "host", "host time per call")):
-        for op in dict.fromkeys(r["op"] for r in results):
-            pts = [(r["rows"], min(r[key][i] for i in ("compile", "liger", "tilegym") if i in r[key])
-                    / r[key]["cutile"]) for r in results
-                   if r["op"] == op and "cutile" in r[key] and any(i in r[key] for i in ("compile", "liger", "tilegym"))]
-            by_rows = {}
-            for m, s in pts:
-                by_rows.setdefault(m, []).append(s)
-            xs = sorted(by_rows)
-            ax.plot(xs, [statistics.median(by_rows[m]) for m in xs], marker="o", label=op)
-        ax.axhline(1.1, color="gray", ls="--", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rows")
-        ax.set_ylabel("best peer / cuTile (median over widths)")
-        ax.set_title(title)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "kernels.png")
+    for k, (case, m, w) in enumerate(todo, 1):
+        results.append(r := measure(case, m, w, args.tiny))
+        cut = r["dev"].get("cutile", math.nan)
+        print(f"[{k}/{len(todo)}] {r['op']} {m} x {r['width']}: cutile {cut:.1f} µs "
+              f"({h.fmt(h.pct_of_copy(r['bytes'], cut), '.0f', '%')} of copy), speedup dev "
+              f"{h.fmt(speedup(r, 'dev'), '.2f', 'x')}, host {h.fmt(speedup(r, 'host'), '.2f', 'x')}"
+              + (f"; not timed: {r['bad']}" if r["bad"] else ""), flush=True)
+        if args.out:  # after every row: a run cut short still leaves its table
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(report(results, args))
+    h.write_report(args.out, report(results, args))
+    if args.out:
+        plot(results, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

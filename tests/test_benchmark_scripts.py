@@ -1,33 +1,115 @@
-"""The GPU benchmark scripts run end to end on CPU (--tiny): their tables have a row per configuration, and ours
-runs our layers in training after enable_training. CPU times mean nothing; the checks are about what ran."""
-import os
-import subprocess
-import sys
+"""The GPU benchmark scripts run end to end on CPU in their --tiny mode (in this process, through main(argv)): each
+report carries the version header, the rows and columns the GPU run fills and finite numbers; ours runs our layers
+(in training only after enable_training). CPU times mean nothing: the checks are about what ran."""
+import math
+import re
 
-from devtools.build import ROOT
+import pytest
+import torch
 
-
-def run(script, *args, tmp_path):
-    out = tmp_path / "table.md"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("CUDA_HOME", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out), *args],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return out.read_text(), proc.stdout
+from benchmarks import compiled_decode, decode_layer, harness, run_all, train_step
 
 
-def test_train_step_tiny(tmp_path):
-    table, log = run("train_step.py", "--family", "qwen3", tmp_path=tmp_path)
-    for row in ("| plain transformers |", "| cuTile kernels: KernelConfig + train() |",
-                "| cuTile kernels: + enable_training(model) |", "Liger"):
-        assert row in table, row
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small CPU machines run other jobs beside the tests: OpenMP threads spinning on busy cores cost 10-50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+def run(module, tmp_path, cache, *args) -> str:
+    out = tmp_path / "report.md"
+    module.main(["--tiny", "--out", str(out), "--cache", str(cache), *args])
+    text = out.read_text()
+    first = text.splitlines()[2]
+    for part in ("CPU; torch 2.", "cuda.tile", "transformers 5.", "kernels 0.", "liger-kernel", "tilegym",
+                 f"`python -m {module.__name__} --tiny"):
+        assert part in first, (part, first)
+    return text
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows by their first two cells joined (the header row included)."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            found[" | ".join(cells[:2])] = cells
+    return found
+
+
+def finite(cell: str) -> list[float]:
+    values = [float(v) for v in re.findall(r"-?\d+\.?\d*(?:e[-+]\d+)?", cell)]
+    assert values and all(math.isfinite(v) for v in values), cell
+    return values
+
+
+def test_run_all_tiny(tmp_path, cache):
+    table = rows(run(run_all, tmp_path, cache))
+    head = table.pop("op | rows x width")
+    assert head[2:5] == ["cutile dev / host µs", "eager dev / host µs", "compile dev / host µs"] and len(head) == 10
+    ops = [f"{op}{d}" for d in ("", " bwd") for op in ("rms_norm", "gemma_rms_norm", "silu_mul", "gelu_tanh_mul")]
+    want = {f"{op} | {m} x {w}" for op in ops for m in (2, 16)
+            for w in ([64] if "norm" in op else [160])} | {f"rope{d} | {m} x 4q+2kv x 16" for d in ("", " bwd")
+                                                            for m in (2, 16)}
+    assert set(table) == want
+    for name, cells in table.items():  # every backward too: ours, eager and compile passed the float64 check
+        for cell in cells[2:5]:
+            assert len(finite(cell)) == 2, (name, cell)
+        assert cells[5] == cells[6] == "—"  # Liger and TileGym do not import here: skipped, not failed
+        for cell in cells[7:]:
+            finite(cell)
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_decode_layer_tiny(tmp_path, cache):
+    text = run(decode_layer, tmp_path, cache)
+    table = rows(text)
+    assert table.pop("config | batch 1 µs")[2:3] == ["batch 4 µs"]
+    configs = [k.split(" | ")[0] for k in table]
+    assert configs == ["plain eager", "plain torch.compile", "ours eager", "ours torch.compile"]
+    for cells in table.values():
+        us1, us4 = finite(cells[1])[0], finite(cells[2])[0]
+        assert us1 > 0 and us4 > 0
+        assert all(err < 1e-2 for err in finite(cells[5]))  # against plain eager on the same cache
+    assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x2, RMSNormMLP x1;" in text
+    assert "- Liger-Kernel skipped: liger_kernel does not import" in text
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_train_step_tiny(tmp_path, cache):
+    text = run(train_step, tmp_path, cache, "--family", "qwen3")
+    configs = [k.split(" | ")[0] for k in rows(text)]
+    assert configs == ["config", "plain transformers", "cuTile kernels: KernelConfig + train()",
+                       "cuTile kernels: + enable_training(model)", "Liger-Kernel"]
     # without enable_training transformers' forwards run in train(); with it, ours
-    assert "RMSNormMLP.forward" in log and "ApplyRotaryPosEmb.forward" in log
-    assert "ours+train: |loss - plain| = 0.00e+00" in table
+    assert "- ours: kernel layers in train(): none (transformers')" in text
+    assert "- ours+train: kernel layers in train(): ApplyRotaryPosEmb x1, RMSNorm x" in text
+    assert "RMSNormMLP x2;" in text and "ours+train: |loss - plain| = 0.00e+00" in text
 
 
-def test_compiled_decode_tiny(tmp_path):
-    table, _ = run("compiled_decode.py", "--family", "llama", tmp_path=tmp_path)
-    assert "| plain transformers |" in table and "| cuTile kernels (KernelConfig) |" in table
-    assert "0 break(s)" in table and "compiled ours == compiled plain: True" in table
+def test_compiled_decode_tiny(tmp_path, cache):
+    text = run(compiled_decode, tmp_path, cache, "--family", "llama")
+    table = rows(text)
+    assert [k.split(" | ")[0] for k in table] == ["config", "plain transformers", "cuTile kernels (KernelConfig)"]
+    assert "0 break(s)" in text and "compiled ours == compiled plain: True" in text
+
+
+def test_harness_gpu_folder_and_cpu_check(monkeypatch):
+    for name, slug in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+                       ("CPU", "cpu")):
+        monkeypatch.setattr(harness, "versions", lambda name=name: {"gpu": name})
+        assert harness.gpu_slug() == slug
+    import transformers.utils.kernel_config as kc
+
+    before = list(kc.KERNELS_SUPPORTED_DEVICE_TYPES)
+    with harness.cpu_kernel_config():
+        assert "cpu" in kc.KERNELS_SUPPORTED_DEVICE_TYPES
+    assert kc.KERNELS_SUPPORTED_DEVICE_TYPES == before
