@@ -16,10 +16,16 @@ def enable_training(model):
     config = getattr(model, "kernel_config", None)
     if config is None or not isinstance(config.kernel_mapping, dict):
         raise ValueError("cutile_kernels.enable_training: the model was not loaded with a KernelConfig")
-    for devices in config.kernel_mapping.values():
+    mapping = config.kernel_mapping
+    # Applied, a KernelConfig maps each layer to {device: {mode: repository}} (transformers' kernelize form).
+    unapplied = [k for k, v in mapping.items()
+                 if not (isinstance(v, dict) and all(isinstance(repos, dict) and repos for repos in v.values()))]
+    if unapplied:
+        raise ValueError(f"cutile_kernels.enable_training: the model's KernelConfig was not applied ({unapplied[0]!r} "
+                         f"maps to {mapping[unapplied[0]]!r}); load the model with from_pretrained(..., "
+                         "use_kernels=True, kernel_config=config)")
+    for devices in mapping.values():
         for device, repos in devices.items():
-            if not isinstance(repos, dict):  # a KernelConfig that was never applied: nothing to widen
-                raise ValueError("cutile_kernels.enable_training: the model's KernelConfig was not applied")
             # Every mode would pick the same layer; the layer's has_backward/can_torch_compile still decide.
             devices[device] = {Mode.FALLBACK: next(iter(repos.values()))}
     if model.training:
