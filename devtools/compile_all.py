@@ -28,7 +28,8 @@ PACKAGE = "cutile_tile"
 def _load_modules():
     sys.path.insert(0, str(ROOT / "kernel-src"))
     pkg = importlib.import_module(PACKAGE)
-    return [importlib.import_module(f"{PACKAGE}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+    modules = [importlib.import_module(f"{PACKAGE}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+    return [m for m in modules if hasattr(m, "specializations")]  # kernel modules (not the tuned table)
 
 
 class Tensor:

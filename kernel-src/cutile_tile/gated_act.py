@@ -13,8 +13,9 @@ import cuda.tile as ct
 import torch
 
 from . import ACTIVATIONS
+from .tuned import lookup
 SILU, GELU_TANH = ACTIVATIONS["silu"], ACTIVATIONS["gelu_pytorch_tanh"]
-TILE_M = 1
+TILE_M = 1  # the default tile, for GPUs (and shapes) without a tuned entry
 TILE_N = 1024
 _LOG2E = 1.4426950408889634
 _APPROX = ct.RoundingMode.APPROX
@@ -42,19 +43,22 @@ def gated_act_fwd(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool
     ct.store(out, (m, n), tile=ct.astype(a * ct.astype(u, ct.float32), out.dtype))
 
 
-def forward_launch(gate, up, out, act: str):
+def _grid(m, n, act, dtype, gpu):
+    tile_m, tile_n = lookup(gpu[0], act, dtype, n, m) or (TILE_M, TILE_N)
+    return (-(-m // tile_m), -(-n // tile_n)), tile_m, tile_n
+
+
+def forward_launch(gate, up, out, act: str, gpu):
     """(kernel, grid, args) of gated_act_fwd for gate, up (rows, I) -> out (rows, I); the hardware's
-    approximate exp2/divide/tanh below fp32 (see the module docstring)."""
-    m, n = out.shape
-    grid = (-(-m // TILE_M), -(-n // TILE_N))
-    return gated_act_fwd, grid, (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, TILE_M, TILE_N)
+    approximate exp2/divide/tanh below fp32 (see the module docstring). Tiles from the per-GPU table."""
+    grid, tile_m, tile_n = _grid(*out.shape, act, out.dtype, gpu)
+    return gated_act_fwd, grid, (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n)
 
 
-def backward_launch(gate, up, dy, dgate, dup, act: str):
+def backward_launch(gate, up, dy, dgate, dup, act: str, gpu):
     """(kernel, grid, args) of gated_act_bwd."""
-    m, n = dy.shape
-    return gated_act_bwd, (-(-m // TILE_M), -(-n // TILE_N)), (gate, up, dy, dgate, dup, ACTIVATIONS[act],
-                                                                TILE_M, TILE_N)
+    grid, tile_m, tile_n = _grid(*dy.shape, act + "_backward", dy.dtype, gpu)
+    return gated_act_bwd, grid, (gate, up, dy, dgate, dup, ACTIVATIONS[act], tile_m, tile_n)
 
 
 def specializations(array):
@@ -63,8 +67,8 @@ def specializations(array):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for act in ACTIVATIONS:
             t = array(dtype, (64, 1024))
-            yield forward_launch(t, t, t, act)
-            yield backward_launch(t, t, t, t, t, act)
+            yield forward_launch(t, t, t, act, ("", 132))
+            yield backward_launch(t, t, t, t, t, act, ("", 132))
 
 
 @ct.kernel

@@ -5,7 +5,8 @@ statistics in fp32 and the normalized row rounded to the input dtype before the 
 Gemma form (Gemma3RMSNorm, GEMMA=True): y = (x * rsqrt(mean(x^2) + eps) * (1 + w)) in fp32, rounded once.
 
 Compile-time constants (one compile each): the dtypes of x, weight and out, GEMMA, TILE_N (the hidden size
-rounded up to a power of two) and TILE_M (rows per tile: a power of two up to 32). Row count, hidden size and
+rounded up to a power of two), TILE_M (rows per tile: a power of two up to 32) and TMA (loads through the
+tensor memory accelerator or not). TILE_M, TMA and the grid come from the per-GPU table (`tuned.py`). Row count, hidden size and
 eps are runtime values, so an 8B model (hidden 4096, head_dim 128) compiles a handful of specializations per
 dtype: decode (few rows) and prefill (many rows) take different TILE_M.
 
@@ -15,31 +16,40 @@ stores without TMA reach the copy bandwidth at 8192+ rows; with few rows, one ro
 import cuda.tile as ct
 import torch
 
+from .tuned import lookup
+
 TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within one block)
 BLOCKS_PER_SM = 2
 
 
-def tile_shape(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int]:
-    """(TILE_N, TILE_M) for a (n_rows, n_cols) input: rows per tile shrink until every SM has a tile."""
+def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool]:
+    """(TILE_M, blocks per SM (0: one block per tile), TMA loads) for GPUs without a tuned entry: rows per
+    tile shrink until every SM has a tile; persistent blocks, 2 per SM."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
     tile_m = max(1, min(32, TILE_ELEMENTS // tile_n))
     while tile_m > 1 and n_rows < tile_m * n_sms:
         tile_m //= 2
-    return tile_n, tile_m
+    return tile_m, BLOCKS_PER_SM, True
 
 
-def forward_launch(x, weight, out, eps: float, gemma: bool, n_sms: int):
-    """(kernel, grid, args) of rms_norm_fwd for rows x (m, n) -> out (m, n): what the launcher runs and
-    `specializations` enumerates, so both pass the same arguments in the same order."""
+def _plan(x, gpu, op):
     m, n = x.shape
-    tile_n, tile_m = tile_shape(n, m, n_sms)
-    grid = (max(1, min(-(-m // tile_m), BLOCKS_PER_SM * n_sms)),)
-    return rms_norm_fwd, grid, (x, weight, out, n, float(eps), gemma, tile_m, tile_n)
+    tile_m, per_sm, tma = lookup(gpu[0], op, x.dtype, n, m) or default_config(n, m, gpu[1])
+    tiles = -(-m // tile_m)
+    blocks = max(1, min(tiles, per_sm * gpu[1]) if per_sm else tiles)
+    return blocks, (n, tile_m, max(64, 1 << (n - 1).bit_length()), tma)
+
+
+def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
+    """(kernel, grid, args) of rms_norm_fwd for rows x (m, n) -> out (m, n); `gpu` is the device's
+    (name key, SM count). What the launcher runs and `specializations` enumerates."""
+    blocks, (n, tile_m, tile_n, tma) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
+    return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, tile_m, tile_n, tma)
 
 
 @ct.kernel
-def rms_norm_fwd(x, weight, out, n_cols: int, eps: float,
-                 GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int]):
+def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int],
+                 TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
     # Persistent over row tiles: the grid is sized to the machine, each block strides through the rows.
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
     w = ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO)
@@ -48,7 +58,7 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float,
         w = w + 1.0
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
         # Padded columns load as zero, so they add nothing to the sum of squares; the mean divides by n_cols.
-        xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
+        xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
         xf = ct.astype(xt, ct.float32)
         mean_sq = ct.sum(xf * xf, axis=1, keepdims=True) / n_cols
         normed = xf * ct.rsqrt(mean_sq + eps)
@@ -61,35 +71,33 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float,
 
 
 def specializations(array):
-    """Every launch the launchers can ask for (`array(dtype, shape)` stands for a tensor): forward and
-    backward, every dtype set, hidden sizes 33..16384 (TILE_N 64..16384), decode and prefill row counts."""
+    """Every launch the launchers ask for on an untuned GPU (`array(dtype, shape)` stands for a tensor):
+    forward and backward, every dtype set, hidden sizes 33..16384 (TILE_N 64..16384), decode and prefill."""
+    gpu = ("", 132)
     dtype_sets = [(d, d, d, gemma) for d in (torch.bfloat16, torch.float16, torch.float32) for gemma in (False, True)]
     dtype_sets += [(d, torch.float32, torch.float32, False) for d in (torch.bfloat16, torch.float16)]  # fp32 w
     for x_dtype, w_dtype, out_dtype, gemma in dtype_sets:
         for n in (2 ** k for k in range(6, 15)):
             for m in (1, 1 << 20):
                 yield forward_launch(array(x_dtype, (m, n)), array(w_dtype, (n,)), array(out_dtype, (m, n)), 1e-6,
-                                     gemma, 1)
+                                     gemma, gpu)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for gemma in (False, True):
             for n in (128, 4096, 16384):
                 for m in (1, 1 << 20):
                     rows, w = array(dtype, (m, n)), array(dtype, (n,))
-                    yield backward_launch(rows, w, rows, rows, array(torch.float32, (1, n)), 1e-6, gemma, 1)
+                    yield backward_launch(rows, w, rows, rows, array(torch.float32, (1, n)), 1e-6, gemma, gpu)
 
 
-def backward_blocks(m: int, n: int, n_sms: int) -> int:
-    """Blocks of rms_norm_bwd, i.e. rows of its dw_partial output."""
-    tile_n, tile_m = tile_shape(n, m, n_sms)
-    return max(1, min(-(-m // tile_m), BLOCKS_PER_SM * n_sms))
+def backward_blocks(x, gpu) -> int:
+    """Blocks of rms_norm_bwd for rows x, i.e. rows of its dw_partial output."""
+    return _plan(x, gpu, "rms_norm_backward")[0]
 
 
-def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, n_sms: int):
-    """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(...) rows."""
-    m, n = x.shape
-    tile_n, tile_m = tile_shape(n, m, n_sms)
-    return rms_norm_bwd, (backward_blocks(m, n, n_sms),), (x, weight, dy, dx, dw_partial, n, float(eps), gemma,
-                                                           tile_m, tile_n)
+def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
+    """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
+    blocks, (n, tile_m, tile_n, _) = _plan(x, gpu, "rms_norm_backward")
+    return rms_norm_bwd, (blocks,), (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n)
 
 
 @ct.kernel

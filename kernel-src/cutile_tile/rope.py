@@ -1,17 +1,22 @@
 """Rotary position embedding of q and k in one launch, for transformers' `apply_rotary_pos_emb`.
 
 Layout as transformers passes it: q (B, Hq, S, D) and k (B, Hk, S, D) with any strides (usually transposed
-views of the projections), cos/sin (B, S, D) holding the half-duplicated frequencies. Each block rotates
-TILE_S positions of one (batch, head); heads Hq.. of the grid's z axis are k's. Rounding follows
+views of the projections), cos/sin (B, S, D) holding the half-duplicated frequencies. Rounding follows
 transformers: q*cos and rotate_half(q)*sin are each rounded to the input dtype, then their sum.
 
-Compile-time constants: dtype, HALF (D / 2, a power of two: 32, 64, 128) and TILE_S (positions per block,
-a power of two up to 16: decode uses 1), so a model compiles a few specializations per dtype.
+Work split: the heads of q and k are cut into chunks of TILE_H heads (q's chunks first, then k's); a block
+takes TILE_S positions of one batch row and `chunks_per_block` consecutive chunks, so cos/sin are loaded once
+per block and reused for every head it rotates (prefill: all heads in one block; decode: one chunk per block,
+so the few positions still spread over the machine). The launch plan picks TILE_S, TILE_H and
+chunks_per_block per GPU from `tuned.py`.
+
+Compile-time constants: dtype, HALF (D / 2), TILE_S and TILE_H (powers of two).
 """
 import cuda.tile as ct
 import torch
 
-MAX_TILE_S = 16
+from .tuned import lookup
+
 _ZERO = ct.PaddingMode.ZERO
 
 
@@ -19,46 +24,68 @@ def _round(v, dtype):
     return ct.astype(ct.astype(v, dtype), ct.float32)
 
 
-def _rotate(x, out, b, h, s, c1, c2, s1, s2, HALF, TILE_S):
-    x1 = ct.reshape(ct.astype(ct.load(x, (b, h, s, 0), shape=(1, 1, TILE_S, HALF), padding_mode=_ZERO),
-                              ct.float32), (TILE_S, HALF))
-    x2 = ct.reshape(ct.astype(ct.load(x, (b, h, s, 1), shape=(1, 1, TILE_S, HALF), padding_mode=_ZERO),
-                              ct.float32), (TILE_S, HALF))
-    # rotate_half(x) = [-x2, x1]
+def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF):
+    tile = ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO)
+    return ct.astype(ct.reshape(tile, (TILE_H, TILE_S, HALF)), ct.float32)
+
+
+def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF):
+    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
+    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
+    # rotate_half(x) = [-x2, x1]; heads past the end load as zero and their stores are clipped
     y1 = _round(_round(x1 * c1, x.dtype) + _round(-x2 * s1, x.dtype), x.dtype)
     y2 = _round(_round(x2 * c2, x.dtype) + _round(x1 * s2, x.dtype), x.dtype)
-    ct.store(out, (b, h, s, 0), tile=ct.reshape(ct.astype(y1, out.dtype), (1, 1, TILE_S, HALF)))
-    ct.store(out, (b, h, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, 1, TILE_S, HALF)))
+    ct.store(out, (b, c, s, 0), tile=ct.reshape(ct.astype(y1, out.dtype), (1, TILE_H, TILE_S, HALF)))
+    ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)))
 
 
-def _half(t, b, s, i, HALF, TILE_S):
+def _cos_sin_half(t, b, s, i, TILE_S, HALF):
     tile = ct.load(t, (b, s, i), shape=(1, TILE_S, HALF), padding_mode=_ZERO)
-    return ct.reshape(ct.astype(tile, ct.float32), (TILE_S, HALF))
+    return ct.astype(tile, ct.float32)  # (1, TILE_S, HALF) broadcasts over the TILE_H heads
 
 
 @ct.kernel
-def rope_fwd(q, k, cos, sin, q_out, k_out, n_q_heads: int, HALF: ct.Constant[int], TILE_S: ct.Constant[int]):
-    s, b, h = ct.bid(0), ct.bid(1), ct.bid(2)
-    c1, c2 = _half(cos, b, s, 0, HALF, TILE_S), _half(cos, b, s, 1, HALF, TILE_S)
-    s1, s2 = _half(sin, b, s, 0, HALF, TILE_S), _half(sin, b, s, 1, HALF, TILE_S)
-    if h < n_q_heads:
-        _rotate(q, q_out, b, h, s, c1, c2, s1, s2, HALF, TILE_S)
-    else:
-        _rotate(k, k_out, b, h - n_q_heads, s, c1, c2, s1, s2, HALF, TILE_S)
+def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_per_block: int,
+             HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int]):
+    s, b = ct.bid(0), ct.bid(1)
+    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF), _cos_sin_half(cos, b, s, 1, TILE_S, HALF)
+    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF), _cos_sin_half(sin, b, s, 1, TILE_S, HALF)
+    first = ct.bid(2) * chunks_per_block
+    for c in range(first, first + chunks_per_block):
+        if c < q_chunks:
+            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
+        elif c < n_chunks:
+            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
 
 
-def forward_launch(q, k, cos, sin, q_out, k_out):
-    """(kernel, grid, args) of rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D)."""
+def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int]:
+    """(TILE_S, TILE_H, chunks_per_block) for GPUs without a tuned entry: up to 4K elements per half-tile,
+    and enough blocks to give every SM a few."""
+    tile_s = min(16, 1 << (tokens - 1).bit_length())
+    tile_h = min(8, 1 << (heads - 1).bit_length())
+    chunks = -(-heads // tile_h)
+    blocks = -(-tokens // tile_s)
+    per_block = max(1, min(chunks, blocks * chunks // (4 * n_sms)))
+    return tile_s, tile_h, per_block
+
+
+def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
+    """(kernel, grid, args) of rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D); `gpu` is
+    the device's (name, SM count)."""
     b, hq, s, d = q.shape
-    tile_s = min(MAX_TILE_S, 1 << (s - 1).bit_length())
-    return rope_fwd, (-(-s // tile_s), b, hq + k.shape[1]), (q, k, cos, sin, q_out, k_out, hq, d // 2, tile_s)
+    hk = k.shape[1]
+    config = lookup(gpu[0], "rope", q.dtype, d, b * s) or default_config(b * s, hq + hk, gpu[1])
+    tile_s, tile_h, per_block = config
+    q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_h)
+    grid = (-(-s // tile_s), b, -(-chunks // per_block))
+    return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h)
 
 
 def specializations(array):
-    """Every launch the launcher asks for (`array(dtype, shape)` stands for a tensor): per dtype and head_dim
-    (64, 128, 256), decode (one position) and prefill."""
+    """Every launch the launcher asks for on an untuned GPU (`array(dtype, shape)` stands for a tensor): per
+    dtype and head_dim (64, 128, 256), decode (one position) and prefill."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for d in (64, 128, 256):
             for s in (1, 4096):
                 q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
-                yield forward_launch(q, k, cs, cs, q, k)
+                yield forward_launch(q, k, cs, cs, q, k, ("", 132))

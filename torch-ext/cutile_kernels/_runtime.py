@@ -71,15 +71,20 @@ def device_unsupported(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str 
 
 
 @functools.cache
-def sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def gpu(index: int) -> tuple[str, int]:
+    """(model key of the per-GPU launch table, SM count) of GPU `index`: what the launch plans take."""
+    from .tile.tuned import gpu_key
+
+    props = torch.cuda.get_device_properties(index)
+    return gpu_key(props.name), props.multi_processor_count
 
 
 _LAUNCH = []
 
 
-def launch(index: int, grid: tuple[int, ...], kernel, args: tuple) -> None:
-    """ct.launch on the current stream of GPU `index` (read per call, so CUDA graph capture works). The raw
+def launch(index: int, kernel, grid: tuple[int, ...], args: tuple) -> None:
+    """ct.launch of a launch plan (kernel, grid, args) on the current stream of GPU `index` (read per call, so
+    CUDA graph capture works). The raw
     stream handle costs ~0.1 µs where torch.cuda.current_stream() costs ~7 µs (measured, H100)."""
     if not _LAUNCH:
         import cuda.tile as ct

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._op import CutileOp
-from ._runtime import DTYPES, device_unsupported, launch
+from ._runtime import DTYPES, device_unsupported, gpu, launch
 from .tile import ACTIVATIONS
 
 
@@ -57,8 +57,8 @@ def gated_act_cutile(gate_up: torch.Tensor, act: str, out: torch.Tensor | None =
     if out is None:
         out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
     if rows.shape[0] and inter:
-        plan = _kernels().forward_launch(rows[:, :inter], rows[:, inter:], out.view(-1, inter), act)
-        launch(gate_up.get_device(), *plan)
+        index = gate_up.get_device()
+        launch(index, *_kernels().forward_launch(rows[:, :inter], rows[:, inter:], out.view(-1, inter), act, gpu(index)))
     return out
 
 
@@ -86,8 +86,9 @@ def gated_act_backward_cutile(gate_up: torch.Tensor, dy: torch.Tensor, act: str)
     d = dy.reshape(-1, inter).contiguous()
     grad = torch.empty_like(rows)
     if rows.shape[0] and inter:
-        plan = _kernels().backward_launch(rows[:, :inter], rows[:, inter:], d, grad[:, :inter], grad[:, inter:], act)
-        launch(gate_up.get_device(), *plan)
+        index = gate_up.get_device()
+        launch(index, *_kernels().backward_launch(rows[:, :inter], rows[:, inter:], d, grad[:, :inter],
+                                                  grad[:, inter:], act, gpu(index)))
     return grad.view(gate_up.shape)
 
 

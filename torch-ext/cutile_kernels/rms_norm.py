@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._op import CutileOp
-from ._runtime import DTYPES, device_unsupported, launch, sm_count
+from ._runtime import DTYPES, device_unsupported, gpu, launch
 MAX_HIDDEN = 16384  # the widest row one tile holds (kernel-src compiles TILE_N up to this)
 
 
@@ -68,7 +68,7 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bo
         out = torch.empty((m, n), dtype=dtype, device=x.device)
     if m and n:
         index = x.get_device()
-        launch(index, *_kernels().forward_launch(rows, weight, out.view(m, n), eps, gemma, sm_count(index)))
+        launch(index, *_kernels().forward_launch(rows, weight, out.view(m, n), eps, gemma, gpu(index)))
     return out.view(x.shape)
 
 
@@ -101,11 +101,10 @@ def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Te
     rows, d = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m, index = rows.shape[0], x.get_device()
     dx = torch.empty_like(rows)
-    kernels = _kernels()
-    dw_partial = torch.zeros(kernels.backward_blocks(m, n, sm_count(index)), n, dtype=torch.float32,
-                             device=x.device)
+    kernels, device = _kernels(), gpu(index)
+    dw_partial = torch.zeros(kernels.backward_blocks(rows, device), n, dtype=torch.float32, device=x.device)
     if m:
-        launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, sm_count(index)))
+        launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, device))
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._op import CutileOp
-from ._runtime import DTYPES, device_unsupported, launch
+from ._runtime import DTYPES, device_unsupported, gpu, launch
 
 
 @functools.cache
@@ -66,7 +66,8 @@ def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format) if q_out is None else q_out
     k_out = torch.empty_like(k, memory_format=torch.contiguous_format) if k_out is None else k_out
     if q.numel() and k.numel():
-        launch(q.get_device(), *_kernels().forward_launch(q, k, cos, sin, q_out, k_out))
+        index = q.get_device()
+        launch(index, *_kernels().forward_launch(q, k, cos, sin, q_out, k_out, gpu(index)))
     return q_out, k_out
 
 

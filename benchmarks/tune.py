@@ -1,0 +1,243 @@
+"""Choose every kernel's launch parameters for this GPU and write them into the per-GPU table.
+
+    python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,silu,gelu_pytorch_tanh,rope] [--quick]
+                              [--write kernel-src/cutile_tile/tuned.py] [--out DIR] [--workers 12]
+
+For each op, real model widths and row counts from decode to prefill, every candidate configuration runs
+through the package's own launcher (the table entry under test is set, then `*_cutile` is called), is checked
+against float64 on fresh random inputs with a NaN-poisoned output, and timed as device time (a CUDA graph of
+back-to-back calls, median of replays, inputs rotated past the L2). The fastest correct configuration per
+(op, width, row bucket) goes into the table; measured row counts fill the buckets nearest to them. The table
+keeps other GPUs' entries; `--write` rewrites kernel-src/cutile_tile/tuned.py (a Python literal, so that
+kernel-builder ships it). A markdown report (best vs the untuned default, µs) goes to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import pprint
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = [1, 16, 64, 256, 512, 2048, 4096, 32768]
+# one real model width per table bucket ((width - 1).bit_length(): 128, 4096 for 2049..4096, 8192 for 4097..)
+WIDTHS = {"rms_norm": [128, 4096, 5120], "gemma_rms_norm": [256, 2560, 5376], "silu": [14336, 18944],
+          "gelu_pytorch_tanh": [15360, 21504], "rope": [128, 256]}
+TOL = 1e-2  # bf16: two roundings (see tests/conftest.py GPU_REL_TOL)
+
+
+def candidates(op: str, width: int):
+    if op in ("rms_norm", "gemma_rms_norm"):
+        tile_n = max(64, 1 << (width - 1).bit_length())
+        for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
+            for per_sm, tma in itertools.product((1, 2, 4, 8, 0), (True, False)):
+                yield (tile_m, per_sm, tma)
+    elif op == "rope":
+        half = width // 2
+        for tile_s, tile_h in itertools.product((1, 2, 4, 8, 16, 32), (1, 2, 4, 8)):
+            if tile_s * tile_h * half <= 8192:
+                for per_block in (1, 2, 4, 40):
+                    yield (tile_s, tile_h, per_block)
+    else:
+        for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
+            if tile_m * tile_n <= 4096:
+                yield (tile_m, tile_n)
+
+
+def problem(ck, op: str, rows: int, width: int):
+    """(inputs, launcher(inputs, out), float64 reference, output buffer, bytes moved)."""
+    dev, bf16 = "cuda", torch.bfloat16
+    if op == "rope":  # rows = tokens of an 8B-style model: 32 q + 8 kv heads, (B, H, S, D) views of (B, S, H, D)
+        q = torch.randn(1, rows, 32, width, device=dev, dtype=bf16).transpose(1, 2)
+        k = torch.randn(1, rows, 8, width, device=dev, dtype=bf16).transpose(1, 2)
+        emb = (torch.rand(1, rows, width // 2, device=dev) * 100).repeat(1, 1, 2)
+        cos, sin = emb.cos().to(bf16), emb.sin().to(bf16)
+        outs = (torch.empty(q.shape, device=dev, dtype=bf16), torch.empty(k.shape, device=dev, dtype=bf16))
+        rot = lambda x: torch.cat((-x[..., width // 2:], x[..., :width // 2]), -1)  # noqa: E731
+        ref = torch.cat([(x.double() * cos.double()[:, None] + rot(x.double()) * sin.double()[:, None]).flatten()
+                         for x in (q, k)])
+        run = lambda o: ck.rope_cutile(q, k, cos, sin, 1, q_out=o[0], k_out=o[1])  # noqa: E731
+        return run, ref, outs, 2 * 2 * rows * 40 * width + 2 * 2 * rows * width
+    if op in ("rms_norm", "gemma_rms_norm"):
+        gemma = op == "gemma_rms_norm"
+        x = torch.randn(rows, width, device=dev, dtype=bf16)
+        w = (1 + 0.1 * torch.randn(width, device=dev)).to(bf16)
+        x64 = x.double()
+        h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ref = h * (1 + w.double()) if gemma else h * w.double()
+        run = lambda o: ck.rms_norm_cutile(x, w, 1e-6, gemma=gemma, out=o[0])  # noqa: E731
+        return run, ref, (torch.empty_like(x),), 4 * rows * width
+    gu = torch.randn(rows, 2 * width, device=dev, dtype=bf16)
+    g, u = gu.double().chunk(2, dim=-1)
+    ref = (g * torch.sigmoid(g) if op == "silu" else torch.nn.functional.gelu(g, approximate="tanh")) * u
+    run = lambda o: ck.gated_act_cutile(gu, op, out=o[0])  # noqa: E731
+    return run, ref, (torch.empty(rows, width, device=dev, dtype=bf16),), 6 * rows * width
+
+
+def rel_err(outs, ref) -> float:
+    got = torch.cat([o.flatten() for o in outs]).double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - ref.flatten()).norm() / ref.norm()).item()
+
+
+def device_us(fns, calls: int = 20, reps: int = 7) -> float:
+    """Median device µs per call: one CUDA graph of `calls` launches cycling over `fns` (rotated inputs)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(calls):
+                fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[reps // 2]
+
+
+def tune_shape(ck, table: dict, gpu: str, op: str, rows: int, width: int):
+    """{config: µs} over the correct candidates, and the default's µs (table entry removed)."""
+    copies = max(1, min(8, (96 << 20) // max(1, 4 * rows * width)))  # rotate inputs past the L2
+    problems = [problem(ck, op, rows, width) for _ in range(copies)]
+    key = (gpu, op, 2, (width - 1).bit_length(), rows.bit_length())
+    table.pop(key, None)
+    fns = [lambda p=p: p[0](p[2]) for p in problems]
+    default = device_us(fns)
+    results, failed = {}, []
+    for config in candidates(op, width):
+        table[key] = config
+        run, ref, outs, _ = problems[0]
+        for o in outs:
+            o.fill_(float("nan"))
+        try:
+            run(outs)
+            err = rel_err(outs, ref)
+        except Exception as e:  # a configuration that does not compile or launch is skipped, and reported
+            failed.append(f"{config}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        if err > TOL:
+            failed.append(f"{config}: rel err {err:.2e}")
+            continue
+        results[config] = device_us(fns)
+    table.pop(key, None)
+    return results, default, failed, problems[0][3]
+
+
+def _load():
+    import kernels
+
+    from devtools.build import ROOT
+
+    ck = kernels.get_local_kernel(ROOT)
+    tuned = importlib.import_module(f"{ck.__name__}.tile.tuned")
+    return ck, tuned, tuned.gpu_key(torch.cuda.get_device_name())
+
+
+def _warm(job) -> int:
+    """Compile every candidate of one (op, width, rows <= 4096: the same specializations as more rows, a
+    fraction of the memory) into cuTile's disk cache (worker process)."""
+    op, width, rows = job
+    ck, tuned, gpu = _load()
+    run, _, outs, _ = problem(ck, op, rows, width)
+    for config in candidates(op, width):
+        tuned.TABLE[(gpu, op, 2, (width - 1).bit_length(), rows.bit_length())] = config
+        try:
+            run(outs)
+        except Exception:  # reported by the timing pass
+            pass
+    torch.cuda.synchronize()
+    return len(list(candidates(op, width)))
+
+
+def warm(jobs, workers: int) -> None:
+    """cuTile compiles each specialization once per machine (disk cache); doing it in parallel first keeps
+    the sequential timing pass short."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        n = sum(pool.imap_unordered(_warm, jobs))
+    print(f"tune: warmed {n} launches over {len(jobs)} shapes in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def fill_buckets(best: dict[int, tuple]) -> dict[int, tuple]:
+    """Measured row counts -> every bucket 1..17, each taking the nearest measured bucket."""
+    measured = {rows.bit_length(): config for rows, config in best.items()}
+    return {b: measured[min(measured, key=lambda m: (abs(m - b), m))] for b in range(1, 18)}
+
+
+def write_table(path: Path, table: dict) -> None:
+    text = path.read_text()
+    head = text[:text.index("TABLE: dict = ")]
+    body = pprint.pformat(dict(sorted(table.items())), width=116, compact=True)
+    path.write_text(f"{head}TABLE: dict = {body}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default=",".join(WIDTHS))
+    parser.add_argument("--quick", action="store_true", help="3 row counts, first width: a smoke run")
+    parser.add_argument("--write", type=Path, help="rewrite this tuned.py with the new entries")
+    parser.add_argument("--out", type=Path, help="directory for tune_<gpu>.md")
+    parser.add_argument("--workers", type=int, default=12, help="processes compiling in parallel first (0: none)")
+    args = parser.parse_args()
+
+    from devtools.build import ROOT, build
+
+    build(ROOT / "build")
+    ops = args.ops.split(",")
+    widths = {op: WIDTHS[op][:1] if args.quick else WIDTHS[op] for op in ops}
+    rows_list = [1, 512, 32768] if args.quick else ROWS
+    if args.workers:
+        warm(sorted({(op, w, min(r, 4096)) for op in ops for w in widths[op] for r in rows_list}), args.workers)
+    ck, tuned, gpu = _load()
+    props = torch.cuda.get_device_properties(0)
+    print(f"tune: {props.name} ({gpu}), {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+    lines = [f"# Launch tuning on {props.name} (`{gpu}`)", "",
+             f"torch {torch.__version__}, `python -m benchmarks.tune`, {time.strftime('%Y-%m-%d')}. Device µs per "
+             "call (CUDA graph, median); default = the untuned heuristic.", "",
+             "| op | width | rows | default µs | best µs | gain | best config | candidates | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    new = {}
+    for op in ops:
+        for width in widths[op]:
+            best = {}
+            for rows in rows_list:
+                t0 = time.perf_counter()
+                results, default, failed, nbytes = tune_shape(ck, tuned.TABLE, gpu, op, rows, width)
+                config = min(results, key=results.get)
+                best[rows] = config
+                gain = default / results[config]
+                lines.append(f"| {op} | {width} | {rows} | {default:.2f} | {results[config]:.2f} | {gain:.2f}x | "
+                             f"{config} | {len(results)} | {len(failed)} |")
+                print(f"tune: {op} {width} x {rows}: default {default:.2f} µs, best {results[config]:.2f} µs "
+                      f"{config} ({nbytes / results[config] / 1e3:.0f} GB/s; {len(results)} ok, "
+                      f"{len(failed)} failed; {time.perf_counter() - t0:.0f} s)", flush=True)
+                for f in failed[:3]:
+                    print(f"      failed {f}")
+            for bucket, config in fill_buckets(best).items():
+                new[(gpu, op, 2, (width - 1).bit_length(), bucket)] = config
+    table = {k: v for k, v in tuned.TABLE.items() if k[0] != gpu or (k[1], k[3]) not in {(o, w) for _, o, _, w, _ in new}}
+    table.update(new)
+    if args.write:
+        write_table(args.write, table)
+        print(f"tune: wrote {len(new)} entries for {gpu} into {args.write}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"tune_{gpu}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
