@@ -1,15 +1,10 @@
 """What every benchmark shares: model shapes, timing, copy bandwidth, the kernel under test, peers, reports.
 
-Scripts run from the repository root as `python -m benchmarks.<name>`; `--tiny` runs tiny shapes on CPU (no CUDA
-graphs, numbers without meaning: the tests use it to run every path). Results go to `benchmarks/results/<gpu>/`
-(`gpu_slug()`: h100, h200, ...), each file starting with `header()`: GPU, versions, command, date.
-
-Timing on a GPU (model: Liger-Kernel's benchmark/scripts/utils.py):
-  - `device_us`: one CUDA graph of `calls` back-to-back calls, rotating through input sets (`input_sets`) so large
-    inputs do not stay in L2; median of replays / calls: the kernels alone, launch gaps removed;
-  - `host_us`: back-to-back Python calls, one synchronize at the end: what an eager decode step pays per call;
-  - `wall_ms`: median of synchronized single calls (CUDA events): whole-model calls;
-  - `copy_gbs`: device-to-device copy bandwidth, measured once per process: the ceiling for memory-bound ops.
+Scripts run from the repository root as `python -m benchmarks.<name>`; `--tiny` runs tiny shapes on CPU (no graphs;
+the tests run it). Reports go to `benchmarks/results/<gpu>/` (`gpu_slug()`), headed by `header()`. Timing on a GPU
+(model: Liger-Kernel's benchmark/scripts/utils.py): `device_us` replays a CUDA graph of back-to-back calls rotating
+through input sets (`input_sets`: large inputs miss L2), the kernels alone; `host_us` times back-to-back Python calls,
+what eager decoding pays; `wall_ms` is the median synchronized call; `copy_gbs` the copy bandwidth, once a process.
 """
 from __future__ import annotations
 

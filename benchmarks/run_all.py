@@ -59,96 +59,88 @@ def grads64(f, n_diff: int, n_grads: int = 1):
 
 
 def backward(forward, n_diff: int, n_grads: int = 1):
-    """A backward implementation: (prepare, call). prepare(*inputs, *grads) runs `forward` once on inputs that
-    require grad and returns (its autograd node, *grads); call(node, *grads) is the timed backward (the gradients
-    of the inputs that require grad, in the order the node lists them)."""
+    """A backward implementation: (prepare, call). prepare(*inputs, *grads) runs `forward` once on inputs whose
+    first n_diff require grad and returns (its autograd node, *grads); call(node, *grads), the timed part, returns
+    the node's gradients in its order."""
     def prepare(*args):
-        inputs, grads = args[:-n_grads], args[-n_grads:]
-        leaves = [t.detach().requires_grad_(i < n_diff) for i, t in enumerate(inputs)]
+        leaves = [t.detach().requires_grad_(i < n_diff) for i, t in enumerate(args[:-n_grads])]
         with torch.enable_grad():
             out = forward(*leaves)
-        return ((out[0] if isinstance(out, tuple) else out).grad_fn, *(g.clone() for g in grads))  # Liger: in place
+        return ((out[0] if isinstance(out, tuple) else out).grad_fn, *(g.clone() for g in args[-n_grads:]))
     return prepare, lambda node, *grads: tuple(g for g in node.apply(*grads) if g is not None)
 
 
+def pair(name, make, ref, impls, nbytes, widths, *, op, eager_bwd, bwd_nbytes, bwd_widths, n_diff, n_grads=1):
+    """The forward case of an op and its backward case: make(rows, width, bwd) -> inputs (+ grads), ref (float64),
+    impls, nbytes(rows, width). Backward: ours is the package's custom op `op` (its registered backward), compile
+    and Liger their own autograd nodes, eager the package's backward formula `eager_bwd`."""
+    impls = {k: v for k, v in impls.items() if v}
+    bwd = dict(cutile=backward(op, n_diff, n_grads), eager=eager_bwd,
+               **{k: backward(impls[k], n_diff, n_grads) for k in ("compile", "liger") if k in impls})
+    return [dict(op=name, make=lambda m, w: make(m, w, False), ref=ref, nbytes=nbytes, widths=widths,
+                 impls={k: (None, v) for k, v in impls.items()}),
+            dict(op=f"{name} bwd", make=lambda m, w: make(m, w, True), ref=grads64(ref, n_diff, n_grads),
+                 nbytes=bwd_nbytes, widths=bwd_widths,
+                 impls={k: v if isinstance(v, tuple) else (None, v) for k, v in bwd.items()})]
+
+
 def cases(ck, tiny: bool) -> list[dict]:
-    """One dict per op and direction: make(rows, width) -> inputs, ref (float64), nbytes(rows, width), impls."""
+    """Every op's forward case, then every backward case (see `pair`)."""
     ops, dt = importlib.import_module(f"{ck.__name__}._ops").ops, dict(device=h.DEVICE, dtype=torch.bfloat16)
     shape = h.TINY if tiny else h.SIZE_8B
     ws = lambda attr, gemma: [getattr(h.TINY, attr)] if tiny else h.widths(attr, gemma=gemma)  # noqa: E731
-    heads = [shape] if tiny else [h.MODELS["llama3-8b"], h.MODELS["gemma3-12b"]]
+    rand = lambda *s: torch.randn(*s, **dt)  # noqa: E731
     lg_norm, lg_swiglu, lg_geglu, lg_rope, tg_norm, tg_swiglu = (h.peer(m) for m in (
         "liger_kernel.ops.rms_norm", "liger_kernel.ops.swiglu", "liger_kernel.ops.geglu",
         "liger_kernel.transformers.rope", "tilegym.ops.cutile.rms_norm", "tilegym.ops.cutile.silu_and_mul"))
-    rand = lambda *s: torch.randn(*s, **dt)  # noqa: E731
 
-    def norm_case(gemma, bwd):
-        name = "gemma_rms_norm" if gemma else "rms_norm"
-        public, ref = (ck.gemma_rms_norm if gemma else ck.rms_norm), getattr(ck, f"{name}_reference")
-        offset = {"offset": 1.0} if gemma else {}  # TileGym's Gemma form
-        liger = lg_norm and (lambda x, w: lg_norm.LigerRMSNormFunction.apply(
-            x, w, EPS, 1.0 if gemma else 0.0, "gemma" if gemma else "llama", False))
-        make = lambda m, n: (rand(m, n), (1 + 0.1 * torch.randn(n, device=h.DEVICE)).bfloat16()) + (  # noqa: E731
-            (rand(m, n),) if bwd else ())
-        if not bwd:
-            impls = dict(cutile=lambda x, w: public(x, w, EPS), eager=lambda x, w: ref(x, w, EPS),
-                         compile=h.compiled(lambda x, w: ref(x, w, EPS)), liger=liger,
-                         tilegym=tg_norm and (lambda x, w: tg_norm.rms_norm(x, None, w, EPS, **offset)))
-            return dict(op=name, make=make, ref=lambda x, w: norm64(x, w, gemma), impls=impls,
-                        nbytes=lambda m, n: 4 * m * n + 2 * n, widths=ws("hidden", gemma))
-        impls = dict(cutile=backward(lambda x, w: ops.rms_norm(x, w, EPS, gemma), 2),
-                     eager=lambda x, w, dy: ck.rms_norm_backward_reference(x, w, dy, EPS, gemma),
-                     compile=backward(h.compiled(lambda x, w: ref(x, w, EPS)), 2), liger=liger and backward(liger, 2))
-        return dict(op=f"{name} bwd", make=make, ref=grads64(lambda x, w: norm64(x, w, gemma), 2), impls=impls,
-                    nbytes=lambda m, n: 6 * m * n + 4 * n, widths=[shape.hidden])
+    def norm(gemma: bool):
+        public, ref = (ck.gemma_rms_norm, ck.gemma_rms_norm_reference) if gemma else (ck.rms_norm,
+                                                                                     ck.rms_norm_reference)
+        offset, form = (1.0, "gemma") if gemma else (0.0, "llama")
+        return pair(
+            "gemma_rms_norm" if gemma else "rms_norm",
+            lambda m, n, bwd: (rand(m, n), (1 + 0.1 * torch.randn(n, device=h.DEVICE)).bfloat16(), *[rand(m, n)][:bwd]),
+            lambda x, w: norm64(x, w, gemma),
+            dict(cutile=lambda x, w: public(x, w, EPS), eager=lambda x, w: ref(x, w, EPS),
+                 compile=h.compiled(lambda x, w: ref(x, w, EPS)),
+                 liger=lg_norm and (lambda x, w: lg_norm.LigerRMSNormFunction.apply(x, w, EPS, offset, form, False)),
+                 tilegym=tg_norm and (lambda x, w: tg_norm.rms_norm(x, None, w, EPS, **({"offset": 1.0} if gemma
+                                                                                        else {})))),
+            lambda m, n: 4 * m * n + 2 * n, ws("hidden", gemma), op=lambda x, w: ops.rms_norm(x, w, EPS, gemma),
+            eager_bwd=lambda x, w, dy: ck.rms_norm_backward_reference(x, w, dy, EPS, gemma),
+            bwd_nbytes=lambda m, n: 6 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=2)
 
-    def act_case(act, bwd):
-        name = "silu_mul" if act == "silu" else "gelu_tanh_mul"
+    def gated(act: str):
         ref = lambda gu: ck.gated_act_reference(gu, act)  # noqa: E731
-        if act == "silu":
-            liger = lg_swiglu and (lambda gu: lg_swiglu.LigerFusedGateUpSiLUMulFunction.apply(gu))
-        else:
-            liger = lg_geglu and (lambda gu: lg_geglu.LigerGELUMulFunction.apply(*gu.chunk(2, dim=-1)))
-        make = lambda m, i: (rand(m, 2 * i),) + ((rand(m, i),) if bwd else ())  # noqa: E731
-        if not bwd:
-            impls = dict(cutile=lambda gu: ck.gated_act(gu, act), eager=ref, compile=h.compiled(ref), liger=liger,
-                         tilegym=tg_swiglu and act == "silu" and (lambda gu: tg_swiglu.silu_and_mul(gu)))
-            return dict(op=name, make=make, ref=lambda gu: act64(gu, act), impls=impls,
-                        nbytes=lambda m, i: 6 * m * i, widths=ws("intermediate", act != "silu"))
-        impls = dict(cutile=backward(lambda gu: ops.gated_act(gu, act), 1),
-                     eager=lambda gu, dy: ck.gated_act_backward_reference(gu, dy, act),
-                     compile=backward(h.compiled(ref), 1), liger=liger and backward(liger, 1 if act == "silu" else 2))
-        return dict(op=f"{name} bwd", make=make, ref=grads64(lambda gu: act64(gu, act), 1), impls=impls,
-                    nbytes=lambda m, i: 10 * m * i, widths=[shape.intermediate])
+        liger = (lg_swiglu and lg_swiglu.LigerFusedGateUpSiLUMulFunction.apply if act == "silu" else
+                 lg_geglu and (lambda gu: lg_geglu.LigerGELUMulFunction.apply(*gu.chunk(2, dim=-1))))
+        return pair(
+            "silu_mul" if act == "silu" else "gelu_tanh_mul", lambda m, i, bwd: (rand(m, 2 * i), *[rand(m, i)][:bwd]),
+            lambda gu: act64(gu, act), dict(cutile=lambda gu: ck.gated_act(gu, act), eager=ref, compile=h.compiled(ref),
+                                            liger=liger, tilegym=tg_swiglu and act == "silu" and tg_swiglu.silu_and_mul),
+            lambda m, i: 6 * m * i, ws("intermediate", act != "silu"), op=lambda gu: ops.gated_act(gu, act),
+            eager_bwd=lambda gu, dy: ck.gated_act_backward_reference(gu, dy, act),
+            bwd_nbytes=lambda m, i: 10 * m * i, bwd_widths=[shape.intermediate], n_diff=1)
 
-    def rope_case(bwd):
-        def make(t, s):  # (B, H, S, D) views of (B, S, H, D), as attention produces them; cos/sin (B, S, D)
-            q, k = (rand(1, t, n, s.head_dim).transpose(1, 2) for n in (s.heads, s.kv_heads))
-            freqs = torch.rand(1, t, s.head_dim // 2, device=h.DEVICE) * 100
-            emb = torch.cat([freqs, freqs], -1)
-            return (q, k, emb.cos().bfloat16(), emb.sin().bfloat16()) + ((rand(*q.shape), rand(*k.shape)) if bwd
-                                                                          else ())
-        liger = lg_rope and (lambda q, k, c, s: lg_rope.liger_rotary_pos_emb(q, k, c, s))
-        nbytes = lambda t, s: 2 * 2 * t * (s.heads + s.kv_heads) * s.head_dim  # noqa: E731
-        if not bwd:
-            impls = dict(cutile=ck.apply_rotary_pos_emb, eager=ck.rope_reference, compile=h.compiled(ck.rope_reference),
-                         liger=liger)
-            return dict(op="rope", make=make, ref=rope64, impls=impls, nbytes=nbytes, widths=heads)
+    def rope_inputs(t, s, bwd):  # (B, H, S, D) views of (B, S, H, D), as attention makes them; cos/sin (B, S, D)
+        q, k = (rand(1, t, n, s.head_dim).transpose(1, 2) for n in (s.heads, s.kv_heads))
+        emb = (torch.rand(1, t, s.head_dim // 2, device=h.DEVICE) * 100).repeat(1, 1, 2)
+        return q, k, emb.cos().bfloat16(), emb.sin().bfloat16(), *[rand(*q.shape), rand(*k.shape)][:2 * bwd]
 
-        def inverse(s):  # RoPE's backward is RoPE with the inverse rotation
-            return -torch.cat([s[..., s.shape[-1] // 2:], s[..., :s.shape[-1] // 2]], -1)
-        impls = dict(cutile=backward(lambda q, k, c, s: ops.rope(q, k, c, s, 1), 2, 2),
-                     eager=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
-                     compile=backward(h.compiled(ck.rope_reference), 2, 2), liger=liger and backward(liger, 2, 2))
-        return dict(op="rope bwd", make=make, ref=grads64(rope64, 2, 2), impls=impls, nbytes=nbytes, widths=heads[:1])
+    def inverse(s):  # RoPE's backward is RoPE with the inverse rotation
+        return -torch.cat([s[..., s.shape[-1] // 2:], s[..., :s.shape[-1] // 2]], -1)
 
-    found = [c(*a) for bwd in (False, True) for c, a in ((norm_case, (False, bwd)), (norm_case, (True, bwd)),
-                                                         (act_case, ("silu", bwd)), (act_case, (h.GELU, bwd)),
-                                                         (rope_case, (bwd,)))]
-    for case in found:
-        case["impls"] = {k: (v if isinstance(v, tuple) else (None, v)) for k, v in case["impls"].items() if v}
-    return found
-
+    rope_bytes = lambda t, s: 2 * 2 * t * (s.heads + s.kv_heads) * s.head_dim  # noqa: E731  q, k in and out
+    rope = pair("rope", rope_inputs, rope64, dict(cutile=ck.apply_rotary_pos_emb, eager=ck.rope_reference,
+                                                  compile=h.compiled(ck.rope_reference),
+                                                  liger=lg_rope and lg_rope.liger_rotary_pos_emb),
+                rope_bytes, [shape] if tiny else [h.MODELS["llama3-8b"], h.MODELS["gemma3-12b"]],
+                op=lambda q, k, c, s: ops.rope(q, k, c, s, 1),
+                eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
+                bwd_nbytes=rope_bytes, bwd_widths=[shape], n_diff=2, n_grads=2)
+    found = [norm(False), norm(True), gated("silu"), gated(h.GELU), rope]
+    return [p[0] for p in found] + [p[1] for p in found]
 
 
 def rel_err(got, ref) -> float:
@@ -219,8 +211,7 @@ def plot(results, path) -> None:
 def main(argv=None) -> None:
     args = h.arguments("benchmarks.run_all", __doc__, argv, out="kernels.md", add=lambda p: p.add_argument(
         "--quick", action="store_true", help="every other row count and the first width of each op (a smoke run)"))
-    if not args.tiny:
-        torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 10_000
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 10_000  # a graph per shape
     print(h.header("cutile-kernels vs peers", args) + f"copy bandwidth {h.copy_gbs():.0f} GB/s", flush=True)
     todo = [(c, m, w) for c in cases(h.local_kernel(args.kernel_root), args.tiny)
             for w in (c["widths"][:1] if args.quick else c["widths"])
