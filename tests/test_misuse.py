@@ -96,7 +96,7 @@ def test_gemma_form_on_llama_norms_is_refused(checkpoints, hub, cpu_kernel_confi
 def test_fusion_on_a_post_norm_family_is_refused(olmo2, checkpoints, hub, cpu_kernel_config):
     """Finding 3: RMSNormMLP on Olmo2's post_attention_layernorm loaded cleanly with logits off by ~0.9."""
     with pytest.raises(ValueError, match=r"found Olmo2DecoderLayer \(post_attention_layernorm: Olmo2RMSNorm, mlp: "
-                                         r"Olmo2MLP\): .*a post-norm.*remove the key"):
+                                         r"Olmo2MLP\): .*a post-norm layer.*remove the key"):
         load(olmo2, {fused("post_attention_layernorm"): f"{hub}:RMSNormMLP"})
     assert_process_clean(checkpoints)
 
@@ -205,11 +205,12 @@ def test_plain_load_after_unanchored_mlp_key_is_plain(checkpoints, hub, cpu_kern
     assert torch.equal(logits(later), want)
 
 
-def test_plain_load_after_fused_load_is_plain_with_hidden_states(ck, checkpoints, hub, cpu_kernel_config):
+def test_plain_load_after_fused_load_is_plain_with_hidden_states(checkpoints, hub, cpu_kernel_config):
     """Before: a later plain Qwen3 got the fused layers (and its recorders named the fused class); the kernel
     model loaded first keeps its outputs and saves its original keys."""
     want = logits(plain(checkpoints["qwen3"]))
-    model, _ = load(checkpoints["qwen3"], ck.recommended_mapping("qwen3", hub, rope=False))
+    model, _ = load(checkpoints["qwen3"], {"RMSNorm": f"{hub}:RMSNorm",
+                                           fused("post_attention_layernorm"): f"{hub}:RMSNormMLP"})
     later, info = AutoModelForCausalLM.from_pretrained(checkpoints["qwen3"], output_loading_info=True)
     assert not any(info.values()) and not layouts(later)
     with torch.no_grad():
@@ -253,3 +254,32 @@ def test_accelerate_is_required_for_the_readme_example():
     assert "device_map=" in readme
     assert re.search(r"pip install [^\n]*\baccelerate\b", readme)
     import accelerate  # noqa: F401  (installed by ./dev from requirements.txt)
+
+
+def test_readme_what_happens_when_table_quotes_the_errors():
+    """The README's "What happens when" table quotes what the code raises (kept in step with the tests above)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### What happens when"):]
+    quoted = [
+        "KernelConfig key 'RMSNorm' -> GemmaRMSNorm hits LlamaRMSNorm; GemmaRMSNorm computes Gemma3's x̂·(1+w) and "
+        "replaces Gemma3RMSNorm only. For LlamaRMSNorm use {\"RMSNorm\": \"<repo>:RMSNorm\"}.",
+        "Layer RMSNorm is not registered in the model",
+        "found Gemma3DecoderLayer (post_attention_layernorm: Gemma3RMSNorm, mlp: Gemma3MLP): RMSNormMLP fuses the norm "
+        "before the MLP of LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer only.",
+        "Olmo2DecoderLayer normalizes the output of attention and of the MLP (a post-norm layer), not the MLP's input.",
+        "in LlamaDecoderLayer the norm before the MLP is post_attention_layernorm (LlamaMLP after it)",
+        "the MLP is already replaced by SwiGLUMLP. SwiGLUMLP and RMSNormMLP both rewrite the MLP's weights",
+        "KernelConfig key 'MLP' -> SwiGLUMLP hits Gemma3MLP",
+        "SwiGLUMLP replaces one module, but a fusion (tuple) key handed it LlamaRMSNorm and LlamaMLP",
+        "activation 'relu' is not supported (only ['gelu_pytorch_tanh', 'silu'])",
+        "the last dimension of gate_up is 127; it must be even",
+        "the weight has shape (32,), the input (4, 64); the weight must be (64,)",
+        "this load builds SwiGLUMLPLayout in place of LlamaMLP although its KernelConfig does not ask for SwiGLUMLP",
+        "the model's KernelConfig was not applied",
+        "running the PyTorch reference because cuda.tile cannot be imported",
+        "the GPU is sm_75 and cuTile needs sm_80 or newer",
+        "dtype torch.float64 is not handled (only torch.bfloat16, torch.float16, torch.float32)",
+        "the hidden size 20480 is wider than 16384",
+    ]
+    for text in quoted:
+        assert text in table, text

@@ -26,6 +26,7 @@ import sys
 from torch import nn
 
 from .configs import fused_key
+from .isolation import _model_classes, transformers_modules
 
 PACKAGE = __name__.rpartition(".")[0]
 LLAMA_FORM = ("Llama", "Mistral", "Qwen2", "Qwen3")  # the families of the Llama-form layers
@@ -72,6 +73,11 @@ class Site:
 
     def __init__(self, module: str, replaced: list[str], parent, load):
         self.module, self.replaced, self.parent, self.load = module, replaced, parent, load
+
+
+def _learn(originals: dict | None) -> None:
+    """Remember the classes an apply_patches replaced (to put them back should a load fail to)."""
+    _ORIGINALS.update({k: v for k, v in (originals or {}).items() if not _is_ours(v)})
 
 
 def _ours(module_name: str) -> bool:
@@ -218,6 +224,7 @@ def check_replacement(layout_cls: type, *arguments) -> Site | None:
     if site is None:
         return None
     _DIRTY.add(kernel)
+    _learn(site.load.originals)
     found = ", ".join(site.replaced) or f"a class of {site.module}"
     _stale(site, kernel, found)
     wrong = [n for n in site.replaced if n not in REPLACES[kernel]] or ([] if site.replaced else [found])
@@ -247,26 +254,30 @@ def check_fusion(layout_cls: type, norm, mlp) -> Site | None:
     norm_slot, mlp_slot = slots.get(norm, "?"), slots.get(mlp, "?")
     if site is not None:
         _DIRTY.add(kernel)
+        _learn(site.load.originals)
         _stale(site, kernel, f"{norm_slot} and {mlp_slot} of {layer}")
     repo = _repo(site, kernel) if site is not None else "<repo>"
-    key = _entry(fused_key(norm_slot) if layer else "(norm, mlp)", repo, kernel)
-    found = f"{layer} ({norm_slot}: {norm_cls}, {mlp_slot}: {mlp_cls})" if layer else f"{norm_cls} and {mlp_cls}"
+    if layer is not None:
+        found = (f"{_entry(fused_key(norm_slot), repo, kernel)} found {layer} ({norm_slot}: {norm_cls}, "
+                 f"{mlp_slot}: {mlp_cls})")
+    else:
+        found = f"{kernel}Layout was given {norm_cls} and {mlp_cls}"
     supported = FUSES[kernel]
     if mlp_cls in ("SwiGLUMLPLayout", "RMSNormMLPLayout", "GemmaRMSNormMLPLayout"):
-        refuse(f"{key} found {found}: the MLP is already replaced by {mlp_cls.removesuffix('Layout')}. SwiGLUMLP "
-               f"and {kernel} both rewrite the MLP's weights; use one of them ({advice(layer or 'LlamaMLP', repo)})",
+        refuse(f"{found}: the MLP is already replaced by {mlp_cls.removesuffix('Layout')}. SwiGLUMLP and "
+               f"{kernel} both rewrite the MLP's weights; use one of them ({advice(layer or 'LlamaMLP', repo)})",
                site)
-    family = layer if layer is not None else next((l for l, (_, norms, m) in supported.items()
+    family = layer if layer is not None else next((name for name, (_, norms, m) in supported.items()
                                                    if norm_cls in norms and mlp_cls == m), None)
     if family not in supported:
         other = layer or norm_cls
-        why = (f"{other} normalizes the attention output after attention (a post-norm), not the MLP input"
-               if other.startswith("Olmo2") else f"{kernel} fuses the norm before the MLP of "
-               + ", ".join(supported) + " only")
-        refuse(f"{key} found {found}: {why}. {_sentence(advice(other, repo))}.", site)
+        post_norm = parent is not None and not hasattr(parent, "input_layernorm") and norm_slot.startswith("post_")
+        why = (f"{other} normalizes the output of attention and of the MLP (a post-norm layer), not the MLP's "
+               "input" if post_norm else f"{kernel} fuses the norm before the MLP of {', '.join(supported)} only")
+        refuse(f"{found}: {why}. {_sentence(advice(other, repo))}.", site)
     slot, norms, mlp_name = supported[family]
     if norm_cls not in norms or mlp_cls != mlp_name or (layer and (norm_slot != slot or mlp_slot != "mlp")):
-        refuse(f"{key} found {found}: in {family} the norm before the MLP is {slot} ({mlp_name} after it); "
+        refuse(f"{found}: in {family} the norm before the MLP is {slot} ({mlp_name} after it); "
                f"use {_entry(fused_key(slot), repo, kernel)}.", site)
     return site
 
@@ -307,30 +318,15 @@ def _our_rules() -> set[tuple]:
             for r in cls.__dict__.get("conversion_mapping", ())}
 
 
-def _model_classes() -> list[type]:
-    from transformers.modeling_utils import PreTrainedModel
-
-    seen, todo = [], [PreTrainedModel]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            if sub not in seen:
-                seen.append(sub)
-                todo.append(sub)
-    return seen
-
-
-def _transformers_modules() -> list:
-    return [m for name, m in list(sys.modules.items()) if m is not None and name.startswith("transformers")]
-
-
 def reset_process_state(originals: dict | None = None) -> None:
     """Remove what transformers keeps process-wide for this package's Layouts: class patches, conversion rules,
     output recorders naming fused classes, and module classes left patched (put back from `originals`, the
     enclosing apply_patches' record, or an earlier one)."""
     from transformers import conversion_mapping, monkey_patching
+    from transformers.modeling_utils import PreTrainedModel
     from transformers.utils import output_capturing
 
-    _ORIGINALS.update({k: v for k, v in (originals or {}).items() if not _is_ours(v)})
+    _learn(originals)
     with monkey_patching._monkey_patch_lock:
         cache = monkey_patching._monkey_patch_mapping_cache
         for key in [k for k, v in cache.items() if _is_ours(v)]:
@@ -345,11 +341,11 @@ def reset_process_state(originals: dict | None = None) -> None:
         else:
             del cache[key]
             conversion_mapping.USER_REGISTERED_MAPPINGS.discard(key)
-    for module in _transformers_modules():
+    for module in transformers_modules():
         for attr, value in list(vars(module).items()):
             if _is_ours(value) and (original := _original(value, (module.__name__, attr))) is not None:
                 setattr(module, attr, original)
-    recorders = [cls.__dict__["_can_record_outputs"] for cls in _model_classes()
+    recorders = [cls.__dict__["_can_record_outputs"] for cls in _model_classes(PreTrainedModel)
                  if isinstance(cls.__dict__.get("_can_record_outputs"), dict)]
     for outputs in recorders + list(output_capturing._CAN_RECORD_REGISTRY.values()):
         for output, recorder in list((outputs or {}).items()):

@@ -1,11 +1,11 @@
 """Load models with kernels without leaving transformers' process-global state changed.
 
 `from_pretrained(..., kernel_config=...)` registers class patches and checkpoint conversion rules globally and
-rewrites `_can_record_outputs` on model classes; all three outlive the load and break later plain loads in the
-same process (a plain Llama then gets a Layout with uninitialized weights; a plain Qwen3 returns no hidden
-states). And when building the model raises (a Layout refusing a config), transformers' `apply_patches` never
-puts the original classes back into its modules. Inside `transformers_state_guard()` loads work as usual; on
-exit all four are restored, and models already loaded keep working (their modules, conversions for
+rewrites `_can_record_outputs` on model classes; all three outlive the load, and when building the model raises,
+transformers' `apply_patches` never puts the original classes back into its modules
+(docs/upstream-kernel-state-leak.md). The package removes its own share at the end of each load (checks.py);
+the guard restores everything, also other libraries' patches. Inside `transformers_state_guard()` loads work as
+usual; on exit all four are restored, and models already loaded keep working (their modules, conversions for
 save_pretrained and recorders are their own). One exception: transformers' `rotary_pos_emb` is one module
 object per modeling file, shared by every model of that family, so its kernel forward is process-wide and is
 undone on exit as well: keep a model that uses `ApplyRotaryPosEmb` inside the block.
@@ -31,14 +31,16 @@ def _model_classes(base: type) -> list[type]:
     return seen
 
 
+def transformers_modules() -> list:
+    return [m for name, m in list(sys.modules.items()) if m is not None and name.startswith("transformers")]
+
+
 def _module_classes() -> dict[tuple[str, str], type]:
     found = {}
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("transformers"):
-            continue
+    for module in transformers_modules():
         for attr, value in list(vars(module).items()):
             if isinstance(value, type):
-                found[(name, attr)] = value
+                found[(module.__name__, attr)] = value
     return found
 
 
@@ -48,9 +50,7 @@ def _kernel_funcs() -> dict:
     import torch
 
     found = {}
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("transformers"):
-            continue
+    for module in transformers_modules():
         for value in list(vars(module).values()):
             if isinstance(value, torch.nn.Module) and hasattr(type(value), "kernel_layer_name"):
                 found[value] = value.__dict__.get("forward")
