@@ -395,8 +395,8 @@ def plot(path: Path, panels, *, ylabel: str, logx: bool = False, ref: float = 1.
     except ImportError:
         print("      (matplotlib not installed: no plot)")
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 if logx else 2.2 + max(len(p[1]) for p in panels),
-                                                      3.2), dpi=80, squeeze=False)
+    width = 5 * len(panels) if logx else 1.2 + len(panels) * (0.5 + 0.6 * max(len(p[1]) for p in panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4 if logx else 3.2), dpi=80, squeeze=False)
     for ax, (title, xs, series) in zip(axes[0], panels):
         for j, (label, ys) in enumerate(series.items()):
             ys = [math.nan if y is None else y for y in ys]
@@ -414,8 +414,8 @@ def plot(path: Path, panels, *, ylabel: str, logx: bool = False, ref: float = 1.
         ax.set_title(title, fontsize=9)
     axes[0][0].set_ylabel(ylabel, fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncols=min(len(labels), 4) or 1, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.legend(handles, labels, loc="upper center", ncols=min(len(labels), 5) or 1, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.05 * (1 + (len(labels) - 1) // 5)))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

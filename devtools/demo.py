@@ -62,7 +62,8 @@ def parity(model, ids, want, want_tokens) -> dict:
 def applied_layers(model, ck, mapping: dict) -> dict:
     """The package's layers the loaded model runs, by name; refuses (SystemExit) when a selected one is absent."""
     found = h.kernel_layers(model, ck)
-    missing = sorted({layer.split(":")[-1] for layer in mapping.values()} - set(found))
+    selected = {(v[0] if isinstance(v, tuple) else v).split(":")[-1] for v in mapping.values()}  # "<repo>:<Layer>"
+    missing = sorted(selected - set(found))
     if not found or missing:
         raise SystemExit(f"demo: no kernel applied for {', '.join(missing) or 'an empty selection'}: the selected "
                          f"kernels replace nothing in this {model.config.model_type} model, so there is nothing to "
