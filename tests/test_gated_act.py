@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from ._helpers import (CI_DEVICE, DEVICES, DTYPES, fresh_rng, assert_close_to_float64, assert_grads_close, no_fallback,
+from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng, no_fallback,
                        poisoned)
 
 ACTS = ["silu", "gelu_pytorch_tanh"]

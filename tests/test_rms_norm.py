@@ -13,8 +13,8 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from ._helpers import (CI_DEVICE, DEVICES, DTYPES, fresh_rng, assert_close_to_float64, assert_grads_close,
-                       check_layout_model, layout_mapping, no_fallback, poisoned, reset_fallback_warnings)
+from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, check_layout_model,
+                       fresh_rng, layout_mapping, no_fallback, poisoned, reset_fallback_warnings)
 
 EPS = 1e-6
 FORMS = [pytest.param(False, id="llama"), pytest.param(True, id="gemma")]

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from devtools.checkpoints import ALL_FAMILIES
 
-from ._helpers import (CI_DEVICE, DEVICES, DTYPES, fresh_rng, assert_close_to_float64, assert_grads_close, logits,
+from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng, logits,
                        no_fallback, poisoned, reset_fallback_warnings)
 
 
