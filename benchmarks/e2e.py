@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         p.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
                        help="default: on with CUDA when liger_kernel imports")
 
-    args = h.arguments("benchmarks.e2e", __doc__, argv, add=add, out="e2e.md")
+    args = h.arguments("benchmarks.e2e", __doc__, argv, add=add, out="e2e.md", kernel_root=False)
     build(ROOT / "build")  # the demo serves the repo id from build/: make it this checkout
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     common = ["--layers", str(2 if args.tiny else args.layers), "--kernels", args.kernels, "--cache", str(args.cache)]

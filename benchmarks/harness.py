@@ -348,13 +348,14 @@ def header(title: str, args) -> str:
             f"tilegym {v['tilegym']}, python {v['python']}; `{command}`, {datetime.date.today().isoformat()}\n")
 
 
-def arguments(script: str, doc: str, argv, add=None, *, out: str) -> argparse.Namespace:
+def arguments(script: str, doc: str, argv, add=None, *, out: str, kernel_root: bool = True) -> argparse.Namespace:
     """The options every script takes (--tiny, --out, --kernel-root, --cache) plus `add(parser)`'s; --out defaults
     to benchmarks/results/<gpu>/<out> (none with --tiny)."""
     p = argparse.ArgumentParser(prog=f"python -m {script}", description=doc.strip().splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, few repetitions (what the tests run)")
     p.add_argument("--out", type=Path, help=f"the markdown report (default: benchmarks/results/<gpu>/{out})")
-    p.add_argument("--kernel-root", type=Path, default=ROOT, help="a directory with build/ (default: this checkout)")
+    if kernel_root:  # (benchmarks.e2e runs the demo, which serves this checkout's build/)
+        p.add_argument("--kernel-root", type=Path, default=ROOT, help="a directory with build/ (default: here)")
     p.add_argument("--cache", type=Path, default=CACHE, help="where random checkpoints are kept")
     if add:
         add(p)
