@@ -134,11 +134,15 @@ def test_fused_layer_of_the_other_family_is_refused(checkpoints, hub, cpu_kernel
 @pytest.mark.parametrize("order", ["merged first", "fused first"])
 def test_merged_and_fused_mlp_together_are_refused(checkpoints, hub, cpu_kernel_config, order):
     """Finding 5: raised "'SwiGLUMLPLayout' object has no attribute 'gate_proj'", then every later load did too."""
+    from transformers.models.llama import modeling_llama
+
+    classes = modeling_llama.LlamaMLP, modeling_llama.LlamaDecoderLayer
     items = [("^LlamaMLP$", f"{hub}:SwiGLUMLP"), (fused("post_attention_layernorm"), f"{hub}:RMSNormMLP")]
     mapping = dict(items if order == "merged first" else items[::-1])
     with pytest.raises(ValueError, match=r"mlp: SwiGLUMLPLayout\): the MLP is already replaced by SwiGLUMLP\. "
                                          r"SwiGLUMLP and RMSNormMLP both rewrite the MLP's weights; use one of them"):
         load(checkpoints["llama"], mapping)
+    assert (modeling_llama.LlamaMLP, modeling_llama.LlamaDecoderLayer) == classes  # apply_patches left them patched
     assert_process_clean(checkpoints)
     model, info = load(checkpoints["llama"], {"^LlamaMLP$": f"{hub}:SwiGLUMLP"})  # and the corrected config loads
     assert not any(info.values()) and layouts(model)

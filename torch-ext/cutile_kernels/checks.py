@@ -183,8 +183,13 @@ def _sentence(text: str) -> str:
 
 
 def refuse(message: str, site: Site | None = None) -> None:
-    """Undo what the load registered for this package, put back the classes it patched, raise ValueError."""
-    reset_process_state(site.load.originals if site is not None else None)
+    """Undo what the load registered for this package, put back every class its apply_patches replaced (which
+    apply_patches itself does not when the model's construction raises), raise ValueError."""
+    originals = site.load.originals if site is not None else None
+    for (module, attr), cls in (originals or {}).items():
+        if module in sys.modules and not _is_ours(cls):
+            setattr(sys.modules[module], attr, cls)
+    reset_process_state(originals)
     raise ValueError(f"cutile_kernels: {message}")
 
 
