@@ -12,6 +12,7 @@ from torch import nn
 
 from ._op import CutileOp
 from ._runtime import DTYPES, device_unsupported, gpu, launch
+from .checks import Layout, check_replacement
 MAX_HIDDEN = 16384  # the widest row one tile holds (kernel-src compiles TILE_N up to this)
 
 
@@ -164,9 +165,6 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return gemma_rms_norm(hidden_states, self.weight, self.eps)
-
-
-from .checks import Layout, check_replacement  # noqa: E402  (the Layouts' load-time checks)
 
 
 class GemmaRMSNormLayout(Layout):
