@@ -34,17 +34,19 @@ def candidates(op: str, width: int):
         tile_n = max(64, 1 << (width - 1).bit_length())
         for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
             for per_sm, tma in itertools.product((1, 2, 4, 8, 0), (True, False)):
-                yield (tile_m, per_sm, tma)
+                yield (tile_m, per_sm, tma, False)
+                if per_sm and not tma:  # the prefetching loop loads without TMA (see rms_norm_fwd)
+                    yield (tile_m, per_sm, tma, True)
     elif op == "rope":
         half = width // 2
         for tile_s, tile_h in itertools.product((1, 2, 4, 8, 16, 32), (1, 2, 4, 8)):
             if tile_s * tile_h * half <= 8192:
-                for per_block in (1, 2, 4, 40):
-                    yield (tile_s, tile_h, per_block)
+                for per_block, tma in itertools.product((1, 2, 4, 40), (True, False)):
+                    yield (tile_s, tile_h, per_block, tma)
     else:
-        for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
+        for tile_m, tile_n, tma in itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (True, False)):
             if tile_m * tile_n <= 4096:
-                yield (tile_m, tile_n)
+                yield (tile_m, tile_n, tma)
 
 
 def problem(ck, op: str, rows: int, width: int):

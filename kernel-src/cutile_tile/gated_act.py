@@ -23,10 +23,11 @@ _APPROX = ct.RoundingMode.APPROX
 
 @ct.kernel
 def gated_act_fwd(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool],
-                  TILE_M: ct.Constant[int], TILE_N: ct.Constant[int]):
+                  TILE_M: ct.Constant[int], TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
     m, n = ct.bid(0), ct.bid(1)
-    g = ct.astype(ct.load(gate, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
-    u = ct.load(up, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
+    g = ct.astype(ct.load(gate, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA),
+                  ct.float32)
+    u = ct.load(up, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
     if ACT == SILU:  # g * sigmoid(g)
         if APPROX:
             a = ct.truediv(g, 1.0 + ct.exp2(g * -_LOG2E, flush_to_zero=True), rounding_mode=_APPROX,
@@ -40,24 +41,24 @@ def gated_act_fwd(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool
         else:
             a = 0.5 * g * (1.0 + ct.tanh(inner))
     a = ct.astype(ct.astype(a, out.dtype), ct.float32)
-    ct.store(out, (m, n), tile=ct.astype(a * ct.astype(u, ct.float32), out.dtype))
+    ct.store(out, (m, n), tile=ct.astype(a * ct.astype(u, ct.float32), out.dtype), allow_tma=TMA)
 
 
 def _grid(m, n, act, dtype, gpu):
-    tile_m, tile_n = lookup(gpu[0], act, dtype, n, m) or (TILE_M, TILE_N)
-    return (-(-m // tile_m), -(-n // tile_n)), tile_m, tile_n
+    tile_m, tile_n, tma = lookup(gpu[0], act, dtype, n, m) or (TILE_M, TILE_N, True)
+    return (-(-m // tile_m), -(-n // tile_n)), tile_m, tile_n, tma
 
 
 def forward_launch(gate, up, out, act: str, gpu):
     """(kernel, grid, args) of gated_act_fwd for gate, up (rows, I) -> out (rows, I); the hardware's
     approximate exp2/divide/tanh below fp32 (see the module docstring). Tiles from the per-GPU table."""
-    grid, tile_m, tile_n = _grid(*out.shape, act, out.dtype, gpu)
-    return gated_act_fwd, grid, (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n)
+    grid, tile_m, tile_n, tma = _grid(*out.shape, act, out.dtype, gpu)
+    return gated_act_fwd, grid, (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n, tma)
 
 
 def backward_launch(gate, up, dy, dgate, dup, act: str, gpu):
     """(kernel, grid, args) of gated_act_bwd."""
-    grid, tile_m, tile_n = _grid(*dy.shape, act + "_backward", dy.dtype, gpu)
+    grid, tile_m, tile_n, _ = _grid(*dy.shape, act + "_backward", dy.dtype, gpu)
     return gated_act_bwd, grid, (gate, up, dy, dgate, dup, ACTIVATIONS[act], tile_m, tile_n)
 
 

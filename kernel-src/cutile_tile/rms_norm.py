@@ -22,52 +22,65 @@ TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within o
 BLOCKS_PER_SM = 2
 
 
-def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool]:
-    """(TILE_M, blocks per SM (0: one block per tile), TMA loads) for GPUs without a tuned entry: rows per
-    tile shrink until every SM has a tile; persistent blocks, 2 per SM."""
+def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool, bool]:
+    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch) for GPUs without a tuned entry:
+    rows per tile shrink until every SM has a tile; persistent blocks, 2 per SM."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
     tile_m = max(1, min(32, TILE_ELEMENTS // tile_n))
     while tile_m > 1 and n_rows < tile_m * n_sms:
         tile_m //= 2
-    return tile_m, BLOCKS_PER_SM, True
+    return tile_m, BLOCKS_PER_SM, True, False
 
 
 def _plan(x, gpu, op):
     m, n = x.shape
-    tile_m, per_sm, tma = lookup(gpu[0], op, x.dtype, n, m) or default_config(n, m, gpu[1])
+    tile_m, per_sm, tma, prefetch = lookup(gpu[0], op, x.dtype, n, m) or default_config(n, m, gpu[1])
     tiles = -(-m // tile_m)
     blocks = max(1, min(tiles, per_sm * gpu[1]) if per_sm else tiles)
-    return blocks, (n, tile_m, max(64, 1 << (n - 1).bit_length()), tma)
+    return blocks, (n, tile_m, max(64, 1 << (n - 1).bit_length()), tma, prefetch)
 
 
 def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_fwd for rows x (m, n) -> out (m, n); `gpu` is the device's
     (name key, SM count). What the launcher runs and `specializations` enumerates."""
-    blocks, (n, tile_m, tile_n, tma) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
-    return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, tile_m, tile_n, tma)
+    blocks, (n, tile_m, tile_n, tma, prefetch) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
+    return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, tile_m, tile_n, tma, prefetch)
+
+
+def _normalize_store(xt, w, out, t, n_cols, eps, dtype, GEMMA):
+    # Padded columns load as zero, so they add nothing to the sum of squares; the mean divides by n_cols.
+    xf = ct.astype(xt, ct.float32)
+    normed = xf * ct.rsqrt(ct.sum(xf * xf, axis=1, keepdims=True) / n_cols + eps)
+    if not GEMMA:
+        normed = ct.astype(ct.astype(normed, dtype), ct.float32)
+    # Stores past the array edge are clipped, so the padded rows and columns are never written. Plain stores
+    # beat TMA here (up to 2x on narrow rows, H100).
+    ct.store(out, (t, 0), tile=ct.astype(normed * w, out.dtype), allow_tma=False)
 
 
 @ct.kernel
 def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int],
-                 TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
+                 TILE_N: ct.Constant[int], TMA: ct.Constant[bool], PREFETCH: ct.Constant[bool]):
     # Persistent over row tiles: the grid is sized to the machine, each block strides through the rows.
-    n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
+    # PREFETCH loads a block's next tile before normalizing the current one (two tiles in flight per block),
+    # always without TMA: TMA loads carried to the next iteration gave wrong rows on an H200 (benchmarks/NOTES.md).
+    n_row_tiles, step = ct.cdiv(x.shape[0], TILE_M), ct.num_blocks(0)
     w = ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO)
     w = ct.reshape(ct.astype(w, ct.float32), (1, TILE_N))
     if GEMMA:
         w = w + 1.0
-    for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
-        # Padded columns load as zero, so they add nothing to the sum of squares; the mean divides by n_cols.
-        xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
-        xf = ct.astype(xt, ct.float32)
-        mean_sq = ct.sum(xf * xf, axis=1, keepdims=True) / n_cols
-        normed = xf * ct.rsqrt(mean_sq + eps)
-        if not GEMMA:
-            normed = ct.astype(ct.astype(normed, x.dtype), ct.float32)
-        y = normed * w
-        # Stores past the array edge are clipped, so the padded rows and columns are never written. Plain
-        # stores beat TMA here (the sweep: up to 2x on narrow rows).
-        ct.store(out, (t, 0), tile=ct.astype(y, out.dtype), allow_tma=False)
+    if PREFETCH:
+        xt = ct.load(x, (ct.bid(0), 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=False)
+        for t in range(ct.bid(0), n_row_tiles, step):
+            # past the last tile this loads zeros (padding), which are never stored
+            x_next = ct.load(x, (t + step, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO,
+                             allow_tma=False)
+            _normalize_store(xt, w, out, t, n_cols, eps, x.dtype, GEMMA)
+            xt = x_next
+    else:
+        for t in range(ct.bid(0), n_row_tiles, step):
+            xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
+            _normalize_store(xt, w, out, t, n_cols, eps, x.dtype, GEMMA)
 
 
 def specializations(array):
@@ -96,7 +109,7 @@ def backward_blocks(x, gpu) -> int:
 
 def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
-    blocks, (n, tile_m, tile_n, _) = _plan(x, gpu, "rms_norm_backward")
+    blocks, (n, tile_m, tile_n, _, _) = _plan(x, gpu, "rms_norm_backward")
     return rms_norm_bwd, (blocks,), (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n)
 
 
