@@ -10,7 +10,7 @@ decode (1) to prefill (32768 tokens). Every implementation is first checked agai
 20 calls, rotating inputs); host µs: `harness.host_us` (back-to-back calls).
 
 Backward rows time the backward alone. The forward runs once, outside the timing, on inputs that require grad; the
-timed call is the autograd node it recorded, `out.grad_fn.apply(dy)`: for ours the custom op's registered backward
+timed call is `torch.autograd.grad` through the graph it recorded (kept between calls): for ours the custom op's registered backward
 (the cuTile backward kernels), for Liger its autograd Function's backward, for compile the backward graph that
 AOTAutograd and Inductor built for the reference. Eager is the package's backward formula in PyTorch. Bytes
 counted for "% of copy": forward norms read x, w and write y; backward norms read x, w, dy and write dx, dw; the
@@ -60,14 +60,18 @@ def grads64(f, n_diff: int, n_grads: int = 1):
 
 def backward(forward, n_diff: int, n_grads: int = 1):
     """A backward implementation: (prepare, call). prepare(*inputs, *grads) runs `forward` once on inputs whose
-    first n_diff require grad and returns (its autograd node, *grads); call(node, *grads), the timed part, returns
-    the node's gradients in its order."""
+    first n_diff require grad and returns (its graph: outputs and leaves, *grads); call(graph, *grads), the timed
+    part, returns the gradients of the leaves (the graph is kept, so the same backward can be replayed)."""
     def prepare(*args):
         leaves = [t.detach().requires_grad_(i < n_diff) for i, t in enumerate(args[:-n_grads])]
         with torch.enable_grad():
             out = forward(*leaves)
-        return ((out[0] if isinstance(out, tuple) else out).grad_fn, *(g.clone() for g in args[-n_grads:]))
-    return prepare, lambda node, *grads: tuple(g for g in node.apply(*grads) if g is not None)
+        return ((out if isinstance(out, tuple) else (out,), leaves[:n_diff]), *(g.clone() for g in args[-n_grads:]))
+
+    def call(graph, *grads):
+        outs, leaves = graph
+        return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+    return prepare, call
 
 
 def pair(name, make, ref, impls, nbytes, widths, *, op, eager_bwd, bwd_nbytes, bwd_widths, n_diff, n_grads=1):
