@@ -10,8 +10,9 @@ per block and reused for every head it rotates (prefill: all heads in one block;
 so the few positions still spread over the machine). The launch plan picks TILE_S, TILE_H and
 chunks_per_block per GPU from `tuned.py`.
 
-Compile-time constants: dtype, HALF (D / 2), TILE_S and TILE_H (powers of two), TMA (loads and stores through
-the tensor memory accelerator or not).
+Compile-time constants: dtype, HALF (D / 2), TILE_S and TILE_H (powers of two). (Plain, non-TMA loads and
+stores were tried as a tuning knob: no gain on either GPU, and on an H200 a launch at head_dim 256 x 32768
+tokens failed among those candidates; benchmarks/NOTES.md.)
 """
 import cuda.tile as ct
 import torch
@@ -25,19 +26,19 @@ def _round(v, dtype):
     return ct.astype(ct.astype(v, dtype), ct.float32)
 
 
-def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF, TMA):
-    tile = ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO, allow_tma=TMA)
+def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF):
+    tile = ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO)
     return ct.astype(ct.reshape(tile, (TILE_H, TILE_S, HALF)), ct.float32)
 
 
-def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, TMA):
-    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF, TMA)
-    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF, TMA)
+def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF):
+    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
+    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
     # rotate_half(x) = [-x2, x1]; heads past the end load as zero and their stores are clipped
     y1 = _round(_round(x1 * c1, x.dtype) + _round(-x2 * s1, x.dtype), x.dtype)
     y2 = _round(_round(x2 * c2, x.dtype) + _round(x1 * s2, x.dtype), x.dtype)
-    ct.store(out, (b, c, s, 0), tile=ct.reshape(ct.astype(y1, out.dtype), (1, TILE_H, TILE_S, HALF)), allow_tma=TMA)
-    ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)), allow_tma=TMA)
+    ct.store(out, (b, c, s, 0), tile=ct.reshape(ct.astype(y1, out.dtype), (1, TILE_H, TILE_S, HALF)))
+    ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)))
 
 
 def _cos_sin_half(t, b, s, i, TILE_S, HALF):
@@ -47,27 +48,27 @@ def _cos_sin_half(t, b, s, i, TILE_S, HALF):
 
 @ct.kernel
 def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_per_block: int,
-             HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TMA: ct.Constant[bool]):
+             HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int]):
     s, b = ct.bid(0), ct.bid(1)
     c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF), _cos_sin_half(cos, b, s, 1, TILE_S, HALF)
     s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF), _cos_sin_half(sin, b, s, 1, TILE_S, HALF)
     first = ct.bid(2) * chunks_per_block
     for c in range(first, first + chunks_per_block):
         if c < q_chunks:
-            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, TMA)
+            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
         elif c < n_chunks:
-            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, TMA)
+            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
 
 
-def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int, bool]:
-    """(TILE_S, TILE_H, chunks_per_block, TMA) for GPUs without a tuned entry: up to 4K elements per half-tile,
+def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int]:
+    """(TILE_S, TILE_H, chunks_per_block) for GPUs without a tuned entry: up to 4K elements per half-tile,
     and enough blocks to give every SM a few."""
     tile_s = min(16, 1 << (tokens - 1).bit_length())
     tile_h = min(8, 1 << (heads - 1).bit_length())
     chunks = -(-heads // tile_h)
     blocks = -(-tokens // tile_s)
     per_block = max(1, min(chunks, blocks * chunks // (4 * n_sms)))
-    return tile_s, tile_h, per_block, True
+    return tile_s, tile_h, per_block
 
 
 def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
@@ -76,11 +77,10 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
     b, hq, s, d = q.shape
     hk = k.shape[1]
     config = lookup(gpu[0], "rope", q.dtype, d, b * s) or default_config(b * s, hq + hk, gpu[1])
-    tile_s, tile_h, per_block, tma = config
+    tile_s, tile_h, per_block = config
     q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_h)
     grid = (-(-s // tile_s), b, -(-chunks // per_block))
-    return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h,
-                                   tma)
+    return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h)
 
 
 def specializations(array):
