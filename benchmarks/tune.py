@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import harness as h
+
 ROWS = [1, 16, 64, 256, 512, 2048, 4096, 32768]
 # one real model width per table bucket ((width - 1).bit_length(): 128, 4096 for 2049..4096, 8192 for 4097..)
 WIDTHS = {"rms_norm": [128, 4096, 5120], "gemma_rms_norm": [256, 2560, 5376], "silu": [14336, 18944],
@@ -86,36 +88,16 @@ def rel_err(outs, ref) -> float:
     return ((got - ref.flatten()).norm() / ref.norm()).item()
 
 
-def device_us(fns, calls: int = 20, reps: int = 7) -> float:
-    """Median device µs per call: one CUDA graph of `calls` launches cycling over `fns` (rotated inputs)."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for i in range(calls):
-                fns[i % len(fns)]()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[reps // 2]
-
-
 def tune_shape(ck, table: dict, gpu: str, op: str, rows: int, width: int):
     """{config: µs} over the correct candidates, and the default's µs (table entry removed)."""
     copies = max(1, min(8, (96 << 20) // max(1, 4 * rows * width)))  # rotate inputs past the L2
     problems = [problem(ck, op, rows, width) for _ in range(copies)]
     key = (gpu, op, 2, (width - 1).bit_length(), rows.bit_length())
     table.pop(key, None)
-    fns = [lambda p=p: p[0](p[2]) for p in problems]
-    default = device_us(fns)
+    def timed() -> float:  # the harness's CUDA-graph median, cycling over the input copies
+        return h.device_us(lambda p: p[0](p[2]), [(p,) for p in problems], reps=7)
+
+    default = timed()
     results, failed = {}, []
     for config in candidates(op, width):
         table[key] = config
@@ -131,7 +113,7 @@ def tune_shape(ck, table: dict, gpu: str, op: str, rows: int, width: int):
         if err > TOL:
             failed.append(f"{config}: rel err {err:.2e}")
             continue
-        results[config] = device_us(fns)
+        results[config] = timed()
     table.pop(key, None)
     return results, default, failed, problems[0][3]
 

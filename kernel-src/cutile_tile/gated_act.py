@@ -13,7 +13,7 @@ import cuda.tile as ct
 import torch
 
 from . import ACTIVATIONS
-from .tuned import lookup
+from .tuned import lookup, shapes
 SILU, GELU_TANH = ACTIVATIONS["silu"], ACTIVATIONS["gelu_pytorch_tanh"]
 TILE_M = 1  # the default tile, for GPUs (and shapes) without a tuned entry
 TILE_N = 1024
@@ -70,6 +70,14 @@ def specializations(array):
             t = array(dtype, (64, 1024))
             yield forward_launch(t, t, t, act, ("", 132))
             yield backward_launch(t, t, t, t, t, act, ("", 132))
+    seen = set()
+    for act in ACTIVATIONS:  # every tuned configuration (bf16), once
+        for key, n, m in shapes(act):
+            t = array(torch.bfloat16, (m, n))
+            plan = forward_launch(t, t, t, act, (key, 132))
+            if plan[2][3:] not in seen:
+                seen.add(plan[2][3:])
+                yield plan
 
 
 @ct.kernel

@@ -16,7 +16,7 @@ stores without TMA reach the copy bandwidth at 8192+ rows; with few rows, one ro
 import cuda.tile as ct
 import torch
 
-from .tuned import lookup
+from .tuned import lookup, shapes
 
 TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within one block)
 BLOCKS_PER_SM = 2
@@ -94,6 +94,14 @@ def specializations(array):
             for m in (1, 1 << 20):
                 yield forward_launch(array(x_dtype, (m, n)), array(w_dtype, (n,)), array(out_dtype, (m, n)), 1e-6,
                                      gemma, gpu)
+    seen = set()
+    for gemma in (False, True):  # every tuned configuration (bf16), once
+        for key, n, m in shapes("gemma_rms_norm" if gemma else "rms_norm"):
+            plan = forward_launch(array(torch.bfloat16, (m, n)), array(torch.bfloat16, (n,)),
+                                  array(torch.bfloat16, (m, n)), 1e-6, gemma, (key, 132))
+            if plan[2][5:] not in seen:
+                seen.add(plan[2][5:])
+                yield plan
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for gemma in (False, True):
             for n in (128, 4096, 16384):

@@ -17,7 +17,7 @@ tokens failed among those candidates; benchmarks/NOTES.md.)
 import cuda.tile as ct
 import torch
 
-from .tuned import lookup
+from .tuned import lookup, shapes
 
 _ZERO = ct.PaddingMode.ZERO
 
@@ -91,3 +91,11 @@ def specializations(array):
             for s in (1, 4096):
                 q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
                 yield forward_launch(q, k, cs, cs, q, k, ("", 132))
+    seen = set()
+    for key, d, tokens in shapes("rope"):  # every tuned configuration (bf16), once
+        q, k = array(torch.bfloat16, (1, 32, tokens, d)), array(torch.bfloat16, (1, 8, tokens, d))
+        cs = array(torch.bfloat16, (1, tokens, d))
+        plan = forward_launch(q, k, cs, cs, q, k, (key, 132))
+        if plan[2][9:] not in seen:  # the compile-time constants
+            seen.add(plan[2][9:])
+            yield plan

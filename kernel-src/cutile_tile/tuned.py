@@ -19,6 +19,12 @@ def lookup(gpu: str, op: str, dtype, width: int, rows: int):
     return TABLE.get((gpu, op, dtype.itemsize, (width - 1).bit_length(), rows.bit_length()))
 
 
+def shapes(op: str):
+    """(gpu, width, rows) inside each of `op`'s table buckets: what `specializations` launches so that every tuned
+    configuration is compile-checked."""
+    return sorted({(gpu, 1 << width, 1 << (rows - 1)) for gpu, o, _, width, rows in TABLE if o == op})
+
+
 TABLE: dict = {('h100', 'gelu_pytorch_tanh', 2, 14, 1): (1, 512, True),
  ('h100', 'gelu_pytorch_tanh', 2, 14, 2): (1, 512, True),
  ('h100', 'gelu_pytorch_tanh', 2, 14, 3): (1, 512, True),
