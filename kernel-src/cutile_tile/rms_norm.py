@@ -83,6 +83,30 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
             _normalize_store(xt, w, out, t, n_cols, eps, x.dtype, GEMMA)
 
 
+@ct.kernel
+def add_rms_norm_fwd(x, residual, weight, out, summed, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
+                     TILE_M: ct.Constant[int], TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
+    """A decoder layer's `residual + hidden` (rounded to the input dtype, as transformers adds them) written to
+    `summed`, and its RMSNorm to `out`, from one read of each input."""
+    n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
+    w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
+                             ct.float32), (1, TILE_N))
+    if GEMMA:
+        w = w + 1.0
+    for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
+        xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
+        rt = ct.load(residual, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
+        st = ct.astype(ct.astype(xt, ct.float32) + ct.astype(rt, ct.float32), summed.dtype)
+        ct.store(summed, (t, 0), tile=st, allow_tma=False)
+        _normalize_store(st, w, out, t, n_cols, eps, summed.dtype, GEMMA)
+
+
+def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool, gpu):
+    """(kernel, grid, args) of add_rms_norm_fwd for rows x, residual (m, n) -> out, summed (m, n)."""
+    blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
+    return add_rms_norm_fwd, (blocks,), (x, residual, weight, out, summed, n, float(eps), gemma, tile_m, tile_n, tma)
+
+
 def specializations(array):
     """Every launch the launchers ask for on an untuned GPU (`array(dtype, shape)` stands for a tensor):
     forward and backward, every dtype set, hidden sizes 33..16384 (TILE_N 64..16384), decode and prefill."""
@@ -102,6 +126,12 @@ def specializations(array):
             if plan[2][5:] not in seen:
                 seen.add(plan[2][5:])
                 yield plan
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # fused residual add + norm
+        for gemma in (False, True):
+            for n in (128, 4096, 8192, 16384):
+                for m in (1, 1 << 20):
+                    rows, w = array(dtype, (m, n)), array(dtype, (n,))
+                    yield add_forward_launch(rows, rows, w, rows, rows, 1e-6, gemma, gpu)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for gemma in (False, True):
             for n in (128, 4096, 16384):

@@ -140,6 +140,66 @@ def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return RMS_NORM(x, weight, float(eps), True)
 
 
+# --- residual add + RMSNorm: (norm(x + residual), x + residual) -----------------------------------------------
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly a decoder layer's `hidden = residual + hidden` followed by its RMSNorm: (normed, hidden)."""
+    summed = residual + x
+    return _rms_norm_reference(summed, weight, eps, gemma), summed
+
+
+def _add_check(x, residual, weight, eps, gemma):
+    reason = _check(x, weight, eps, gemma)
+    if reason is None and (residual.shape != x.shape or residual.dtype is not x.dtype or residual.is_cuda is False):
+        reason = f"the residual is {tuple(residual.shape)} {residual.dtype}, the input {tuple(x.shape)} {x.dtype}"
+    return reason
+
+
+def add_rms_norm_cutile(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        gemma: bool = False, out: torch.Tensor | None = None,
+                        summed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cuTile path alone (no checks); `out` and `summed`, if given, are contiguous buffers of x's shape."""
+    n = x.shape[-1]
+    rows, res = x.reshape(-1, n).contiguous(), residual.reshape(-1, n).contiguous()
+    m = rows.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype if gemma or weight.dtype is x.dtype else torch.float32,
+                          device=x.device)
+    summed = torch.empty((m, n), dtype=x.dtype, device=x.device) if summed is None else summed
+    if m and n:
+        index = x.get_device()
+        launch(index, *_kernels().add_forward_launch(rows, res, weight, out.view(m, n), summed.view(m, n), eps, gemma,
+                                                     gpu(index)))
+    return out.view(x.shape), summed.view(x.shape)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    ctx.eps, ctx.gemma = inputs[3], inputs[4]
+    ctx.save_for_backward(output[1], inputs[2])
+
+
+def _add_rms_norm_backward(ctx, d_normed, d_summed):
+    """Both inputs get d(summed) plus the norm's input gradient; the weight the norm's."""
+    summed, weight = ctx.saved_tensors
+    dx, dweight = RMS_NORM_BACKWARD.op(summed, weight, d_normed.contiguous(), ctx.eps, ctx.gemma)
+    d = dx + d_summed
+    return d, d, dweight, None, None
+
+
+ADD_RMS_NORM = CutileOp(
+    "add_rms_norm", launcher=add_rms_norm_cutile, reference=add_rms_norm_reference, check=_add_check,
+    fake=lambda x, residual, weight, eps, gemma: (_rms_norm_fake(x, weight, eps, gemma), torch.empty_like(x)),
+    backward=_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) in one pass (the Gemma form with gemma=True): cuTile on a supported
+    GPU, the exact reference otherwise. What a decoder layer computes between its attention and its MLP."""
+    return ADD_RMS_NORM(x, residual, weight, float(eps), bool(gemma))
+
+
 class RMSNorm(nn.Module):
     """Stateless replacement of the `RMSNorm` forward that transformers registers (uses the host's weight)."""
 

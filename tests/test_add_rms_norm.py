@@ -1,0 +1,112 @@
+"""Residual add + RMSNorm in one pass (both forms): the op against float64 on every device (the matrix; on a GPU
+cuTile over fresh random shapes with poisoned outputs for both outputs), the reference against transformers'
+`residual + hidden` then its norm module, the registered backward against autograd through the reference,
+opcheck, torch.compile and invalid arguments."""
+import pytest
+import torch
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng,
+                       no_fallback, poisoned)
+from .test_rms_norm import FORMS, make_inputs, rms_norm64
+
+EPS = 1e-6
+CPU_SHAPES = [(1, 64), (37, 160), (5, 2048)]
+GPU_SHAPES = [(1, 4096), (16, 4096), (512, 2560), (4096, 5376), (32768, 4096), (3, 128), (65536, 128)]
+
+
+def check_add_rms_norm(ck, x, residual, w, gemma, where=""):
+    """Both outputs against float64 (the sum rounded to the dtype first, as transformers adds): on a GPU the cuTile
+    launcher writes into poisoned buffers, elsewhere the public function runs (the reference)."""
+    where = f"{tuple(x.shape)} {x.dtype} gemma={gemma} {where}"
+    if x.is_cuda:
+        out, summed = ck.add_rms_norm_cutile(x, residual, w, EPS, gemma, out=poisoned(x.shape, x),
+                                             summed=poisoned(x.shape, x))
+    else:
+        out, summed = ck.add_rms_norm(x, residual, w, EPS, gemma)
+    want_sum = residual + x  # exact in the dtype: one rounding of the float sum
+    assert not summed.isnan().any() and torch.equal(summed, want_sum), f"{where}: the sum"
+    assert_close_to_float64(out, rms_norm64(want_sum, w, EPS, gemma), x.dtype, where)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gemma", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(device_ck, device, dtype, gemma):
+    seed, rng = fresh_rng()
+    shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES + [(rng.randint(1, 20000), rng.randint(64, 8192))]
+    for rows, hidden in shapes:
+        x, w = make_inputs(rows, hidden, dtype, gemma, device, scale=rng.choice([0.05, 1.0, 20.0]))
+        check_add_rms_norm(device_ck, x, torch.randn_like(x), w, gemma, f"seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gemma", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_backward(device_ck, device, dtype, gemma):
+    """d x = d residual = d summed + the norm's input gradient; d weight the norm's (on a GPU: the cuTile backward,
+    no fallback), against float64 autograd."""
+    for rows, hidden in ([(1, 64), (37, 160)] if device == "cpu" else [(1, 4096), (37, 2560), (4096, 4096)]):
+        x, w = make_inputs(rows, hidden, dtype, gemma, device)
+        r = torch.randn_like(x)
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        dy, ds = torch.randn_like(x), torch.randn_like(x)
+        with no_fallback(device_ck, on=x.is_cuda):
+            out, summed = device_ck.add_rms_norm(*leaves, EPS, gemma)
+            torch.autograd.backward((out, summed), (dy, ds))
+        x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+        s64 = x64 + r64
+        torch.autograd.backward((rms_norm64(s64, w64, EPS, gemma), s64), (dy.double(), ds.double()))
+        assert_grads_close([(leaves[0].grad, x64.grad), (leaves[1].grad, r64.grad), (leaves[2].grad, w64.grad)],
+                           dtype, (rows, hidden, dtype, gemma))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("gemma", FORMS)
+def test_add_rms_norm_ci(ck_gpu, gemma):
+    x, w = make_inputs(7, 512, torch.bfloat16, gemma, CI_DEVICE)
+    check_add_rms_norm(ck_gpu, x, torch.randn_like(x), w, gemma)
+
+
+# --- reference, registered backward, compile (CPU) ---------------------------------------------------------
+
+@pytest.mark.parametrize("norm_cls", [LlamaRMSNorm, Gemma3RMSNorm])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_equals_transformers(ck, norm_cls, dtype):
+    """A decoder layer's `hidden = residual + hidden; normed = norm(hidden)`, bit for bit."""
+    norm = norm_cls(96, eps=EPS).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    x, residual = torch.randn(3, 5, 96, dtype=dtype), torch.randn(3, 5, 96, dtype=dtype)
+    with torch.no_grad():
+        out, summed = ck.add_rms_norm(x, residual, norm.weight, EPS, norm_cls is Gemma3RMSNorm)
+        assert torch.equal(summed, residual + x)
+        assert torch.equal(out, norm(residual + x))
+
+
+@pytest.mark.parametrize("gemma", FORMS)
+def test_registered_backward_equals_autograd_of_the_reference(ck, gemma):
+    leaves = [torch.randn(4, 7, 48, requires_grad=True), torch.randn(4, 7, 48, requires_grad=True),
+              torch.randn(48, requires_grad=True)]
+    grads = (torch.randn(4, 7, 48), torch.randn(4, 7, 48))
+    got = torch.autograd.grad(ck._ops.ops.add_rms_norm(*leaves, EPS, gemma), leaves, grads)
+    want = torch.autograd.grad(ck.add_rms_norm_reference(*leaves, EPS, gemma), leaves, grads)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_and_compile(ck):
+    args = [torch.randn(4, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True),
+            torch.randn(32, requires_grad=True), EPS, False]
+    torch.library.opcheck(ck._ops.ops.add_rms_norm.default, args)
+    x, r = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, dtype=torch.bfloat16)
+    compiled = torch.compile(lambda a, b, c: ck.add_rms_norm(a, b, c, EPS), fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(x, r, w), ck.add_rms_norm_reference(x, r, w, EPS)):
+        assert torch.equal(got, want)
+
+
+def test_invalid_weight_raises(ck):
+    with pytest.raises(ValueError, match="the weight must be"):
+        ck.add_rms_norm(torch.randn(2, 64), torch.randn(2, 64), torch.randn(32), EPS)
