@@ -119,3 +119,16 @@ def test_guard_restores_classes_after_a_failed_load(ck, ck_hub, hub, cpu_kernel_
     with ck.transformers_state_guard(), pytest.raises(ValueError):
         load(path, layout_mapping(ck_hub, "llama", hub, "mlp"))
     assert modeling_llama.LlamaMLP is original
+
+
+def test_readme_form_for_an_untrusted_repo(checkpoints, hub, ck, ck_hub, cpu_kernel_config):
+    """The README's transformers example: ("<repo>:Layer", {"version": 1, "trust_remote_code": True}) values, as
+    `recommended_mapping(..., trust_remote_code=True)` builds them, for a plain and a fusion (tuple) key; the model
+    loads with the kernels' forwards and the exact logits."""
+    mapping = ck.recommended_mapping("qwen3", hub, trust_remote_code=True)
+    assert all(isinstance(v, tuple) and v[1] == {"version": 1, "trust_remote_code": True} for v in mapping.values())
+    model, info = load(checkpoints["qwen3"], mapping)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert_kernel_forward(model, ck_hub)
+    assert layouts(model)
+    assert torch.equal(logits(model), logits(plain(checkpoints["qwen3"])))

@@ -14,7 +14,7 @@ import torch
 # tileiras targets sm_80 and newer (Ampere, Ada, Hopper with tileiras >= 13.3, Blackwell).
 MIN_CAPABILITY = (8, 0)
 INSTALL_HINT = ("pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.* nvidia-cuda-nvcc==13.4.* "
-                "nvidia-nvvm==13.4.*")
+                "nvidia-nvvm==13.4.* nvidia-cuda-crt==13.4.*")
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what every kernel takes (fp32 statistics inside)
 _warned: set[tuple[str, str]] = set()

@@ -34,13 +34,15 @@ def fused_key(norm: str) -> tuple:
 
 
 def recommended_mapping(model_or_family, repo: str, *, norm: bool = True, mlp: str | None = "fused",
-                        rope: bool = True) -> dict:
+                        rope: bool = True, trust_remote_code: bool = False, version: int = 1) -> dict:
     """The KernelConfig mapping for `model_or_family` with kernels from `repo`.
 
     norm: every RMSNorm of the decoder (Llama form, or Gemma3's through its Layout).
     mlp: "fused" (the norm before the MLP and the MLP as one layer), "merged" (the MLP alone with one
         gate_up GEMM; not for Gemma3, whose MLP is only offered fused) or None.
     rope: transformers' rotary_pos_emb function.
+    trust_remote_code: values as ("<repo>:<Layer>", {"version": version, "trust_remote_code": True}), the form
+        transformers needs for a repo that is not a trusted publisher (plain strings otherwise).
     """
     family = family_of(model_or_family)
     if mlp not in MLP_CHOICES:
@@ -58,4 +60,7 @@ def recommended_mapping(model_or_family, repo: str, *, norm: bool = True, mlp: s
         mapping[f"^{_MLP_CLASS[family]}$"] = f"{repo}:SwiGLUMLP"
     if rope:
         mapping["rotary_pos_emb"] = f"{repo}:ApplyRotaryPosEmb"
+    if trust_remote_code:
+        meta = {"version": version, "trust_remote_code": True}
+        mapping = {key: (value, dict(meta)) for key, value in mapping.items()}
     return mapping
