@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import compiled_decode, decode_layer, harness, run_all, train_step
+from benchmarks import compiled_decode, coverage, decode_layer, harness, run_all, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +93,31 @@ def test_train_step_tiny(tmp_path, cache):
     assert "- ours: kernel layers in train(): none (transformers')" in text
     assert "- ours+train: kernel layers in train(): ApplyRotaryPosEmb x1, RMSNorm x" in text
     assert "RMSNormMLP x2;" in text and "ours+train: |loss - plain| = 0.00e+00" in text
+
+
+def test_coverage_tiny(tmp_path, cache):
+    """Both configs and both steps profiled; the category shares of each step add up to 100 %; ours ran our layers
+    (on CPU their reference) and the time lists named kernels."""
+    text = run(coverage, tmp_path, cache, "--family", "qwen3", "--top", "5")
+    table = {k: v for k, v in rows(text).items() if not k.startswith("`") and not k.startswith("kernel |")}
+    head = table.pop("config | step")
+    assert head[2:5] == ["time µs", "launches", "wall ms"] and head[5:] == [c for c, _ in coverage.CATEGORIES] + ["other"]
+    assert set(table) == {"plain | prefill", "plain | decode", "ours | prefill", "ours | decode"}
+    for cells in table.values():
+        assert finite(cells[2])[0] > 0 and finite(cells[3])[0] > 0
+        assert abs(sum(finite(c)[0] for c in cells[5:]) - 100) < 0.5, cells
+        assert finite(cells[5])[0] == 0  # no cuTile kernel on CPU: its references run, as aten operators
+    assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x" in text and "RMSNormMLP x2;" in text
+    assert text.count("the 5 largest of") == 4 and "`aten::linear` | GEMM" in text
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_category_names_gpu_kernels():
+    assert coverage.category("rms_norm_fwd") == "ours (cuTile)"
+    assert coverage.category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "GEMM"
+    assert coverage.category("pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert coverage.category("void at::native::elementwise_kernel<128, 2, ...>") == "elementwise"
+    assert coverage.category("CatArrayBatchedCopy") == "copies, casts"
 
 
 def test_compiled_decode_tiny(tmp_path, cache):

@@ -1,0 +1,171 @@
+"""Where a forward's time goes, plain and with our kernels: cuTile kernels, GEMMs, attention, and every other
+kernel by name, with launch counts. Its table decides what to fuse next.
+
+    python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048]
+    python -m benchmarks.coverage --tiny      (CPU: a tiny model, the profiler's CPU operator times)
+
+An 8B-wide random checkpoint of the family (harness.MODELS widths), bf16. Two steps, each profiled once after a
+warm-up with torch.profiler: prefill (1 x --prefill tokens) and one decode step (one token over a DynamicCache of
+the prefill). Plain transformers, then ours (KernelConfig with recommended_mapping). On a GPU the times are device
+times of CUDA kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md
+(shares per category, the top kernels by time, launches per step, wall time) and a stacked bar chart (.png).
+"""
+from __future__ import annotations
+
+import collections
+import re
+import time
+
+import torch
+
+from . import harness as h
+
+# kernel name -> category, first match wins (device kernel names on a GPU, aten operator names on CPU)
+CATEGORIES = [
+    ("ours (cuTile)", r"rms_norm_fwd|rms_norm_bwd|gated_act_fwd|gated_act_bwd|rope_fwd|add_rms_norm_fwd|cutile_kernels"),
+    ("GEMM", r"gemm|gemv|nvjet|cutlass|xmma|sm90_|matmul|aten::mm|aten::addmm|aten::linear|aten::bmm"),
+    ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
+    ("copies, casts", r"copy|cat|CatArray|cast|aten::to$|contiguous|transpose|clone"),
+    ("elementwise", r"elementwise|vectorized|add|mul|silu|gelu|rsqrt|pow|mean|reduce|neg|where|embedding|index"),
+]
+
+
+def category(name: str) -> str:
+    return next((c for c, pat in CATEGORIES if re.search(pat, name, re.IGNORECASE)), "other")
+
+
+def profile(step) -> tuple[dict[str, tuple[float, int]], float]:
+    """({kernel or operator name: (µs, launches)}, wall ms) of one call of `step` after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step()
+    h.sync()
+    activities = [ProfilerActivity.CUDA] if h.DEVICE == "cuda" else [ProfilerActivity.CPU]
+    with torch_profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        h.sync()
+        wall = (time.perf_counter() - t0) * 1e3
+    found: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if h.DEVICE == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.device_time
+        else:
+            if e.cpu_parent is not None:  # top-level operators only, so nothing counts twice
+                continue
+            us = e.self_cpu_time_total + sum(c.cpu_time_total for c in e.cpu_children)
+        found[e.name][0] += us
+        found[e.name][1] += 1
+    return {k: (v[0], v[1]) for k, v in found.items()}, wall
+
+
+def steps(model, prompt: int):
+    """(prefill, decode) callables on fixed inputs; decode reuses a cache filled by one prefill."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=h.DEVICE)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache, use_cache=True)
+    length = cache.get_seq_length()
+
+    def prefill():
+        with torch.no_grad():
+            model(ids)
+
+    def decode():
+        with torch.no_grad():
+            if cache.get_seq_length() > length:  # the same step every call: drop the last call's token
+                cache.crop(length - cache.get_seq_length())
+            model(ids[:, -1:], past_key_values=cache, use_cache=True)
+
+    return {"prefill": prefill, "decode": decode}
+
+
+def summarize(kernels: dict[str, tuple[float, int]]) -> dict[str, float]:
+    shares = collections.Counter()
+    for name, (us, _) in kernels.items():
+        shares[category(name)] += us
+    return dict(shares)
+
+
+def report(results: dict, notes: list[str], args, family: str) -> str:
+    lines = [h.header(f"Coverage of {family}'s forward: where the time goes, plain and with our kernels", args),
+             f"{'tiny' if args.tiny else '8B'} widths, {args.layers} layers, bf16; prefill 1 x {args.prefill}, one "
+             f"decode step over its cache. {'CUDA kernel device times' if h.DEVICE == 'cuda' else 'CPU operator times'}"
+             " from torch.profiler, one profiled call after a warm-up.\n"]
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    rows = []
+    for (config, step), (kernels, wall) in results.items():
+        total = sum(us for us, _ in kernels.values()) or 1.0
+        shares = summarize(kernels)
+        rows.append([config, step, f"{total:.0f}", str(sum(n for _, n in kernels.values())), f"{wall:.2f}",
+                     *(f"{100 * shares.get(c, 0) / total:.1f} %" for c in cats)])
+    lines += h.table(["config", "step", "time µs", "launches", "wall ms", *cats], rows)
+    for (config, step), (kernels, _) in results.items():
+        total = sum(us for us, _ in kernels.values()) or 1.0
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]
+        lines += ["", f"**{config}, {step}**: the {len(top)} largest of {len(kernels)} kernels", "",
+                  *h.table(["kernel", "category", "µs", "%", "launches"],
+                           [[f"`{name[:90]}`", category(name), f"{us:.1f}", f"{100 * us / total:.1f}", str(n)]
+                            for name, (us, n) in top])]
+    lines += ["", *(f"- {n}" for n in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    def add(p):
+        p.add_argument("--family", default="llama", choices=sorted(h.LIGER_NAME))
+        p.add_argument("--layers", type=int, default=4)
+        p.add_argument("--prefill", type=int, default=2048)
+        p.add_argument("--top", type=int, default=12, help="kernels listed per step")
+
+    args = h.arguments("benchmarks.coverage", __doc__, argv, add=add, out="coverage.md")
+    if args.tiny:
+        args.prefill, args.layers = min(args.prefill, 32), min(args.layers, 2)
+    elif args.out.name == "coverage.md":
+        args.out = args.out.with_name(f"coverage_{args.family}.md")
+    dtype = torch.bfloat16
+    path = h.checkpoint(args.family, tiny=args.tiny, layers=args.layers, dtype=dtype, cache=args.cache)
+    results, notes = {}, []
+    model = h.load_model(path, dtype)
+    for step, fn in steps(model, args.prefill).items():
+        results[("plain", step)] = profile(fn)
+    del model
+    h.free()
+    with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
+        model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo))
+        applied = h.kernel_layers(model, ck)
+        for step, fn in steps(model, args.prefill).items():
+            results[("ours", step)] = profile(fn)
+        del model
+    h.free()
+    notes.append("ours: " + ", ".join(f"{k} x{n}" for k, n in sorted(applied.items())) + "; "
+                 + (f"{len(fell)} fallback warning(s): " + "; ".join(fell) if fell else "no fallback"))
+    h.write_report(args.out, report(results, notes, args, args.family))
+    if args.out:
+        cats = [c for c, _ in CATEGORIES] + ["other"]
+        labels = [f"{c}\n{s}" for c, s in results]
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+        bottom = [0.0] * len(results)
+        for c in cats:
+            ys = [summarize(k).get(c, 0) / 1e3 for k, _ in results.values()]
+            ax.bar(labels, ys, bottom=bottom, label=c)
+            bottom = [b + y for b, y in zip(bottom, ys)]
+        ax.set_ylabel("ms per step")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
