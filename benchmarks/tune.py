@@ -2,6 +2,7 @@
 
     python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,silu,gelu_pytorch_tanh,rope] [--quick]
                               [--write kernel-src/cutile_tile/tuned.py] [--out DIR] [--workers 12]
+    python -m benchmarks.tune --check     (every table bucket of this GPU against float64, poisoned outputs)
 
 For each op, real model widths and row counts from decode to prefill, every candidate configuration runs
 through the package's own launcher (the table entry under test is set, then `*_cutile` is called), is checked
@@ -155,6 +156,28 @@ def warm(jobs, workers: int) -> None:
     print(f"tune: warmed {n} launches over {len(jobs)} shapes in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def check(ck, tuned, gpu) -> int:
+    """Every table bucket of this GPU through the launchers (the tuned configuration the lookup returns), against
+    float64 with NaN-poisoned outputs, at row counts inside and between the measured ones; returns the failures."""
+    worst, failures, n = {}, 0, 0
+    for op, widths in WIDTHS.items():
+        for width in widths:
+            for rows in [1, 3, 17, 100, 333, 1000, 3000, 5000, 12000, 20000, 32768, 40000][:11 if op == "rope" else 12]:
+                run, ref, outs, _ = problem(ck, op, rows, width)
+                for o in outs:
+                    o.fill_(float("nan"))
+                run(outs)
+                err, n = rel_err(outs, ref), n + 1
+                worst[op] = max(worst.get(op, 0.0), err)
+                if not err < TOL:
+                    failures += 1
+                    print(f"tune: FAIL {op} {width} x {rows}: rel err {err:.2e}, config "
+                          f"{tuned.lookup(gpu, op, torch.bfloat16, width, rows)}")
+    print(f"tune: check on {gpu}: {n} shapes, {failures} failed; worst rel err per op: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()), flush=True)
+    return failures
+
+
 def fill_buckets(best: dict[int, tuple]) -> dict[int, tuple]:
     """Measured row counts -> every bucket 1..17, each taking the nearest measured bucket."""
     measured = {rows.bit_length(): config for rows, config in best.items()}
@@ -175,7 +198,13 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="rewrite this tuned.py with the new entries")
     parser.add_argument("--out", type=Path, help="directory for tune_<gpu>.md")
     parser.add_argument("--workers", type=int, default=12, help="processes compiling in parallel first (0: none)")
+    parser.add_argument("--check", action="store_true", help="only check this GPU's table (see check())")
     args = parser.parse_args()
+    if args.check:
+        from devtools.build import ROOT, build
+
+        build(ROOT / "build")
+        raise SystemExit(1 if check(*_load()) else 0)
 
     from devtools.build import ROOT, build
 
