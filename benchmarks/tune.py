@@ -29,11 +29,24 @@ ROWS = [1, 16, 64, 256, 512, 2048, 4096, 32768]
 # one real model width per table bucket ((width - 1).bit_length(): 128, 4096 for 2049..4096, 8192 for 4097..)
 WIDTHS = {"rms_norm": [128, 4096, 5120], "gemma_rms_norm": [256, 2560, 5376], "silu": [14336, 18944],
           "gelu_pytorch_tanh": [15360, 21504], "rope": [128, 256]}
+# backward plans (RMSNorm's both forms share one key; the backward kernels take rows per tile and blocks per SM, or
+# the tile shape, of the same tuples)
+BACKWARD = {"rms_norm_backward": [4096, 5120], "silu_backward": [14336], "gelu_pytorch_tanh_backward": [15360]}
+ALL = {**WIDTHS, **BACKWARD}
 TOL = 1e-2  # bf16: two roundings (see tests/conftest.py GPU_REL_TOL)
 
 
 def candidates(op: str, width: int):
-    if op in ("rms_norm", "gemma_rms_norm"):
+    if op == "rms_norm_backward":  # one dw partial row per block: persistent grids only
+        tile_n = max(64, 1 << (width - 1).bit_length())
+        for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
+            for per_sm in (1, 2, 4, 8):
+                yield (tile_m, per_sm, True, False)
+    elif op.endswith("_backward"):
+        for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
+            if tile_m * tile_n <= 4096:
+                yield (tile_m, tile_n, True)
+    elif op in ("rms_norm", "gemma_rms_norm"):
         tile_n = max(64, 1 << (width - 1).bit_length())
         for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
             for per_sm, tma in itertools.product((1, 2, 4, 8, 0), (True, False)):
@@ -66,6 +79,20 @@ def problem(ck, op: str, rows: int, width: int):
                          for x in (q, k)])
         run = lambda o: ck.rope_cutile(q, k, cos, sin, 1, q_out=o[0], k_out=o[1])  # noqa: E731
         return run, ref, outs, 2 * 2 * rows * 40 * width + 2 * 2 * rows * width
+    if op == "rms_norm_backward":  # (dx into the poisoned buffer, dweight) against float64
+        x = torch.randn(rows, width, device=dev, dtype=bf16)
+        w, dy = (1 + 0.1 * torch.randn(width, device=dev)).to(bf16), torch.randn(rows, width, device=dev, dtype=bf16)
+        dx64, dw64 = ck.rms_norm_backward_reference(x.double(), w.double(), dy.double(), 1e-6, False)
+        ref = torch.cat([dx64.flatten(), dw64.flatten()])
+        dw = torch.empty(width, device=dev, dtype=bf16)
+        run = lambda o: o[1].copy_(ck.rms_norm_backward_cutile(x, w, dy, 1e-6, False, dx=o[0])[1])  # noqa: E731
+        return run, ref, (torch.empty_like(x), dw), 6 * rows * width
+    if op.endswith("_backward"):  # d(gate_up) into the poisoned buffer against float64
+        act = op[:-len("_backward")]
+        gu, dy = torch.randn(rows, 2 * width, device=dev, dtype=bf16), torch.randn(rows, width, device=dev, dtype=bf16)
+        ref = ck.gated_act_backward_reference(gu.double(), dy.double(), act)
+        run = lambda o: ck.gated_act_backward_cutile(gu, dy, act, grad=o[0])  # noqa: E731
+        return run, ref, (torch.empty_like(gu),), 10 * rows * width
     if op in ("rms_norm", "gemma_rms_norm"):
         gemma = op == "gemma_rms_norm"
         x = torch.randn(rows, width, device=dev, dtype=bf16)
@@ -160,7 +187,9 @@ def check(ck, tuned, gpu) -> int:
     """Every table bucket of this GPU through the launchers (the tuned configuration the lookup returns), against
     float64 with NaN-poisoned outputs, at row counts inside and between the measured ones; returns the failures."""
     worst, failures, n = {}, 0, 0
-    for op, widths in WIDTHS.items():
+    for op, widths in ALL.items():
+        if not any(k[0] == gpu and k[1] == op for k in tuned.TABLE):
+            continue  # nothing tuned for it on this GPU: the defaults, covered by the GPU tests
         for width in widths:
             for rows in [1, 3, 17, 100, 333, 1000, 3000, 5000, 12000, 20000, 32768, 40000][:11 if op == "rope" else 12]:
                 run, ref, outs, _ = problem(ck, op, rows, width)
@@ -193,7 +222,7 @@ def write_table(path: Path, table: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default=",".join(WIDTHS))
+    parser.add_argument("--ops", default=",".join(WIDTHS), help=f"any of {', '.join(ALL)}")
     parser.add_argument("--quick", action="store_true", help="3 row counts, first width: a smoke run")
     parser.add_argument("--write", type=Path, help="rewrite this tuned.py with the new entries")
     parser.add_argument("--out", type=Path, help="directory for tune_<gpu>.md")
@@ -210,7 +239,7 @@ def main() -> None:
 
     build(ROOT / "build")
     ops = args.ops.split(",")
-    widths = {op: WIDTHS[op][:1] if args.quick else WIDTHS[op] for op in ops}
+    widths = {op: ALL[op][:1] if args.quick else ALL[op] for op in ops}
     rows_list = [1, 512, 32768] if args.quick else ROWS
     if args.workers:
         warm(sorted({(op, w, min(r, 4096)) for op in ops for w in widths[op] for r in rows_list}), args.workers)

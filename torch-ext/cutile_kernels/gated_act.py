@@ -80,11 +80,13 @@ def gated_act_backward_reference(gate_up, dy, act: str):
     return torch.cat([d * u * da, d * a], dim=-1).to(gate_up.dtype)
 
 
-def gated_act_backward_cutile(gate_up: torch.Tensor, dy: torch.Tensor, act: str) -> torch.Tensor:
+def gated_act_backward_cutile(gate_up: torch.Tensor, dy: torch.Tensor, act: str,
+                              grad: torch.Tensor | None = None) -> torch.Tensor:
+    """d(gate_up) in one pass; `grad`, if given, is a contiguous buffer of gate_up's shape."""
     inter = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * inter).contiguous()
     d = dy.reshape(-1, inter).contiguous()
-    grad = torch.empty_like(rows)
+    grad = torch.empty_like(rows) if grad is None else grad.view(-1, 2 * inter)
     if rows.shape[0] and inter:
         index = gate_up.get_device()
         launch(index, *_kernels().backward_launch(rows[:, :inter], rows[:, inter:], d, grad[:, :inter],

@@ -95,13 +95,14 @@ def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False):
     return dx.to(x.dtype), (d * xw).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
 
 
-def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float,
-                             gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by torch."""
+def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, gemma: bool,
+                             dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by torch. `dx`, if
+    given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
     rows, d = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m, index = rows.shape[0], x.get_device()
-    dx = torch.empty_like(rows)
+    dx = torch.empty_like(rows) if dx is None else dx.view(m, n)
     kernels, device = _kernels(), gpu(index)
     dw_partial = torch.zeros(kernels.backward_blocks(rows, device), n, dtype=torch.float32, device=x.device)
     if m:

@@ -1,0 +1,62 @@
+"""The per-GPU launch table (kernel-src/cutile_tile/tuned.py) and the tuner's candidates, on CPU: every table entry
+is a configuration the tuner can produce (so it was measured and float64-checked, benchmarks/tune.py), the GPU
+models are told apart, and every candidate makes a launch whose arguments match its kernel's signature."""
+import sys
+
+import pytest
+import torch
+
+from benchmarks import tune
+from devtools import compile_all
+
+MODULES = {m.__name__.rsplit(".", 1)[-1]: m for m in compile_all._load_modules()}
+TUNED = sys.modules["cutile_tile.tuned"]
+T = compile_all.Tensor
+BF16 = torch.bfloat16
+
+
+def plan(op: str, width: int, rows: int, gpu):
+    """The launch the op's launcher makes for (rows, width) in bf16 on `gpu` (stand-in tensors)."""
+    norm, act, rope = MODULES["rms_norm"], MODULES["gated_act"], MODULES["rope"]
+    x, w = T(BF16, (rows, width)), T(BF16, (width,))
+    if op in ("rms_norm", "gemma_rms_norm"):
+        return norm.forward_launch(x, w, x, 1e-6, op == "gemma_rms_norm", gpu)
+    if op == "rms_norm_backward":
+        return norm.backward_launch(x, w, x, x, T(torch.float32, (norm.backward_blocks(x, gpu), width)), 1e-6,
+                                    False, gpu)
+    if op == "rope":
+        q, k, cs = T(BF16, (1, 32, rows, width)), T(BF16, (1, 8, rows, width)), T(BF16, (1, rows, width))
+        return rope.forward_launch(q, k, cs, cs, q, k, gpu)
+    if op.endswith("_backward"):
+        return act.backward_launch(x, x, x, x, x, op[:-len("_backward")], gpu)
+    return act.forward_launch(x, x, x, op, gpu)
+
+
+def test_every_table_entry_is_a_tuner_candidate():
+    assert {gpu for gpu, *_ in TUNED.TABLE} >= {"h100", "h200"}
+    for (gpu, op, size, width_bucket, rows_bucket), config in TUNED.TABLE.items():
+        widths = [w for w in tune.ALL[op] if (w - 1).bit_length() == width_bucket]
+        assert size == 2 and widths, (gpu, op, width_bucket)
+        assert any(config in list(tune.candidates(op, w)) for w in widths), (gpu, op, width_bucket, config)
+        if op.endswith("rms_norm"):
+            assert not (config[2] and config[3]), "prefetch runs with plain loads only"
+
+
+def test_gpu_models_are_told_apart():
+    assert TUNED.gpu_key("NVIDIA H100 80GB HBM3") == "h100" and TUNED.gpu_key("NVIDIA H200") == "h200"
+    assert TUNED.lookup("h100", "rope", BF16, 128, 32768) is not None
+    assert TUNED.lookup("an untuned gpu", "rope", BF16, 128, 32768) is None  # -> the module's default_config
+
+
+@pytest.mark.parametrize("op", list(tune.ALL))
+def test_every_candidate_launch_matches_its_kernel(op, monkeypatch):
+    width = tune.ALL[op][0]
+    for rows in (1, 4096):
+        key = ("test", op, 2, (width - 1).bit_length(), rows.bit_length())
+        for config in tune.candidates(op, width):
+            monkeypatch.setitem(TUNED.TABLE, key, config)
+            kernel, grid, args = plan(op, width, rows, ("test", 132))
+            assert all(g >= 1 for g in grid), (config, grid)
+            _, params = compile_all._constraints((kernel, grid, args))
+            assert len(params) == len(args) == len(kernel._annotated_function.pyfunc.__code__.co_varnames[
+                :kernel._annotated_function.pyfunc.__code__.co_argcount]), config
