@@ -152,7 +152,8 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 def _add_check(x, residual, weight, eps, gemma):
     reason = _check(x, weight, eps, gemma)
-    if reason is None and (residual.shape != x.shape or residual.dtype is not x.dtype or residual.is_cuda is False):
+    if reason is None and (residual.shape != x.shape or residual.dtype is not x.dtype
+                           or residual.get_device() != x.get_device()):
         reason = f"the residual is {tuple(residual.shape)} {residual.dtype}, the input {tuple(x.shape)} {x.dtype}"
     return reason
 
