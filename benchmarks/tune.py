@@ -39,15 +39,18 @@ TOL = 1e-2  # bf16: two roundings (see tests/conftest.py GPU_REL_TOL)
 def candidates(op: str, width: int):
     if op == "rms_norm_backward":  # one dw partial row per block: persistent grids only
         tile_n = max(64, 1 << (width - 1).bit_length())
-        for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
-            for per_sm in (1, 2, 4, 8):
-                yield (tile_m, per_sm, True, False)
+        for tile_m in (m for m in (1, 2, 4) if m * tile_n <= 16384):
+            # (rows per tile, blocks per SM, occupancy hint: none or that many, load latency hint: none or 10)
+            for per_sm, occupancy, latency in itertools.product((1, 2, 4), (False, True), (0, 10)):
+                yield (tile_m, per_sm, per_sm if occupancy else 0, latency)
     elif op.endswith("_backward"):
         for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
             if tile_m * tile_n <= 4096:
                 yield (tile_m, tile_n, True)
     elif op in ("rms_norm", "gemma_rms_norm"):
         tile_n = max(64, 1 << (width - 1).bit_length())
+        if tile_n <= 8192:
+            yield (0, 0, False, False)  # rms_norm_row: one row per block, gather/scatter
         for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
             for per_sm, tma in itertools.product((1, 2, 4, 8, 0), (True, False)):
                 yield (tile_m, per_sm, tma, False)
@@ -59,10 +62,11 @@ def candidates(op: str, width: int):
             if tile_s * tile_h * half <= 8192:
                 for per_block in (1, 2, 4, 40):
                     yield (tile_s, tile_h, per_block)
-    else:
-        for tile_m, tile_n, tma in itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (True, False)):
+    else:  # (rows, columns per tile, TMA loads, blocks per SM: 0 = one block per tile)
+        for tile_m, tile_n, tma, per_sm in itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (True, False),
+                                                             (0, 4, 8)):
             if tile_m * tile_n <= 4096:
-                yield (tile_m, tile_n, tma)
+                yield (tile_m, tile_n, tma, per_sm)
 
 
 def problem(ck, op: str, rows: int, width: int):

@@ -11,8 +11,11 @@ eps are runtime values, so an 8B model (hidden 4096, head_dim 128) compiles a ha
 dtype: decode (few rows) and prefill (many rows) take different TILE_M.
 
 Design (benchmarks/sweep_rms_norm.py, H100): persistent blocks (2 per SM), tiles of up to 16K elements, and
-stores without TMA reach the copy bandwidth at 8192+ rows; with few rows, one row per block spreads the work.
+stores without TMA reach the copy bandwidth at 8192+ rows; with few rows, one row per block spreads the work, and
+for decode sizes `rms_norm_row` (gather/scatter, no tensor views) has the shortest prologue.
 """
+import functools
+
 import cuda.tile as ct
 import torch
 
@@ -20,31 +23,46 @@ from .tuned import lookup, shapes
 
 TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within one block)
 BLOCKS_PER_SM = 2
+ROW_GATHER = 0  # TILE_M of a configuration that runs rms_norm_row (one row per block, gather/scatter)
+ROW_GATHER_MAX = 8192  # widest row rms_norm_row holds in one tile
+
+
+@functools.cache
+def with_occupancy(kernel, occupancy: int):
+    """`kernel` compiled for `occupancy` resident blocks per SM (0: cuTile's choice). The hint sets the
+    register budget: the RMSNorm backward at 32768 x 4096 ran 2.5x faster with occupancy 2 on an H200 than
+    without (benchmarks/NOTES.md). Cached: each variant has its own compile cache."""
+    return kernel.replace_hints(occupancy=occupancy) if occupancy else kernel
 
 
 def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool, bool]:
-    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch) for GPUs without a tuned entry:
-    rows per tile shrink until every SM has a tile; persistent blocks, 2 per SM."""
+    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch) for GPUs without a tuned entry: up to
+    two rows per SM, rms_norm_row; otherwise rows per tile shrink until every SM has a tile; persistent blocks,
+    2 per SM."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
+    if n_rows <= 2 * n_sms and tile_n <= ROW_GATHER_MAX:
+        return ROW_GATHER, 0, False, False
     tile_m = max(1, min(32, TILE_ELEMENTS // tile_n))
     while tile_m > 1 and n_rows < tile_m * n_sms:
         tile_m //= 2
     return tile_m, BLOCKS_PER_SM, True, False
 
 
-def _plan(x, gpu, op):
+def _plan(x, gpu, op, default=None):
     m, n = x.shape
-    tile_m, per_sm, tma, prefetch = lookup(gpu[0], op, x.dtype, n, m) or default_config(n, m, gpu[1])
-    tiles = -(-m // tile_m)
+    tile_m, per_sm, *knobs = lookup(gpu[0], op, x.dtype, n, m) or (default or default_config)(n, m, gpu[1])
+    tiles = -(-m // max(1, tile_m))
     blocks = max(1, min(tiles, per_sm * gpu[1]) if per_sm else tiles)
-    return blocks, (n, tile_m, max(64, 1 << (n - 1).bit_length()), tma, prefetch)
+    return blocks, (n, tile_m, max(64, 1 << (n - 1).bit_length()), *knobs)
 
 
 def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
-    """(kernel, grid, args) of rms_norm_fwd for rows x (m, n) -> out (m, n); `gpu` is the device's
-    (name key, SM count). What the launcher runs and `specializations` enumerates."""
+    """(kernel, grid, args) of rms_norm_fwd (or rms_norm_row) for rows x (m, n) -> out (m, n); `gpu` is the
+    device's (name key, SM count). What the launcher runs and `specializations` enumerates."""
     blocks, (n, tile_m, tile_n, tma, prefetch) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
-    return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, tile_m, tile_n, tma, prefetch)
+    if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
+        return rms_norm_row, (x.shape[0],), (x, weight, out, n, float(eps), gemma, tile_n)
+    return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, max(1, tile_m), tile_n, tma, prefetch)
 
 
 def _normalize_store(xt, w, out, t, n_cols, eps, dtype, GEMMA):
@@ -84,6 +102,22 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
 
 
 @ct.kernel
+def rms_norm_row(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[bool], TILE_N: ct.Constant[int]):
+    """One row per block through gather/scatter (columns past n_cols read as zero and are not written): no
+    tensor views to set up, the shortest prologue for decode-size inputs (H200, 16 x 4096: 1.95 µs where the
+    tiled kernel takes 2.34)."""
+    row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
+    xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
+    w = ct.astype(ct.gather(weight, cols, latency=1), ct.float32)
+    if GEMMA:
+        w = w + 1.0
+    normed = xf * ct.rsqrt(ct.sum(xf * xf, axis=0, keepdims=False) / n_cols + eps)
+    if not GEMMA:
+        normed = ct.astype(ct.astype(normed, x.dtype), ct.float32)
+    ct.scatter(out, (row, cols), ct.astype(normed * w, out.dtype), latency=1)
+
+
+@ct.kernel
 def add_rms_norm_fwd(x, residual, weight, out, summed, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
                      TILE_M: ct.Constant[int], TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
     """A decoder layer's `residual + hidden` (rounded to the input dtype, as transformers adds them) written to
@@ -104,7 +138,8 @@ def add_rms_norm_fwd(x, residual, weight, out, summed, n_cols: int, eps: float, 
 def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of add_rms_norm_fwd for rows x, residual (m, n) -> out, summed (m, n)."""
     blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
-    return add_rms_norm_fwd, (blocks,), (x, residual, weight, out, summed, n, float(eps), gemma, tile_m, tile_n, tma)
+    return (add_rms_norm_fwd, (blocks,),
+            (x, residual, weight, out, summed, n, float(eps), gemma, max(1, tile_m), tile_n, tma))
 
 
 def specializations(array):
@@ -140,23 +175,37 @@ def specializations(array):
                     yield backward_launch(rows, w, rows, rows, array(torch.float32, (1, n)), 1e-6, gemma, gpu)
 
 
+def backward_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, int, int]:
+    """(TILE_M, blocks per SM, occupancy hint, load latency hint) of rms_norm_bwd for GPUs without a tuned
+    entry: two rows per tile (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096:
+    217 µs, 88 % of copy, where the untuned kernel took 539). Rows narrower than 2048 keep the untuned form
+    (16K-element tiles, no hints): 2 x 128 tiles with the latency hint compiled to a 2.2 MB cubin in 20 s."""
+    tile_n = max(64, 1 << (n_cols - 1).bit_length())
+    if tile_n < 2048:
+        return min(32, TILE_ELEMENTS // tile_n), 2, 0, 0
+    return max(1, min(2, 8192 // tile_n)), 2, 2, 10
+
+
 def backward_blocks(x, gpu) -> int:
     """Blocks of rms_norm_bwd for rows x, i.e. rows of its dw_partial output."""
-    return _plan(x, gpu, "rms_norm_backward")[0]
+    return _plan(x, gpu, "rms_norm_backward", backward_config)[0]
 
 
 def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
-    blocks, (n, tile_m, tile_n, _, _) = _plan(x, gpu, "rms_norm_backward")
-    return rms_norm_bwd, (blocks,), (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n)
+    blocks, (n, tile_m, tile_n, occupancy, latency) = _plan(x, gpu, "rms_norm_backward", backward_config)
+    return (with_occupancy(rms_norm_bwd, occupancy), (blocks,),
+            (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n, latency))
 
 
 @ct.kernel
 def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
-                 GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int]):
+                 GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int],
+                 LATENCY: ct.Constant[int]):
     """dx, and per-block partial sums of dw (rows of dw_partial, summed by the launcher). rstd is recomputed
     from x (one more read of x, no saved state). The gradient of the Llama form treats its rounding of x̂ as
-    identity for dx, and uses the rounded x̂ for dw, as autograd through transformers' forward does."""
+    identity for dx, and uses the rounded x̂ for dw, as autograd through transformers' forward does.
+    LATENCY: the loads' DRAM latency hint (0: none)."""
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
     w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
                              ct.float32), (1, TILE_N))
@@ -164,8 +213,13 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
         w = w + 1.0
     acc = ct.full((1, TILE_N), 0.0, dtype=ct.float32)
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
-        xf = ct.astype(ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
-        d = ct.astype(ct.load(dy, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+        if LATENCY:
+            xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
+            dt = ct.load(dy, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
+        else:
+            xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
+            dt = ct.load(dy, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
+        xf, d = ct.astype(xt, ct.float32), ct.astype(dt, ct.float32)
         rstd = ct.rsqrt(ct.sum(xf * xf, axis=1, keepdims=True) / n_cols + eps)
         xhat = xf * rstd
         g = d * w
