@@ -1,7 +1,7 @@
 """Every op, forward and backward, over real model widths: cuTile against torch eager, torch.compile, Liger-Kernel
 and TileGym.
 
-    python -m benchmarks.run_all [--quick] [--out benchmarks/results/<gpu>/kernels.md]   (and kernels.png)
+    python -m benchmarks.run_all [--quick] [--ops 'rms_norm,rms_norm bwd'] [--out benchmarks/results/<gpu>/kernels.md]
     python -m benchmarks.run_all --tiny                                                  (CPU: tiny shapes)
 
 Widths come from the harness's model registry (forward: every distinct width; backward: 8B widths), rows from
@@ -213,11 +213,14 @@ def plot(results, path) -> None:
 
 
 def main(argv=None) -> None:
-    args = h.arguments("benchmarks.run_all", __doc__, argv, out="kernels.md", add=lambda p: p.add_argument(
-        "--quick", action="store_true", help="every other row count and the first width of each op (a smoke run)"))
+    def add(p):
+        p.add_argument("--quick", action="store_true", help="every other row count and the first width of each op")
+        p.add_argument("--ops", help="comma list of rows' op names to run, e.g. 'rms_norm,rms_norm bwd' (default: all)")
+    args = h.arguments("benchmarks.run_all", __doc__, argv, out="kernels.md", add=add)
     torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 10_000  # a graph per shape
     print(h.header("cutile-kernels vs peers", args) + f"copy bandwidth {h.copy_gbs():.0f} GB/s", flush=True)
-    todo = [(c, m, w) for c in cases(h.local_kernel(args.kernel_root), args.tiny)
+    wanted = args.ops and set(args.ops.split(","))
+    todo = [(c, m, w) for c in cases(h.local_kernel(args.kernel_root), args.tiny) if not wanted or c["op"] in wanted
             for w in (c["widths"][:1] if args.quick else c["widths"])
             for m in ((2, 16) if args.tiny else h.ROWS[::2] if args.quick else h.ROWS)]
     results = []
