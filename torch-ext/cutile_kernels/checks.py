@@ -21,6 +21,7 @@ are its own, and output recorders match by isinstance, so the original classes s
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from torch import nn
@@ -32,7 +33,12 @@ PACKAGE = __name__.rpartition(".")[0]
 LLAMA_FORM = ("Llama", "Mistral", "Qwen2", "Qwen3")  # the families of the Llama-form layers
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3 and Gemma3"
 # kernel -> the classes its Layout may replace (a Layout key)
-REPLACES = {"GemmaRMSNorm": {"Gemma3RMSNorm"}, "SwiGLUMLP": {f"{f}MLP" for f in LLAMA_FORM}}
+REPLACES = {"GemmaRMSNorm": {"Gemma3RMSNorm"}, "SwiGLUMLP": {f"{f}MLP" for f in LLAMA_FORM},
+            "DecoderLayer": {f"{f}DecoderLayer" for f in LLAMA_FORM}, "GemmaDecoderLayer": {"Gemma3DecoderLayer"}}
+# the decoder-layer kernels (decoder.py); model_type -> the class-name prefix of the family's modeling module
+DECODERS = {"DecoderLayer": "Llama, Mistral, Qwen2 and Qwen3", "GemmaDecoderLayer": "Gemma3"}
+DECODER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3",
+                    "gemma3_text": "Gemma3"}
 # kernel -> decoder layer -> (the child that is the norm before the MLP, its classes, the MLP's class) (a fusion)
 FUSES = {
     "RMSNormMLP": {f"{f}DecoderLayer": ("post_attention_layernorm", {f"{f}RMSNorm"}, f"{f}MLP") for f in LLAMA_FORM},
@@ -178,6 +184,15 @@ def advice(found: str, repo: str = "<repo>") -> str:
     return f"this package has no layer for {found} (it supports {SUPPORTED}): remove the key"
 
 
+def decoder_advice(found: str, repo: str = "<repo>") -> str:
+    """The decoder-layer key for class `found`, or why there is none."""
+    if found == "Gemma3DecoderLayer":
+        return f"for {found} use {_entry('^Gemma3DecoderLayer$', repo, 'GemmaDecoderLayer')}"
+    if found in REPLACES["DecoderLayer"]:
+        return f"for {found} use {_entry(f'^{found}$', repo, 'DecoderLayer')}"
+    return f"this package has no decoder layer for {found} (it supports {SUPPORTED}): remove the key"
+
+
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -237,9 +252,11 @@ def check_replacement(layout_cls: type, *arguments) -> Site | None:
         keys = ", ".join(repr(k) for k in _patch_keys(layout_cls, wrong)) or "a key"
         what = {"GemmaRMSNorm": "computes Gemma3's x̂·(1+w) and replaces Gemma3RMSNorm only",
                 "SwiGLUMLP": "merges the gate and up projections of LlamaMLP, MistralMLP, Qwen2MLP and Qwen3MLP "
-                             "only"}[kernel]
+                             "only",
+                **{k: f"is the decoder layer of {families} only" for k, families in DECODERS.items()}}[kernel]
+        hint = (decoder_advice if kernel in DECODERS else advice)(wrong[0], _repo(site, kernel))
         refuse(f"KernelConfig key {keys} -> {kernel} hits {', '.join(wrong)}; {kernel} {what}. "
-               f"{_sentence(advice(wrong[0], _repo(site, kernel)))}.", site)
+               f"{_sentence(hint)}.", site)
     return site
 
 
@@ -267,6 +284,15 @@ def check_fusion(layout_cls: type, norm, mlp) -> Site | None:
                  f"{mlp_slot}: {mlp_cls})")
     else:
         found = f"{kernel}Layout was given {norm_cls} and {mlp_cls}"
+    decoders = sorted(set(DECODERS) & set(_layer_names(site.load.kernel_config))) if site is not None else []
+    prefix = (layer or "LlamaDecoderLayer").removesuffix("DecoderLayer")
+    mlp_instead = ("keep Gemma3MLP (remove the fusion key)" if kernel == "GemmaRMSNormMLP" else
+                   f"use the merged MLP, {_entry(f'^{prefix}MLP$', repo, 'SwiGLUMLP')}, instead of the fusion key")
+    if decoders:  # transformers patches the decoder layer's exact name for the fusion: the decoder key never applies
+        refuse(f"{found}: this KernelConfig also asks for {decoders[0]}, and both replace {layer}: transformers "
+               f"builds the fusion's {type(parent).__name__} (under the exact class name, which wins over the "
+               f"decoder key's regex), so {decoders[0]} would never run. With a decoder layer, add_rms_norm is the "
+               f"norm before the MLP: {mlp_instead}", site)
     supported = FUSES[kernel]
     if mlp_cls in ("SwiGLUMLPLayout", "RMSNormMLPLayout", "GemmaRMSNormMLPLayout"):
         refuse(f"{found}: the MLP is already replaced by {mlp_cls.removesuffix('Layout')}. SwiGLUMLP and "
@@ -350,11 +376,37 @@ def reset_process_state(originals: dict | None = None) -> None:
         for attr, value in list(vars(module).items()):
             if _is_ours(value) and (original := _original(value, (module.__name__, attr))) is not None:
                 setattr(module, attr, original)
-    recorders = [cls.__dict__["_can_record_outputs"] for cls in _model_classes(PreTrainedModel)
+    recorders = [(cls.__dict__["_can_record_outputs"], cls.__module__) for cls in _model_classes(PreTrainedModel)
                  if isinstance(cls.__dict__.get("_can_record_outputs"), dict)]
-    for outputs in recorders + list(output_capturing._CAN_RECORD_REGISTRY.values()):
+    registered = [(outputs, re.sub(r"^<class '(.*)\.\w+'>$", r"\1", str(owner)))
+                  for owner, outputs in output_capturing._CAN_RECORD_REGISTRY.items()]
+    for outputs, module_name in recorders + registered:
         for output, recorder in list((outputs or {}).items()):
-            outputs[output] = _restore_recorder(recorder)
+            outputs[output] = _with_replaced_decoders(_restore_recorder(recorder), module_name)
+
+
+def _is_decoder_layout(cls) -> bool:
+    return isinstance(cls, type) and getattr(cls, "_cutile_kernels_layout", False) and \
+        cls.__name__.removesuffix("Layout") in DECODERS
+
+
+def _with_replaced_decoders(recorder, module_name: str):
+    """A decoder Layout recorder (patch_output_recorders put it in place of `<Family>DecoderLayer`) stays, for
+    the loaded model's layers are Layouts, and the class it replaced joins it, for later plain models: hidden
+    states are recorded by isinstance, so each model matches one of the two."""
+    items = recorder if isinstance(recorder, list) else [recorder]
+    if not any(_is_decoder_layout(r) for r in items):
+        return recorder
+    module = sys.modules.get(module_name)
+    replaced = [c for name in sorted(set().union(*(REPLACES[k] for k in DECODERS)))
+                if isinstance(c := _ORIGINALS.get((module_name, name)) or getattr(module, name, None), type)
+                and not _is_ours(c)]
+    flat = []
+    for r in items:
+        for c in ([*replaced, r] if _is_decoder_layout(r) else [r]):
+            if c not in flat:
+                flat.append(c)
+    return flat
 
 
 def _restore_recorder(recorder):

@@ -34,13 +34,18 @@ def fused_key(norm: str) -> tuple:
 
 
 def recommended_mapping(model_or_family, repo: str, *, norm: bool = True, mlp: str | None = "fused",
-                        rope: bool = True, trust_remote_code: bool = False, version: int = 1) -> dict:
+                        rope: bool = True, decoder: bool = False, trust_remote_code: bool = False,
+                        version: int = 1) -> dict:
     """The KernelConfig mapping for `model_or_family` with kernels from `repo`.
 
     norm: every RMSNorm of the decoder (Llama form, or Gemma3's through its Layout).
     mlp: "fused" (the norm before the MLP and the MLP as one layer), "merged" (the MLP alone with one
         gate_up GEMM; not for Gemma3, whose MLP is only offered fused) or None.
     rope: transformers' rotary_pos_emb function.
+    decoder: the decoder layer whose residual add and the norm after it are one add_rms_norm (DecoderLayer,
+        GemmaDecoderLayer). Off by default until GPU measurements say it is faster. The fused key patches the
+        same decoder layer class, so with decoder=True, mlp="fused" means the decoder's fused norm followed by
+        the merged MLP (Gemma3: its own MLP, there is no merged Gemma3 MLP).
     trust_remote_code: values as ("<repo>:<Layer>", {"version": version, "trust_remote_code": True}), the form
         transformers needs for a repo that is not a trusted publisher (plain strings otherwise).
     """
@@ -51,6 +56,11 @@ def recommended_mapping(model_or_family, repo: str, *, norm: bool = True, mlp: s
     mapping: dict = {}
     if norm:
         mapping.update({"^Gemma3RMSNorm$": f"{repo}:GemmaRMSNorm"} if gemma else {"RMSNorm": f"{repo}:RMSNorm"})
+    if decoder:
+        layer = "Gemma3DecoderLayer" if gemma else f"{_MLP_CLASS[family].removesuffix('MLP')}DecoderLayer"
+        mapping[f"^{layer}$"] = f"{repo}:{'GemmaDecoderLayer' if gemma else 'DecoderLayer'}"
+        if mlp == "fused":  # add_rms_norm is the norm before the MLP; the fusion key would shadow the decoder's
+            mlp = None if gemma else "merged"
     if mlp == "fused":
         key = fused_key("pre_feedforward_layernorm" if gemma else "post_attention_layernorm")
         mapping[key] = f"{repo}:{'GemmaRMSNormMLP' if gemma else 'RMSNormMLP'}"

@@ -1,0 +1,288 @@
+"""The decoder-layer kernels (DecoderLayer for Llama, Mistral, Qwen2, Qwen3; GemmaDecoderLayer for Gemma3): the
+residual add and the norm after it as one add_rms_norm, delivered through KernelConfig by their Layouts.
+
+Each family's own decoder layer against ours (Layout built by hand, the kernel forward bound as kernelize binds
+it) inside the family's model on the same weights and inputs: padding masks, DynamicCache and StaticCache over a
+prefill and decode steps, sliding windows (Mistral, Qwen2, Gemma3's local/global layers): logits and caches equal
+exactly on CPU (fp32; the ops run their exact references), within bf16 tolerance on a GPU. Then whole models
+through from_pretrained(use_kernels=True, kernel_config=...) with the other recommended keys, save_pretrained,
+enable_training (and gradient checkpointing), torch.compile(fullgraph=True), hidden-state recording and the
+refusals (the fused norm+MLP key beside a decoder key; a decoder key on the wrong family)."""
+import copy
+import re
+from types import MethodType
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, KernelConfig, StaticCache
+
+from devtools.checkpoints import ALL_FAMILIES, config_for, randomize_norms
+
+from ._helpers import (DEVICES, IDS, check_layout_model, layouts, load, logits, no_fallback, plain, rel_err)
+
+# the window (4) is shorter than the prompts, so sliding layers mask differently from full ones
+SLIDING = {"mistral": dict(sliding_window=4),
+           "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+           "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])}
+DECODER = {f: ("GemmaDecoderLayer" if f == "gemma3" else "DecoderLayer") for f in ALL_FAMILIES}
+
+
+def fused(norm: str) -> tuple:
+    return (("RMSNorm", f"model.layers.*.{norm}"), ("MLP", "model.layers.*.mlp"))
+
+
+def decoder_mapping(ck, family: str, repo: str, **options) -> dict:
+    return ck.recommended_mapping(family, repo, decoder=True, **options)
+
+
+def plain_model(family: str, device: str, dtype):
+    config = config_for(family, **SLIDING.get(family, {}))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_norms(model, torch.Generator().manual_seed(1))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def with_our_layers(ck, model):
+    """A copy of `model` whose decoder layers are our Layouts (same weights) running the kernel forward, bound as
+    kernels' kernelize binds it."""
+    ours = copy.deepcopy(model)
+    name = DECODER["gemma3" if model.config.model_type == "gemma3_text" else "llama"]
+    layout_cls, kernel_cls = getattr(ck.decoder, f"{name}Layout"), getattr(ck.layers, name)
+    for i, layer in enumerate(ours.model.layers):
+        new = layout_cls(model.config, i).to(device=model.device, dtype=model.dtype)
+        # the same children, from the same classes, under the same keys
+        assert [(n, type(m)) for n, m in new.named_children()] == [(n, type(m)) for n, m in layer.named_children()]
+        assert {k: v.shape for k, v in new.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
+        new.load_state_dict(layer.state_dict())
+        new.forward = MethodType(kernel_cls.forward, new)
+        ours.model.layers[i] = new
+    return ours
+
+
+def make_cache(kind: str, model, batch: int):
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=32)
+
+
+def run_steps(model, ids, mask, cache):
+    """Prefill of all but the last 3 tokens, then one decode step per token (the mask grows with the cache)."""
+    out, prefill = [], ids.shape[1] - 3
+    with torch.no_grad():
+        for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+            result = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True,
+                           cache_position=torch.arange(start, stop, device=ids.device))
+            out.append(result.logits)
+    return out
+
+
+def cache_tensors(cache) -> list:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_decoder_layer_matches_transformers(device_ck, device, family, cache):
+    """Left padding in one row, prefill + 3 decode steps: every step's logits and the cache contents equal
+    transformers' (CPU fp32: exactly; GPU bf16: the cuTile add_rms_norm, no fallback, within bf16 tolerance)."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    reference = plain_model(family, device, dtype)
+    ours = with_our_layers(device_ck, reference)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    want_cache, got_cache = make_cache(cache, reference, 2), make_cache(cache, ours, 2)
+    want = run_steps(reference, ids, mask, want_cache)
+    with no_fallback(device_ck, on=device == "cuda"):
+        got = run_steps(ours, ids, mask, got_cache)
+    pairs = list(zip(got, want)) + list(zip(cache_tensors(got_cache), cache_tensors(want_cache)))
+    for g, w in pairs:
+        if device == "cpu":
+            assert torch.equal(g, w)
+        else:
+            assert rel_err(g.float(), w.float()) < 2e-2
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_is_in_effect(ck, family):
+    """The parity above covers sliding windows only if they change the result: a copy with the window removed
+    differs (so our layers pass the sliding masks through)."""
+    reference = plain_model(family, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    wide = copy.deepcopy(reference)
+    wide.config.sliding_window = 64
+    for layer in wide.model.layers:
+        if getattr(layer.self_attn, "sliding_window", None):
+            layer.self_attn.sliding_window = 64
+    assert not torch.equal(logits(with_our_layers(ck, reference), ids), logits(with_our_layers(ck, wide), ids))
+    assert torch.equal(logits(with_our_layers(ck, reference), ids), logits(reference, ids))
+
+
+def test_layout_reference_forward_is_transformers(ck):
+    """The Layouts' own forward (training without enable_training, kernels' fallbacks) is transformers'."""
+    for family in ("qwen3", "gemma3"):
+        reference = plain_model(family, "cpu", torch.float32)
+        ours = with_our_layers(ck, reference)
+        for layer in ours.model.layers:
+            del layer.forward  # back to the class's forward
+        assert torch.equal(logits(ours), logits(reference))
+
+
+# --- through KernelConfig ---------------------------------------------------------------------------------------
+
+CASES = [pytest.param(family, case) for family in ALL_FAMILIES for case in ("decoder", "recommended")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family,case", CASES)
+def test_kernel_config(ck_hub, checkpoints, hub, cpu_kernel_config, tmp_path, device, family, case):
+    """The decoder key alone, and with every other recommended key (norms, merged MLP, RoPE): no missing or
+    unexpected key, kernel forwards bound on every Layout (decoder layers, merged MLPs, Gemma3 norms), exact logits
+    on CPU (bf16 tolerance on a GPU), save_pretrained writes the original keys, plain transformers reloads them."""
+    options = dict(norm=False, mlp=None, rope=False) if case == "decoder" else {}
+    mapping = decoder_mapping(ck_hub, family, hub, **options)
+    check_layout_model(ck_hub, checkpoints[family], mapping, device, tmp_path)
+    if device == "cpu":
+        model, _ = load(checkpoints[family], mapping)
+        layers = model.model.layers
+        assert all(type(m).__name__ == f"{DECODER[family]}Layout" for m in layers)
+        assert all(m.forward.__func__ is getattr(ck_hub.layers, DECODER[family]).forward for m in layers)
+        if case == "recommended":  # the other kernels still reach the children
+            norm = layers[0].input_layernorm
+            want = ck_hub.layers.GemmaRMSNorm if family == "gemma3" else ck_hub.layers.RMSNorm
+            assert norm.forward.__func__ is want.forward
+            if family != "gemma3":
+                assert layers[0].mlp.forward.__func__ is ck_hub.layers.SwiGLUMLP.forward
+
+
+def test_recommended_mapping_with_decoder(ck):
+    """decoder=True adds the anchored decoder key and trades the fusion key (which would shadow it) for the
+    merged MLP (Gemma3: its own MLP); the default stays without the decoder layer."""
+    assert not any("DecoderLayer" in str(k) for k in ck.recommended_mapping("llama", "r"))
+    llama = ck.recommended_mapping("llama", "r", decoder=True)
+    assert llama == {"RMSNorm": "r:RMSNorm", "^LlamaDecoderLayer$": "r:DecoderLayer", "^LlamaMLP$": "r:SwiGLUMLP",
+                     "rotary_pos_emb": "r:ApplyRotaryPosEmb"}
+    gemma = ck.recommended_mapping("gemma3", "r", decoder=True)
+    assert gemma == {"^Gemma3RMSNorm$": "r:GemmaRMSNorm", "^Gemma3DecoderLayer$": "r:GemmaDecoderLayer",
+                     "rotary_pos_emb": "r:ApplyRotaryPosEmb"}
+    assert ck.recommended_mapping("qwen2", "r", decoder=True, mlp=None, norm=False, rope=False) == {
+        "^Qwen2DecoderLayer$": "r:DecoderLayer"}
+
+
+def test_hidden_states_recorded_for_ours_and_later_plain_models(checkpoints, hub, ck_hub, cpu_kernel_config):
+    """transformers records hidden states by isinstance of the decoder-layer class, and its load points the
+    recorder at our Layout: the package's cleanup keeps the Layout beside the original class, so the kernel
+    model and a later plain model (no guard between them) both return every layer's hidden state."""
+    for family in ("llama", "gemma3"):
+        path = checkpoints[family]
+        model, _ = load(path, decoder_mapping(ck_hub, family, hub, rope=False))
+        later, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        assert not any(info.values()) and not layouts(later)
+        reference = plain(path)
+        with torch.no_grad():
+            got = model(IDS, output_hidden_states=True).hidden_states
+            after = later(IDS, output_hidden_states=True).hidden_states
+            want = reference(IDS, output_hidden_states=True).hidden_states
+        assert len(got) == len(after) == len(want) == model.config.num_hidden_layers + 1
+        assert all(torch.equal(g, w) and torch.equal(a, w) for g, a, w in zip(got, after, want))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_enable_training(checkpoints, hub, ck_hub, cpu_kernel_config, family):
+    """After enable_training, model.train() keeps the kernel forward (add_rms_norm's registered backward); loss
+    and every gradient equal the plain model's, also with gradient checkpointing (our Layout is a
+    GradientCheckpointingLayer like transformers' decoder layers)."""
+    path = checkpoints[family]
+    for checkpointing in (False, True):
+        reference = plain(path)
+        model, _ = load(path, decoder_mapping(ck_hub, family, hub, norm=False, mlp=None, rope=False))
+        ck_hub.enable_training(model)
+        for m in (model, reference):
+            if checkpointing:
+                m.gradient_checkpointing_enable()
+            m.train()
+        kernel_forward = getattr(ck_hub.layers, DECODER[family]).forward
+        assert all(layer.forward.__func__ is kernel_forward for layer in model.model.layers)
+        out, ref = model(IDS, labels=IDS), reference(IDS, labels=IDS)
+        out.loss.backward()
+        ref.loss.backward()
+        assert torch.equal(out.loss, ref.loss)
+        want = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.allclose(p.grad, want[name].grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_torch_compile_fullgraph(checkpoints, hub, ck_hub, cpu_kernel_config):
+    """kernelize in TORCH_COMPILE mode keeps the decoder kernel (can_torch_compile=True); a model forward
+    compiles with fullgraph=True (a graph break raises) and equals the eager one."""
+    from kernels import LayerRepository, Mode, kernelize, use_kernel_mapping
+
+    for family in ("qwen3", "gemma3"):
+        mapping = decoder_mapping(ck_hub, family, hub)
+        model, _ = load(checkpoints[family], mapping)
+        layers = {"DecoderLayer", "GemmaDecoderLayer", "RMSNorm", "GemmaRMSNorm", "SwiGLUMLP"}
+        repos = {name: {"cpu": LayerRepository(hub, layer_name=name, version=1)} for name in layers}
+        repos["rotary_pos_emb"] = {"cpu": LayerRepository(hub, layer_name="ApplyRotaryPosEmb", version=1)}
+        with use_kernel_mapping(repos, inherit_mapping=False):
+            kernelize(model, mode=Mode.INFERENCE | Mode.TORCH_COMPILE, device="cpu")
+        kernel_forward = getattr(ck_hub.layers, DECODER[family]).forward
+        assert all(layer.forward.__func__ is kernel_forward for layer in model.model.layers)
+        ids = torch.randint(0, 256, (1, 11))
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = model(ids).logits
+            explanation = torch._dynamo.explain(model)(ids)
+            got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+        assert explanation.graph_break_count == 0, [str(r)[:300] for r in explanation.break_reasons]
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_decoder_with_the_fused_key_is_refused(checkpoints, hub, ck_hub, cpu_kernel_config, family):
+    """transformers builds the fusion's Fused<Family>DecoderLayer under the decoder layer's exact class name, which
+    wins over the decoder key's regex: the decoder layer would never run. The fused Layout refuses the pair,
+    naming what to use instead, and leaves the process clean."""
+    norm = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    kernel = "GemmaRMSNormMLP" if family == "gemma3" else "RMSNormMLP"
+    mapping = {**decoder_mapping(ck_hub, family, hub, norm=False, mlp=None, rope=False),
+               fused(norm): f"{hub}:{kernel}"}
+    with pytest.raises(ValueError) as e:
+        load(checkpoints[family], mapping)
+    message = str(e.value)
+    assert f"this KernelConfig also asks for {DECODER[family]}" in message, message
+    if family == "llama":
+        assert '{"^LlamaMLP$": "' + hub + ':SwiGLUMLP"}' in message, message
+    else:
+        assert "keep Gemma3MLP" in message, message
+    later, info = AutoModelForCausalLM.from_pretrained(checkpoints[family], output_loading_info=True)
+    assert not any(info.values()) and not layouts(later)
+
+
+@pytest.mark.parametrize("family,key,layer,found,right", [
+    ("llama", "^LlamaDecoderLayer$", "GemmaDecoderLayer", "LlamaDecoderLayer", ("^LlamaDecoderLayer$", "DecoderLayer")),
+    ("gemma3", "DecoderLayer", "DecoderLayer", "Gemma3DecoderLayer", ("^Gemma3DecoderLayer$", "GemmaDecoderLayer")),
+])
+def test_decoder_key_on_the_wrong_family_is_refused(checkpoints, hub, cpu_kernel_config, family, key, layer, found,
+                                                    right):
+    with pytest.raises(ValueError) as e:
+        load(checkpoints[family], {key: f"{hub}:{layer}"})
+    message = str(e.value)
+    assert f"KernelConfig key {key!r} -> {layer} hits {found}" in message, message
+    assert re.search(re.escape(f'{{"{right[0]}": "{hub}:{right[1]}"}}'), message), message
+    later, info = AutoModelForCausalLM.from_pretrained(checkpoints[family], output_loading_info=True)
+    assert not any(info.values()) and not layouts(later)
+
+
+@pytest.mark.gpu
+def test_whole_model_with_every_kernel_on_gpu(wide_checkpoints, hub, ck_hub):
+    """head_dim 64: every kernel, RoPE included, takes its cuTile path; the decoder key with all the others."""
+    from ._helpers import assert_gpu_parity
+
+    for family in ("llama", "gemma3"):
+        model = assert_gpu_parity(ck_hub, wide_checkpoints[family], decoder_mapping(ck_hub, family, hub))
+        assert all(type(m).__name__ == f"{DECODER[family]}Layout" for m in model.model.layers)

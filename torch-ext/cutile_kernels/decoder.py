@@ -1,0 +1,164 @@
+"""Decoder layers with the residual add fused into the norm after it (issue 12): `DecoderLayer` (Llama, Mistral,
+Qwen2, Qwen3) and `GemmaDecoderLayer` (Gemma3), each a kernel (forward only, what kernelize swaps in) beside its
+Layout (what transformers builds in place of `<Family>DecoderLayer`).
+
+The Layout builds the same children as transformers' decoder layer, from the family's modeling module, so every
+child and checkpoint key stays as transformers has it (no conversion rule) and the other kernels of the same
+KernelConfig still reach the children: RMSNorm, GemmaRMSNorm, the merged MLP (SwiGLUMLP), rotary_pos_emb. Its own
+forward is transformers' (training, fallbacks); the kernel forward replaces
+
+    hidden = residual + attn_out;  normed = post_attention_layernorm(hidden)      (Llama form)
+    hidden = residual + post_attention_layernorm(attn_out);  normed = pre_feedforward_layernorm(hidden)  (Gemma3)
+
+by one `add_rms_norm` (reads both inputs once, writes the sum and the normalized rows). Gemma3's sandwich is a
+composition: its post-attention norm stays a separate launch (the GemmaRMSNorm kernel when keyed), the add and the
+pre-feedforward norm are one. The MLP's residual add stays a torch add (it feeds the next layer's input norm).
+
+The fused norm+MLP keys (RMSNormMLP, GemmaRMSNormMLP) cannot join: transformers makes a `Fused<Family>DecoderLayer`
+under the decoder layer's exact class name, which wins over this regex key, so the fused Layout refuses the pair
+(checks.py). With a decoder layer, the merged MLP gives the same launches: add_rms_norm is the norm before it.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from .checks import DECODER_FAMILIES, Layout, check_replacement
+from .rms_norm import add_rms_norm
+
+try:  # the decoder layers' base: gradient checkpointing in __call__ (kernels alone loads this without transformers)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+    GradientCheckpointingLayer = nn.Module
+
+
+def _modeling_module(layout_cls: type, site, config):
+    """(the family's modeling module, its class-name prefix): from the class the Layout replaces, or (built by
+    hand) from the config."""
+    if site is not None and site.replaced:
+        prefix = site.replaced[0].removesuffix("DecoderLayer")
+    else:
+        prefix = DECODER_FAMILIES.get(getattr(config, "model_type", None))
+    family = prefix.lower()
+    return importlib.import_module(f"transformers.models.{family}.modeling_{family}"), prefix
+
+
+class _DecoderLayerKernel(nn.Module):
+    has_backward = True  # add_rms_norm's custom op has a registered backward; the rest is torch or other kernels
+    can_torch_compile = True  # one custom op more, no graph break
+
+
+# --- DecoderLayer: Llama, Mistral, Qwen2, Qwen3 ----------------------------------------------------------------
+
+class DecoderLayer(_DecoderLayerKernel):
+    """`<Family>DecoderLayer.forward` with `residual + attn_out` and post_attention_layernorm in one add_rms_norm."""
+
+    input_layernorm: nn.Module
+    self_attn: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        norm = self.post_attention_layernorm
+        hidden_states, residual = add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
+        return residual + self.mlp(hidden_states)
+
+
+class DecoderLayerLayout(Layout, GradientCheckpointingLayer):
+    """LlamaDecoderLayer (MistralDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer) as transformers builds it:
+    the same children from the same (possibly patched) classes of the family's modeling module."""
+
+    def __init__(self, config, layer_idx: int):
+        site = check_replacement(type(self), config, layer_idx)  # a Llama-form decoder layer only
+        super().__init__()
+        modeling, prefix = _modeling_module(type(self), site, config)
+        self.hidden_size = config.hidden_size
+        self.self_attn = getattr(modeling, f"{prefix}Attention")(config=config, layer_idx=layer_idx)
+        self.mlp = getattr(modeling, f"{prefix}MLP")(config)
+        norm = getattr(modeling, f"{prefix}RMSNorm")
+        self.input_layernorm = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = norm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        """transformers 5.22.2's LlamaDecoderLayer.forward (the same in Mistral, Qwen2, Qwen3)."""
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+# --- GemmaDecoderLayer: Gemma3 (sandwich norms) ------------------------------------------------------------------
+
+class GemmaDecoderLayer(_DecoderLayerKernel):
+    """Gemma3DecoderLayer.forward with `residual + post_attention_layernorm(attn_out)` and
+    pre_feedforward_layernorm in one add_rms_norm (Gemma form)."""
+
+    input_layernorm: nn.Module
+    self_attn: nn.Module
+    post_attention_layernorm: nn.Module
+    pre_feedforward_layernorm: nn.Module
+    mlp: nn.Module
+    post_feedforward_layernorm: nn.Module
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                past_key_values=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, **kwargs)
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        norm = self.pre_feedforward_layernorm
+        hidden_states, residual = add_rms_norm(hidden_states, residual, norm.weight, norm.eps, True)
+        hidden_states = self.post_feedforward_layernorm(self.mlp(hidden_states))
+        return residual + hidden_states
+
+
+class GemmaDecoderLayerLayout(Layout, GradientCheckpointingLayer):
+    """Gemma3DecoderLayer as transformers builds it (four Gemma3RMSNorm, or GemmaRMSNormLayout when keyed)."""
+
+    def __init__(self, config, layer_idx: int):
+        site = check_replacement(type(self), config, layer_idx)  # Gemma3DecoderLayer only
+        super().__init__()
+        modeling, prefix = _modeling_module(type(self), site, config)
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.layer_idx = layer_idx
+        self.self_attn = getattr(modeling, f"{prefix}Attention")(config=config, layer_idx=layer_idx)
+        self.mlp = getattr(modeling, f"{prefix}MLP")(config)
+        norm = getattr(modeling, f"{prefix}RMSNorm")
+        self.input_layernorm = norm(self.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = norm(self.hidden_size, eps=config.rms_norm_eps)
+        self.pre_feedforward_layernorm = norm(self.hidden_size, eps=config.rms_norm_eps)
+        self.post_feedforward_layernorm = norm(self.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                past_key_values=None, **kwargs):
+        """transformers 5.22.2's Gemma3DecoderLayer.forward."""
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, **kwargs)
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.pre_feedforward_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
+        return residual + hidden_states
