@@ -1,10 +1,16 @@
 """Assemble `build/` from `torch-ext/` and `kernel-src/` without Nix.
 
-    python -m devtools.build [--out build]
+    python -m devtools.build [--out build] [--archs sm_90,sm_100 | all]
 
 Variants: the noarch `torch-cuda` (what kernel-builder also produces), `torch-cpu` (the same package; on a CPU
 every op takes its PyTorch reference path) and one arch variant per supported torch with CUDA 13, which kernels
 prefers over `torch-cuda` and which makes a CUDA 12 system fail with a clear "no build variant" error.
+
+Precompiled kernels: the arch variants carry `cubins/` (zlib-compressed cubins and manifest.json, read by
+torch-ext/cutile_kernels/_aot.py) for every arch whose whole precompiled set (devtools/compile_all.py aot_specs)
+is in the cubin cache (.cache/cubins); metadata.json's `precompiled.archs` lists them. `--archs` first compiles
+the missing cubins of those archs (tileiras runs on the CPU: minutes per arch); without it nothing is compiled,
+so the default build stays fast.
 """
 from __future__ import annotations
 
@@ -74,7 +80,61 @@ def add_digest(meta: dict, variant_dir: Path) -> None:
     meta["digest"] = {"algorithm": "sha256", "files": dict(digest.files)}
 
 
-def build(out: Path) -> list[Path]:
+def precompiled_set(cache: Path):
+    """(specs, archs complete in `cache`, digests, compiler) of the precompiled kernels, or None without a cache."""
+    from . import compile_all
+
+    compiler = compile_all.compiler_version()
+    if compiler is None or not cache.is_dir():
+        return None
+    specs, digests = compile_all.aot_specs(), compile_all.source_digests()
+    archs = [arch for arch in compile_all.ARCHS if all(
+        compile_all.cubin_path(spec, arch, digests, compiler, cache).exists()
+        for spec, spec_archs in specs.items() if arch in spec_archs)]
+    return specs, archs, digests, compiler
+
+
+def pack_cubins(dest: Path, precompiled, cache: Path) -> dict:
+    """Write dest/cubins/ (a compressed cubin per spec and arch, and the manifest); the metadata entry."""
+    import zlib
+
+    from . import compile_all
+
+    specs, archs, digests, compiler = precompiled
+    aot = compile_all._aot_module()
+    out = dest / "cubins"
+    out.mkdir()
+    entries = []
+    for spec, spec_archs in specs.items():
+        cubins, symbol = {}, None
+        for arch in archs:
+            if arch in spec_archs:
+                src = compile_all.cubin_path(spec, arch, digests, compiler, cache)
+                name = f"{spec.name}.{arch}.cubin.z"
+                (out / name).write_bytes(zlib.compress(src.read_bytes(), 9))
+                symbol = Path(f"{src}.symbol").read_text()
+                cubins[arch] = name
+        entries.append({"module": spec.module, "kernel": spec.kernel, "hints": spec.hints,
+                        "params": [list(p) for p in spec.params], "symbol": symbol, "cubins": cubins})
+    manifest = {"format": 1, "compiler": compiler, "archs": archs, "constraints": aot.ARRAY_CONSTRAINTS,
+                "calling_convention": "cutile_python_v1",
+                "modules": {m: digests[m] for m in sorted({spec.module for spec in specs})}, "kernels": entries}
+    (out / aot.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return {"archs": archs, "kernels": len(entries), "manifest": f"cubins/{aot.MANIFEST}"}
+
+
+def build(out: Path, archs: tuple[str, ...] = (), cache: Path | None = None) -> list[Path]:
+    """Assemble the variants into `out`; `archs`: compile the precompiled kernels' missing cubins for those first."""
+    from . import compile_all
+
+    cache = compile_all.AOT_CACHE if cache is None else cache
+    if archs:
+        failures = compile_all.compile_aot(archs, cache=cache)
+        if failures:
+            raise SystemExit(f"build: {failures} cubins failed to compile")
+    precompiled = precompiled_set(cache)
+    if precompiled is not None and not precompiled[1]:
+        precompiled = None
     general = build_config()["general"]
     package = ROOT / "torch-ext" / general["name"].replace("-", "_")
     rev = git_rev()
@@ -88,6 +148,8 @@ def build(out: Path) -> list[Path]:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         meta = metadata(variant, general, rev)
         write_ops_module(dest, meta["id"])
+        if precompiled is not None and variant not in ("torch-cuda", "torch-cpu"):  # the CUDA 13 arch variants
+            meta["precompiled"] = pack_cubins(dest, precompiled, cache)
         add_digest(meta, dest)
         (dest / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         made.append(dest)
@@ -97,8 +159,16 @@ def build(out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "build")
+    parser.add_argument("--archs", default="", help="compile the precompiled kernels for these archs first "
+                        "(comma-separated sm_XY, or 'all')")
     args = parser.parse_args()
-    for dest in build(args.out):
+    from .compile_all import ARCHS
+
+    archs = ARCHS if args.archs == "all" else tuple(a for a in args.archs.split(",") if a)
+    unknown = set(archs) - set(ARCHS)
+    if unknown:
+        parser.error(f"unknown archs {sorted(unknown)} (choose from {', '.join(ARCHS)})")
+    for dest in build(args.out, archs):
         print(f"build: {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}")
 
 

@@ -22,7 +22,7 @@ import inspect
 import torch
 
 from ._ops import add_op_namespace_prefix
-from ._runtime import warn_fallback
+from ._runtime import KernelUnavailable, warn_fallback
 
 
 class CutileOp:
@@ -54,7 +54,14 @@ class CutileOp:
         reason = self.check(*args)
         if reason is not None:
             warn_fallback(self.name, reason)
-        out = (self.launcher if reason is None else self.reference)(*args)
+        out = None
+        if reason is None:
+            try:
+                out = self.launcher(*args)
+            except KernelUnavailable as e:  # no cubin for these inputs and no cuda.tile: the reference
+                warn_fallback(self.name, str(e))
+        if out is None:
+            out = self.reference(*args)
         # contiguous, as the fakes promise (a reference or a transposed launch may return strided views)
         return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
 
@@ -68,4 +75,8 @@ class CutileOp:
         if self.differentiable and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.op(*args)
-        return self.launcher(*args)
+        try:
+            return self.launcher(*args)
+        except KernelUnavailable as e:  # no cubin for these inputs and no cuda.tile (outputs are fresh tensors)
+            warn_fallback(self.name, str(e))
+            return self.reference(*args)

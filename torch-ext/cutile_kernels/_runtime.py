@@ -2,12 +2,18 @@
 
 `cuda-tile` is not on the Kernel Hub's dependency allow list, so it is never declared and never imported at
 package import time: `cuda.tile` (and the kernels under `tile/`) load on the first call that needs them.
+
+Where a launch goes (`launch`): a cubin of this variant (`cubins/`, see _aot.py) when one matches the kernel,
+its arguments and this GPU's arch; else cuTile's JIT (ct.launch) when cuda.tile imports; else the op runs its
+reference (the launcher raises KernelUnavailable, which the op turns into the one-time warning). A GPU with
+precompiled kernels needs no cuda.tile: the kernel modules are then loaded for planning only.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -51,8 +57,28 @@ def _device_reason(index: int) -> str | None:
     return None
 
 
-# GPUs (device indices) where cuda.tile imported and the capability is supported: the hot path checks only this.
+class KernelUnavailable(RuntimeError):
+    """A launch that neither a precompiled cubin nor the JIT can run; the op runs its reference instead."""
+
+
+# GPUs (device indices) where cuTile can run (precompiled kernels for its arch, or cuda.tile imports) and the
+# capability is supported: the hot path checks only this.
 _READY: set[int] = set()
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# GPU index -> its precompiled kernels (_aot.Precompiled), or None: decided once per GPU
+_PRECOMPILED: dict[int, object] = {}
+
+
+def precompiled(index: int):
+    """The precompiled kernels of this variant for GPU `index`, or None."""
+    if index not in _PRECOMPILED:
+        from . import _aot
+
+        found = _aot.find(_PACKAGE_DIR, index, torch.cuda.get_device_capability(index))
+        if found is not None:  # the op modules import their kernel modules: without cuda.tile, for planning
+            _aot.load_planning_modules(__package__, _PACKAGE_DIR)
+        _PRECOMPILED[index] = found
+    return _PRECOMPILED[index]
 
 
 def device_unsupported(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str | None:
@@ -64,9 +90,10 @@ def device_unsupported(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> str 
         return f"dtype {x.dtype} is not handled (only {', '.join(str(d) for d in dtypes)})"
     if x.device.type != "cuda":
         return f"the input is on {x.device.type}"
-    reason = cutile_import_error() or _device_reason(x.get_device())
+    index = x.get_device()
+    reason = _device_reason(index) or (None if precompiled(index) is not None else cutile_import_error())
     if reason is None:
-        _READY.add(x.get_device())
+        _READY.add(index)
     return reason
 
 
@@ -83,11 +110,23 @@ _LAUNCH = []
 
 
 def launch(index: int, kernel, grid: tuple[int, ...], args: tuple) -> None:
-    """ct.launch of a launch plan (kernel, grid, args) on the current stream of GPU `index` (read per call, so
-    CUDA graph capture works). The raw stream handle costs ~0.1 µs where torch.cuda.current_stream() costs ~7 µs
-    (measured, H100)."""
+    """Launch a launch plan (kernel, grid, args) on the current stream of GPU `index` (read per call, so CUDA
+    graph capture works): its precompiled cubin when one matches, else ct.launch; KernelUnavailable when
+    neither can. The raw stream handle costs ~0.1 µs where torch.cuda.current_stream() costs ~7 µs (measured,
+    H100)."""
+    stream = torch._C._cuda_getCurrentRawStream(index)
+    cubins = _PRECOMPILED.get(index)
+    if cubins is not None and cubins.launch(kernel, grid, args, stream):
+        return
     if not _LAUNCH:
+        if cutile_import_error():
+            raise KernelUnavailable(f"no precompiled kernel takes these arguments (alignment, strides or sizes "
+                                    f"outside what was compiled) and {cutile_import_error()}")
         import cuda.tile as ct
 
         _LAUNCH.append(ct.launch)
-    _LAUNCH[0](torch._C._cuda_getCurrentRawStream(index), grid, kernel, args)
+    if not hasattr(kernel, "_annotated_function"):  # planned without cuda.tile: the same kernel for the JIT
+        from . import _aot
+
+        kernel = _aot.jit_kernel(kernel, __package__, _PACKAGE_DIR)
+    _LAUNCH[0](stream, grid, kernel, args)

@@ -1,0 +1,432 @@
+"""Precompiled cuTile kernels: cubins that the build compiled for each launch plan (`tile/*.py`), loaded and
+launched through the CUDA driver (libcuda via ctypes), with no cuda.tile and no compiler at run time.
+
+Layout in an arch variant (devtools/build.py writes it): `cubins/manifest.json` lists, per specialization,
+the kernel (module, function, compiler hints), its parameters (array dtype and rank, scalar type, or the value of a
+ct.Constant) and, per GPU arch (sm_XY), a cubin file and its symbol. Every array parameter was compiled with the
+constraints in `ARRAY_CONSTRAINTS`; `Function.launch` checks them per call and declines inputs outside them (the
+caller then takes the JIT, or the reference).
+
+Calling convention `cutile_python_v1` (the cubin's parameters, in order): per array its base pointer, shape and
+strides (int32 each, the compiled index width); per scalar its value (int32 or float32); ct.Constant parameters are
+compiled in. The block has exactly the cubin's MAX_THREADS_PER_BLOCK threads; there is no dynamic shared memory.
+
+Launch plans come from the same kernel modules as the JIT's. Without cuda.tile they are loaded with a stand-in for
+it (`load_planning_module`): `@ct.kernel` then gives a `PlannedKernel` (function + hints), enough to pick a cubin;
+kernel bodies never run on the host.
+"""
+from __future__ import annotations
+
+import builtins
+import ctypes
+import hashlib
+import importlib.util
+import json
+import struct
+import sys
+import types
+import typing
+from pathlib import Path
+
+# The constraints every precompiled array parameter was compiled with (and that Function.launch checks): 16-byte
+# aligned base, unit last stride and 16-byte-divisible other strides (what TMA and vector accesses need; torch
+# allocations and the launchers' views of 16-byte-multiple rows meet them), no internal overlap, int32 shapes and
+# strides. The JIT makes the same assumptions when an input meets them (cext: compute_array_specialization_bits);
+# shape divisibility is left out so that one cubin serves every row count.
+ARRAY_CONSTRAINTS = {"base_addr_divisible_by": 16, "stride_divisible_by_bytes": 16, "last_stride": 1,
+                     "index_dtype": "int32", "may_alias_internally": False, "stride_lower_bound_incl": 0,
+                     "alias_groups": []}
+# cuda.tile's CompilerOptions defaults: hints equal to these are not part of a specialization's identity.
+DEFAULT_HINTS = {"num_ctas": None, "occupancy": None, "opt_level": 3, "num_worker_warps": None}
+MANIFEST = "manifest.json"
+INT32_MAX = 2**31 - 1
+
+
+# --- launch planning without cuda.tile -------------------------------------------------------------------------
+
+class ConstantAnnotation:
+    """Marks a ct.Constant parameter (cuda.tile names its marker class the same)."""
+
+
+class PlannedKernel:
+    """A `@ct.kernel` function of a kernel module loaded for planning: what identifies its cubins."""
+
+    def __init__(self, pyfunc, module: str, hints: dict):
+        self.pyfunc, self.module, self.hints = pyfunc, module, hints
+
+    def replace_hints(self, **hints) -> "PlannedKernel":
+        return PlannedKernel(self.pyfunc, self.module, {**self.hints, **hints})
+
+    def __repr__(self):
+        return f"PlannedKernel({self.module}.{self.pyfunc.__name__}, {self.hints})"
+
+
+class _Opaque:
+    """Any other cuda.tile attribute used at a kernel module's top level (ct.PaddingMode.ZERO, ct.float32, ...)."""
+
+    def __getattr__(self, name):
+        return _Opaque()
+
+    def __call__(self, *args, **kwargs):
+        return _Opaque()
+
+    def __getitem__(self, item):
+        return _Opaque()
+
+
+def _planning_cuda_tile(module_stem: str) -> types.ModuleType:
+    ct = types.ModuleType("cuda.tile", "Stand-in for cuda.tile while planning launches of precompiled kernels.")
+
+    def kernel(function=None, /, **hints):
+        if function is None:
+            return lambda f: PlannedKernel(f, module_stem, hints)
+        return PlannedKernel(function, module_stem, hints)
+
+    class Constant:
+        def __class_getitem__(cls, item):
+            return typing.Annotated[item, ConstantAnnotation()]
+
+    ct.kernel, ct.Constant = kernel, Constant
+    ct.__getattr__ = lambda name: _Opaque()
+    return ct
+
+
+def load_planning_module(name: str, path: Path, stem: str) -> types.ModuleType:
+    """Load kernel module `path` as `name` (a module of the kernel package, so its relative imports work) with
+    `import cuda.tile` answered by a stand-in: its launch plans work, its kernels are PlannedKernels. The module
+    is registered in sys.modules under `name`."""
+    ct = _planning_cuda_tile(stem)
+    cuda = types.ModuleType("cuda")
+    cuda.tile = ct
+
+    def import_(module, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and (module == "cuda.tile" or module.startswith("cuda.tile.")):
+            return ct if fromlist else cuda
+        return builtins.__import__(module, globals, locals, fromlist, level)
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    module.__builtins__ = {**vars(builtins), "__import__": import_}
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def kernel_identity(kernel) -> tuple[str, str, str]:
+    """(module stem, function name, hints as canonical JSON) of a PlannedKernel or a cuda.tile kernel: the part of
+    a manifest key that the kernel object itself decides."""
+    if hasattr(kernel, "_annotated_function"):  # a cuda.tile kernel (the JIT's modules were imported)
+        import dataclasses
+
+        pyfunc, hints = kernel._annotated_function.pyfunc, dataclasses.asdict(kernel._compiler_options)
+        module = pyfunc.__module__.rsplit(".", 1)[-1]
+    else:
+        pyfunc, hints, module = kernel.pyfunc, kernel.hints, kernel.module
+    hints = {k: v for k, v in sorted(hints.items()) if k not in DEFAULT_HINTS or DEFAULT_HINTS[k] != v}
+    return module, pyfunc.__name__, json.dumps(hints, sort_keys=True)
+
+
+def source_digest(path: Path) -> str:
+    """What a cubin's kernel module is identified by (the manifest records it; a mismatch disables its cubins)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def param_layout(params) -> str:
+    """The struct format (native alignment, as the driver lays out kernel parameters) of a manifest entry's
+    parameters under cutile_python_v1: per array a pointer then ndim shapes and ndim strides (int32); per scalar
+    its value; constants take no space."""
+    fmt = "@"
+    for p in params:
+        if p[0] == "array":
+            fmt += "P" + "i" * (2 * p[2])
+        elif p[0] in ("int32", "float32"):
+            fmt += {"int32": "i", "float32": "f"}[p[0]]
+    return fmt
+
+
+# --- the CUDA driver through ctypes -----------------------------------------------------------------------------
+
+_MAX_THREADS_PER_BLOCK = 0  # CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
+
+
+class Driver:
+    """The few libcuda entry points the precompiled launch needs."""
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        vp, u = ctypes.c_void_p, ctypes.c_uint
+        self.lib = lib
+        lib.cuLaunchKernel.argtypes = [vp, u, u, u, u, u, u, u, vp, vp, vp]
+        lib.cuLaunchKernel.restype = ctypes.c_int
+        self.launch_kernel = lib.cuLaunchKernel
+        lib.cuModuleLoadData.argtypes = [ctypes.POINTER(vp), ctypes.c_char_p]
+        lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_char_p]
+        lib.cuFuncGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, vp]
+        lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(vp), ctypes.c_int]
+        lib.cuCtxPushCurrent_v2.argtypes = [vp]
+        lib.cuCtxPopCurrent_v2.argtypes = [ctypes.POINTER(vp)]
+        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        self._contexts: dict[int, int] = {}
+
+    def check(self, result: int, what: str) -> None:
+        if result:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(result, ctypes.byref(name))
+            raise RuntimeError(f"cutile_kernels: {what} failed: {(name.value or b'?').decode()} ({result})")
+
+    def context(self, index: int) -> int:
+        """The primary context of GPU `index` (torch's), retained once."""
+        if index not in self._contexts:
+            dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+            self.check(self.lib.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
+            self.check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            self._contexts[index] = ctx.value
+        return self._contexts[index]
+
+    def push(self, index: int) -> None:
+        self.check(self.lib.cuCtxPushCurrent_v2(self.context(index)), "cuCtxPushCurrent")
+
+    def pop(self) -> None:
+        self.check(self.lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p())), "cuCtxPopCurrent")
+
+    def load(self, index: int, image: bytes, symbol: str) -> tuple[int, int]:
+        """(CUfunction, its required threads per block) of `symbol` in cubin `image`, loaded into GPU `index`'s
+        primary context."""
+        module, function, threads = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_int()
+        self.push(index)
+        try:
+            self.check(self.lib.cuModuleLoadData(ctypes.byref(module), image), "cuModuleLoadData")
+            self.check(self.lib.cuModuleGetFunction(ctypes.byref(function), module, symbol.encode()),
+                       f"cuModuleGetFunction({symbol})")
+            self.check(self.lib.cuFuncGetAttribute(ctypes.byref(threads), _MAX_THREADS_PER_BLOCK, function),
+                       "cuFuncGetAttribute")
+        finally:
+            self.pop()
+        return function.value, threads.value
+
+
+class _ParamBuffer:
+    """One argument block: the packed parameters and the kernelParams array pointing into it."""
+
+    def __init__(self, layout: str):
+        self.storage = ctypes.create_string_buffer(max(8, struct.calcsize(layout)))
+        base = ctypes.addressof(self.storage)
+        offsets, fmt = [], "@"
+        for code in layout[1:]:  # the offset of each parameter under native alignment
+            offsets.append(struct.calcsize(fmt + code) - struct.calcsize(code))
+            fmt += code
+        self.params = (ctypes.c_void_p * max(1, len(offsets)))(*[base + o for o in offsets])
+
+
+class Function:
+    """One precompiled specialization on one GPU: checks a launch's arrays against ARRAY_CONSTRAINTS, packs the
+    arguments and launches on the given stream. Loaded on first use."""
+
+    def __init__(self, driver: Driver, index: int, path: Path, symbol: str, params: list):
+        self.driver, self.index, self.path, self.symbol = driver, index, path, symbol
+        self.layout = param_layout(params)
+        # per parameter: ndim and the stride divisor in elements (arrays), 0 (scalars), None (constants)
+        self.kinds = tuple(
+            (p[2], 16 // _ITEMSIZE[p[1]]) if p[0] == "array" else (0 if p[0] != "constant" else None)
+            for p in params)
+        self.handle = None
+        self._buffers: list[_ParamBuffer] = []  # free argument blocks (one per concurrent launch)
+
+    def _load(self) -> None:
+        image = self.path.read_bytes()
+        if self.path.suffix == ".z":
+            import zlib
+
+            image = zlib.decompress(image)
+        self.handle, self.threads = self.driver.load(self.index, image, self.symbol)
+
+    def values(self, args) -> list | None:
+        """The parameter values of `args`, or None when an array is outside the compiled constraints."""
+        values = []
+        for arg, kind in zip(args, self.kinds):
+            if kind is None:
+                continue
+            if not kind:
+                values.append(arg)
+                continue
+            ndim, divisor = kind
+            shape, strides = arg.shape, arg.stride()
+            ptr = arg.data_ptr()
+            if ptr & 15 or len(strides) != ndim or strides[-1] != 1:
+                return None
+            for s in strides[:-1]:
+                if s % divisor:
+                    return None
+            if ndim == 2:
+                if strides[0] < shape[1] and shape[0] > 1:
+                    return None
+            elif ndim > 2 and not _disjoint(shape, strides):
+                return None
+            values.append(ptr)
+            values.extend(shape)
+            values.extend(strides)
+        return values
+
+    def launch(self, grid: tuple, args, stream: int) -> bool:
+        """Launch on `stream` (the current stream of GPU `index`; the caller makes sure it is); False when the
+        arguments are outside the compiled constraints (nothing launched)."""
+        values = self.values(args)
+        if values is None:
+            return False
+        if self.handle is None:
+            self._load()
+        buffers = self._buffers
+        buf = buffers.pop() if buffers else _ParamBuffer(self.layout)
+        try:
+            struct.pack_into(self.layout, buf.storage, 0, *values)
+        except struct.error:  # a shape, stride or int scalar outside int32: not what was compiled
+            buffers.append(buf)
+            return False
+        x, y, z = (*grid, 1, 1)[:3]
+        result = self.driver.launch_kernel(self.handle, x, y, z, self.threads, 1, 1, 0, stream, buf.params, None)
+        if result:  # e.g. no or another context current on this thread: launch in the GPU's primary context
+            self.driver.push(self.index)
+            try:
+                result = self.driver.launch_kernel(self.handle, x, y, z, self.threads, 1, 1, 0, stream,
+                                                   buf.params, None)
+            finally:
+                self.driver.pop()
+        buffers.append(buf)
+        self.driver.check(result, f"cuLaunchKernel({self.symbol})")
+        return True
+
+
+def _disjoint(shape, strides) -> bool:
+    """No two in-bounds indices reach one element (what may_alias_internally=False promises)."""
+    span = 1
+    for stride, size in sorted((s, n) for s, n in zip(strides, shape) if n > 1):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
+
+
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8, "int8": 1,
+             "uint8": 1, "bool": 1}
+
+
+# --- the manifest: which cubin serves a launch --------------------------------------------------------------------
+
+def arch_for(capability: tuple[int, int], archs) -> str | None:
+    """The cubin arch that runs on a GPU of `capability`: the same one, else the newest of the same major version
+    and a lower minor one (a cubin runs on later minor versions of its major: sm_80 on sm_86 and sm_89)."""
+    major, minor = capability
+    fits = [a for a in archs if int(a[3:-1]) == major and int(a[-1]) <= minor]
+    return max(fits, key=lambda a: int(a[-1])) if fits else None
+
+
+class _KernelCubins:
+    """The manifest's specializations of one kernel (module, function, hints) for one GPU: parameter positions
+    and, per launch key (array dtypes and constant values in parameter order), its Function."""
+
+    def __init__(self, params: list):
+        self.constants = tuple(i for i, p in enumerate(params) if p[0] == "constant")
+        self.arrays = tuple(i for i, p in enumerate(params) if p[0] == "array")
+        self.functions: dict[tuple, Function] = {}
+
+    def key(self, args) -> tuple:
+        return (*[args[i].dtype for i in self.arrays], *[args[i] for i in self.constants])
+
+
+class Precompiled:
+    """The cubins of one variant that run on GPU `index`: `launch` serves a launch plan when a cubin matches its
+    kernel and arguments (True), else does nothing (False)."""
+
+    def __init__(self, directory: Path, index: int, capability: tuple[int, int], driver: Driver | None = None):
+        import torch
+
+        manifest = json.loads((directory / MANIFEST).read_text())
+        self.arch = arch_for(capability, manifest["archs"])
+        self.index = index
+        self._kernels: dict[tuple, _KernelCubins] = {}
+        self._by_object: dict = {}  # kernel object -> _KernelCubins or None (no cubin for it)
+        if self.arch is None:
+            return
+        self.driver = driver or Driver()
+        package = directory.parent
+        current = {m: source_digest(package / "tile" / f"{m}.py") == digest
+                   for m, digest in manifest["modules"].items()}  # a kernel edited after the build: no cubins
+        dtypes = {name: getattr(torch, name) for name in _ITEMSIZE}
+        for entry in manifest["kernels"]:
+            cubin = entry["cubins"].get(self.arch)
+            if cubin is None or not current.get(entry["module"]):
+                continue
+            params = entry["params"]
+            group = self._kernels.setdefault((entry["module"], entry["kernel"], entry["hints"]),
+                                             _KernelCubins(params))
+            key = (*[dtypes[p[1]] for p in params if p[0] == "array"],
+                   *[p[1] for p in params if p[0] == "constant"])
+            group.functions[key] = Function(self.driver, index, directory / cubin, entry["symbol"], params)
+
+    def __bool__(self):
+        return bool(self._kernels)
+
+    def modules(self) -> set[str]:
+        return {module for module, _, _ in self._kernels}
+
+    def launch(self, kernel, grid: tuple, args, stream: int) -> bool:
+        try:
+            group = self._by_object[kernel]
+        except KeyError:
+            group = self._by_object[kernel] = self._kernels.get(kernel_identity(kernel))
+        if group is None:
+            return False
+        function = group.functions.get(group.key(args))
+        return function is not None and function.launch(grid, args, stream)
+
+
+def find(package_dir: Path, index: int, capability: tuple[int, int]) -> Precompiled | None:
+    """The precompiled kernels of the package at `package_dir` for GPU `index`, or None (no cubins for its arch,
+    none shipped, or CUTILE_KERNELS_PRECOMPILED=0)."""
+    import os
+
+    directory = package_dir / "cubins"
+    if os.environ.get("CUTILE_KERNELS_PRECOMPILED", "1") == "0" or not (directory / MANIFEST).is_file():
+        return None
+    found = Precompiled(directory, index, capability)
+    return found if found else None
+
+
+def load_planning_modules(package: str, package_dir: Path) -> None:
+    """Make the kernel modules of `<package>.tile` (those that import cuda.tile) importable without cuda.tile: the
+    op modules import them for their launch plans. Modules already imported (with cuda.tile) stay."""
+    import importlib
+
+    importlib.import_module(f"{package}.tile")
+    for path in sorted((package_dir / "tile").glob("*.py")):
+        name = f"{package}.tile.{path.stem}"
+        if name not in sys.modules and "import cuda.tile" in path.read_text():
+            load_planning_module(name, path, path.stem)
+
+
+_JIT_KERNELS: dict = {}
+
+
+def jit_kernel(kernel, package: str, package_dir: Path):
+    """The cuda.tile kernel of a PlannedKernel (its module loaded once more, with cuda.tile, beside the planning
+    one); a cuda.tile kernel as it is. Raises ImportError without cuda.tile."""
+    if hasattr(kernel, "_annotated_function"):
+        return kernel
+    if kernel not in _JIT_KERNELS:
+        import cuda.tile  # noqa: F401  (raises ImportError here, before anything is registered)
+
+        name = f"{package}.tile._jit_{kernel.module}"
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, package_dir / "tile" / f"{kernel.module}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        real = getattr(module, kernel.pyfunc.__name__)
+        _JIT_KERNELS[kernel] = real.replace_hints(**kernel.hints) if kernel.hints else real
+    return _JIT_KERNELS[kernel]
