@@ -183,7 +183,8 @@ def test_checks_do_not_touch_the_kernel_forwards(ck):
     """The checks run when a Layout is built; the kernel layers' forwards stay as they were (no per-call cost)."""
     import inspect
 
-    for name in ("RMSNorm", "GemmaRMSNorm", "SwiGLUMLP", "RMSNormMLP", "GemmaRMSNormMLP"):
+    for name in ("RMSNorm", "GemmaRMSNorm", "SwiGLUMLP", "RMSNormMLP", "GemmaRMSNormMLP", "DecoderLayer",
+                 "GemmaDecoderLayer"):
         source = inspect.getsource(getattr(ck.layers, name).forward)
         assert "check" not in source and "_site" not in source, name
 
@@ -274,6 +275,9 @@ def test_readme_what_happens_when_table_quotes_the_errors():
         "in LlamaDecoderLayer the norm before the MLP is post_attention_layernorm (LlamaMLP after it)",
         "the MLP is already replaced by SwiGLUMLP. SwiGLUMLP and RMSNormMLP both rewrite the MLP's weights",
         "KernelConfig key 'MLP' -> SwiGLUMLP hits Gemma3MLP",
+        "this KernelConfig also asks for DecoderLayer, and both replace LlamaDecoderLayer",
+        "KernelConfig key 'DecoderLayer' -> DecoderLayer hits Gemma3DecoderLayer; DecoderLayer is the decoder layer of "
+        "Llama, Mistral, Qwen2 and Qwen3 only.",
         "SwiGLUMLP replaces one module, but a fusion (tuple) key handed it LlamaRMSNorm and LlamaMLP",
         "activation 'relu' is not supported (only ['gelu_pytorch_tanh', 'silu'])",
         "the last dimension of gate_up is 127; it must be even",

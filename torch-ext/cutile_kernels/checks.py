@@ -292,7 +292,7 @@ def check_fusion(layout_cls: type, norm, mlp) -> Site | None:
         refuse(f"{found}: this KernelConfig also asks for {decoders[0]}, and both replace {layer}: transformers "
                f"builds the fusion's {type(parent).__name__} (under the exact class name, which wins over the "
                f"decoder key's regex), so {decoders[0]} would never run. With a decoder layer, add_rms_norm is the "
-               f"norm before the MLP: {mlp_instead}", site)
+               f"norm before the MLP: {mlp_instead}.", site)
     supported = FUSES[kernel]
     if mlp_cls in ("SwiGLUMLPLayout", "RMSNormMLPLayout", "GemmaRMSNormMLPLayout"):
         refuse(f"{found}: the MLP is already replaced by {mlp_cls.removesuffix('Layout')}. SwiGLUMLP and "
