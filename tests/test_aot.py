@@ -1,0 +1,471 @@
+"""Precompiled kernels (torch-ext/cutile_kernels/_aot.py, devtools/build.py --archs): on CPU, the launch plans made
+without cuda.tile are the JIT's, every specialization of the precompiled set is compiled and listed in the
+manifest, argument packing follows cuda.tile's signatures, and the per-call constraint checks decline what the
+cubins were not compiled for. On a GPU (`gpu`): bit-identity with the JIT for every op and dtype, a model run in a
+process where cuda.tile cannot be imported, and host time per launch against ct.launch."""
+import ctypes
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+from devtools import build as build_mod
+from devtools import compile_all as ca
+from devtools.build import ROOT
+
+aot = ca._aot_module()
+
+
+def test_planning_without_cuda_tile_gives_the_jit_plans():
+    """The sweep through the stand-in-loaded modules (the runtime's view) and through the cuda.tile modules (the
+    compiler's) yields the same specializations, in the same order."""
+    real = {m.__name__.rsplit(".", 1)[-1]: m for m in ca._load_modules()}
+    planned = [ca.spec_of(p) for _, p in ca.aot_plans(ca.planning_modules()) if p is not None]
+    compiled = [ca.spec_of(p) for _, p in ca.aot_plans(real) if p is not None]
+    assert planned == compiled and len(set(planned)) > 100
+
+
+def test_planning_modules_do_not_import_cuda_tile(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "cuda.tile" or name.startswith("cuda.tile."):
+                    raise ImportError("blocked")
+        sys.meta_path.insert(0, Block())
+        sys.path.insert(0, {str(ROOT)!r})
+        from devtools import compile_all as ca
+        specs = ca.aot_specs()
+        assert "cuda.tile" not in sys.modules and len(specs) > 100, len(specs)
+        print(len(specs))
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, capture_output=True)
+
+
+def test_default_hints_are_cuda_tiles():
+    import dataclasses
+
+    from cuda.tile._compiler_options import CompilerOptions
+
+    assert {f.name: f.default for f in dataclasses.fields(CompilerOptions)} == aot.DEFAULT_HINTS
+
+
+def test_kernel_identity_is_the_same_for_planned_and_cuda_tile_kernels():
+    import cuda.tile as ct
+
+    real = {m.__name__.rsplit(".", 1)[-1]: m for m in ca._load_modules()}
+    planned = ca.planning_modules()
+    for stem in ("rms_norm", "rope", "gated_act"):
+        for name in dir(real[stem]):
+            k = getattr(real[stem], name)
+            if isinstance(k, ct.kernel):
+                assert aot.kernel_identity(getattr(planned[stem], name)) == aot.kernel_identity(k)
+    bwd = real["rms_norm"].with_occupancy(real["rms_norm"].rms_norm_bwd, 2)
+    planned_bwd = planned["rms_norm"].with_occupancy(planned["rms_norm"].rms_norm_bwd, 2)
+    assert aot.kernel_identity(bwd) == aot.kernel_identity(planned_bwd) == ("rms_norm", "rms_norm_bwd",
+                                                                            '{"occupancy": 2}')
+
+
+def _expected_layout(signature) -> list[tuple[int, int]]:
+    """(offset, size) of each kernel parameter as cutile_python_v1 passes a signature's parameters: per array a
+    pointer, then shape and strides of the index dtype; per scalar its dtype; constants nothing. C alignment."""
+    from cuda.tile.compilation import ArrayConstraint, ScalarConstraint
+
+    sizes = []
+    for p in signature.parameters:
+        if isinstance(p, ArrayConstraint):
+            sizes += [8] + [p.index_dtype.bitwidth // 8] * (2 * p.ndim)
+        elif isinstance(p, ScalarConstraint):
+            sizes.append(p.dtype.bitwidth // 8)
+    out, offset = [], 0
+    for size in sizes:
+        offset = -(-offset // size) * size
+        out.append((offset, size))
+        offset += size
+    return out
+
+
+def test_argument_packing_follows_the_signature():
+    """For every specialization of the precompiled set: the packed layout (offsets the kernelParams point at) is
+    the one cuda.tile's KernelSignature for those constraints implies, and the constraints are ARRAY_CONSTRAINTS."""
+    from cuda.tile.compilation import ArrayConstraint
+
+    for spec in ca.aot_specs():
+        sig = ca.signature_of(spec)
+        layout = aot.param_layout([list(p) for p in spec.params])
+        buf = aot._ParamBuffer(layout)
+        base = ctypes.addressof(buf.storage)
+        offsets = [p - base for p in buf.params][:len(layout) - 1]
+        assert [(o, struct.calcsize("@" + c)) for o, c in zip(offsets, layout[1:])] == _expected_layout(sig), spec
+        for p in sig.parameters:
+            if isinstance(p, ArrayConstraint):
+                assert p.base_addr_divisible_by == 16 and p.stride_constant[-1] == 1
+                assert not p.may_alias_internally and p.index_dtype.bitwidth == 32
+                assert all(d * p.dtype.bitwidth // 8 == 16 for d in p.stride_divisible_by[:-1])
+        assert sig.symbol and spec.kernel in sig.symbol
+
+
+def test_packed_bytes_are_pointer_shape_stride_then_scalars():
+    params = [["array", "bfloat16", 2], ["array", "float32", 1], ["int32"], ["float32"], ["constant", True]]
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(64)
+    f = aot.Function(None, 0, None, "sym", params)
+    values = f.values((x, w, 64, 0.5, True))
+    assert values == [x.data_ptr(), 4, 64, 64, 1, w.data_ptr(), 64, 1, 64, 0.5]
+    buf = aot._ParamBuffer(f.layout)
+    struct.pack_into(f.layout, buf.storage, 0, *values)
+    raw = bytes(buf.storage)
+    assert struct.unpack_from("<Q4i", raw, 0) == (x.data_ptr(), 4, 64, 64, 1)
+    assert struct.unpack_from("<Q2i", raw, 24) == (w.data_ptr(), 64, 1)
+    assert struct.unpack_from("<if", raw, 40) == (64, 0.5)
+
+
+class _FakeDriver:
+    def __init__(self):
+        self.launches = []
+
+    def launch_kernel(self, handle, x, y, z, bx, by, bz, smem, stream, params, extra):
+        self.launches.append((handle, (x, y, z), bx, stream))
+        return 0
+
+    def check(self, result, what):
+        assert result == 0
+
+
+def _function(params):
+    f = aot.Function(_FakeDriver(), 0, None, "sym", params)
+    f.handle, f.threads = 1234, 256
+    return f
+
+
+def test_constraint_checks_decline_what_was_not_compiled():
+    f = _function([["array", "bfloat16", 2], ["array", "bfloat16", 1], ["int32"]])
+    x, w = torch.zeros(8, 64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16)
+    assert f.launch((3,), (x, w, 64), stream=7) and f.driver.launches == [(1234, (3, 1, 1), 256, 7)]
+    storage = torch.zeros(8 * 64 + 8, dtype=torch.bfloat16)
+    declined = {
+        "misaligned base": (storage[1:513].view(8, 64), w, 64),
+        "last dim strided": (torch.zeros(64, 8, dtype=torch.bfloat16).t(), w, 64),
+        "row stride not 16-byte divisible": (torch.zeros(8, 33, dtype=torch.bfloat16)[:, :32], w, 64),
+        "overlapping rows": (torch.zeros(1, 64, dtype=torch.bfloat16).expand(8, 64), w, 64),
+        "wrong rank": (torch.zeros(2, 4, 64, dtype=torch.bfloat16), w, 64),
+        "int scalar past int32": (x, w, 2**31),
+    }
+    for what, args in declined.items():
+        assert not f.launch((1,), args, stream=0), what
+    assert len(f.driver.launches) == 1
+    assert f._buffers, "a declined launch returns its argument block"
+
+
+def test_oversized_index_is_declined():
+    """Shapes or strides past int32 (the compiled index width) do not pack: the launch is declined."""
+
+    class Huge:  # a tensor-like with a stride beyond int32 (no storage needed)
+        shape, dtype = (2, 64), torch.bfloat16
+
+        def stride(self):
+            return (2**31, 1)
+
+        def data_ptr(self):
+            return 1 << 20
+
+    f = _function([["array", "bfloat16", 2]])
+    assert not f.launch((1,), (Huge(),), stream=0) and not f.driver.launches
+
+
+def test_disjointness_matches_views():
+    t = torch.zeros(2, 8, 4, 64)
+    assert aot._disjoint(t.shape, t.stride()) and aot._disjoint(t.transpose(1, 2).shape, t.transpose(1, 2).stride())
+    e = torch.zeros(1, 8, 1, 64).expand(2, 8, 4, 64)
+    assert not aot._disjoint(e.shape, e.stride())
+
+
+def test_arch_of_a_cubin_for_a_gpu():
+    archs = ca.ARCHS
+    assert aot.arch_for((9, 0), archs) == "sm_90" and aot.arch_for((8, 6), archs) == "sm_86"
+    assert aot.arch_for((8, 7), archs) == "sm_86" and aot.arch_for((10, 3), archs) == "sm_100"
+    assert aot.arch_for((11, 0), archs) is None and aot.arch_for((9, 0), ("sm_80",)) is None
+
+
+CHEAP = ("gated_act_bwd", "rms_norm_row")  # the fastest kernels to compile (well under a second each)
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    """A build whose precompiled set is a cheap subset, really compiled for sm_80 and sm_90."""
+    root = tmp_path_factory.mktemp("aot")
+    specs = {}
+    for s, a in ca.aot_specs().items():  # the first bf16 specialization of each cheap kernel
+        if s.kernel in CHEAP and s.params[0][1] == "bfloat16" and s.kernel not in {k.kernel for k in specs}:
+            specs[s] = a
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ca, "aot_specs", lambda: specs)
+    try:
+        assert ca.compile_aot(("sm_80", "sm_90"), specs, cache=root / "cache", workers=2, log=lambda *a: None) == 0
+        build_mod.build(root / "build", cache=root / "cache")
+    finally:
+        patch.undo()
+    return root / "build", specs
+
+
+def test_every_cubin_is_built_and_listed(small_build):
+    out, specs = small_build
+    for variant in ("torch211-cxx11-cu130-x86_64-linux", "torch213-cxx11-cu130-x86_64-linux"):
+        vdir = out / variant
+        manifest = json.loads((vdir / "cubins" / "manifest.json").read_text())
+        meta = json.loads((vdir / "metadata.json").read_text())
+        assert manifest["archs"] == meta["precompiled"]["archs"] == ["sm_80", "sm_90"]
+        assert meta["precompiled"]["kernels"] == len(manifest["kernels"]) == len(specs)
+        listed = {(e["module"], e["kernel"], e["hints"], tuple(map(tuple, e["params"]))) for e in manifest["kernels"]}
+        assert listed == {(s.module, s.kernel, s.hints, s.params) for s in specs}
+        for entry in manifest["kernels"]:
+            assert sorted(entry["cubins"]) == ["sm_80", "sm_90"]
+            for name in entry["cubins"].values():
+                image = zlib.decompress((vdir / "cubins" / name).read_bytes())
+                assert image[:4] == b"\x7fELF" and entry["symbol"].encode() in image
+            assert entry["symbol"] == ca.signature_of(ca.Spec(entry["module"], entry["kernel"], entry["hints"],
+                                                              tuple(map(tuple, entry["params"])))).symbol
+        assert "cubins/manifest.json" in meta["digest"]["files"]
+        assert manifest["modules"]["gated_act"] == aot.source_digest(vdir / "tile" / "gated_act.py")
+    for variant in ("torch-cuda", "torch-cpu"):
+        assert not (out / variant / "cubins").exists()
+        assert "precompiled" not in json.loads((out / variant / "metadata.json").read_text())
+
+
+def test_precompiled_lookup_serves_matching_launches_only(small_build):
+    out, specs = small_build
+    package = out / "torch211-cxx11-cu130-x86_64-linux"
+    found = aot.Precompiled(package / "cubins", 0, (9, 0), driver=_FakeDriver())
+    assert found.arch == "sm_90" and found
+    spec = next(s for s in specs if s.kernel == "gated_act_bwd")
+    module = ca.planning_modules()["gated_act"]
+    t = torch.zeros(4, 1024, dtype=torch.bfloat16)
+    kernel, grid, args = module.backward_launch(t, t, t, t, t, "silu" if spec.params[5][1] == 0 else
+                                                "gelu_pytorch_tanh", ("", 132))
+    function = next(iter(found._kernels.values())).functions
+    for f in found._kernels[aot.kernel_identity(kernel)].functions.values():
+        f.handle, f.threads = 99, 128
+    assert function and found.launch(kernel, grid, args, stream=5)
+    assert found.driver.launches[-1][0] == 99
+    fp16 = torch.zeros(4, 1024, dtype=torch.float16)
+    assert not found.launch(kernel, grid, (fp16,) * 5 + args[5:], stream=5)  # no fp16 cubin in this subset
+    assert aot.Precompiled(package / "cubins", 0, (12, 0), driver=_FakeDriver()).arch is None
+
+
+def test_every_precompiled_spec_is_listed_for_every_arch(tmp_path, monkeypatch):
+    """The full set (cubins stood in for by placeholders: compiling all is `python -m devtools.build --archs
+    all`): every spec of every arch lands in the manifest of both arch variants."""
+    specs, digests, compiler = ca.aot_specs(), ca.source_digests(), ca.compiler_version()
+    for spec, archs in specs.items():
+        for arch in archs:
+            path = ca.cubin_path(spec, arch, digests, compiler, tmp_path / "cache")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"\x7fELF placeholder")
+            (path.parent / f"{path.name}.symbol").write_text(spec.kernel)
+    build_mod.build(tmp_path / "build", cache=tmp_path / "cache")
+    manifest = json.loads((tmp_path / "build" / "torch213-cxx11-cu130-x86_64-linux" / "cubins" /
+                           "manifest.json").read_text())
+    assert manifest["archs"] == list(ca.ARCHS)
+    assert len(manifest["kernels"]) == len(specs)
+    assert sum(len(e["cubins"]) for e in manifest["kernels"]) == sum(len(a) for a in specs.values())
+    assert {"sm_90"} < {a for e in manifest["kernels"] for a in e["cubins"]}
+
+
+def test_a_partial_cache_packs_no_arch(tmp_path):
+    spec, archs = next(iter(ca.aot_specs().items()))
+    path = ca.cubin_path(spec, archs[0], ca.source_digests(), ca.compiler_version(), tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+    build_mod.build(tmp_path / "build", cache=tmp_path / "cache")
+    assert not (tmp_path / "build" / "torch211-cxx11-cu130-x86_64-linux" / "cubins").exists()
+
+
+# --- GPU ------------------------------------------------------------------------------------------------------------
+
+def _precompiled_or_skip(ck):
+    index = torch.cuda.current_device()
+    runtime = sys.modules[f"{ck.__name__}._runtime"]
+    found = runtime.precompiled(index)
+    if found is None:
+        pytest.skip(f"no cubins for sm_{''.join(map(str, torch.cuda.get_device_capability(index)))} in the variant: "
+                    "run `python -m devtools.build --archs sm_XY` first")
+    return runtime, index, found
+
+
+def _ops(ck, dtype, gen):
+    """(name, thunk) per op over fresh random in-domain shapes (widths of AOT_DOMAIN, 16-byte-multiple rows)."""
+    dev = "cuda"
+    rows = int(torch.randint(1, 3000, (1,), generator=gen))
+    width = int(ca.AOT_DOMAIN["norm_widths"][int(torch.randint(0, 7, (1,), generator=gen))])
+    n = width - 8 * int(torch.randint(0, max(1, width // 16), (1,), generator=gen))
+    x = torch.randn(rows, n, device=dev, dtype=dtype)
+    r = torch.randn(rows, n, device=dev, dtype=dtype)
+    w = torch.randn(n, device=dev, dtype=dtype)
+    dy = torch.randn(rows, n, device=dev, dtype=dtype)
+    inter = 8 * int(torch.randint(1, 2048, (1,), generator=gen))
+    gu = torch.randn(rows, 2 * inter, device=dev, dtype=dtype)
+    gdy = torch.randn(rows, inter, device=dev, dtype=dtype)
+    hd = int(ca.AOT_DOMAIN["head_dims"][int(torch.randint(0, 3, (1,), generator=gen))])
+    s = int(torch.randint(1, 600, (1,), generator=gen))
+    q, k = torch.randn(2, 32, s, hd, device=dev, dtype=dtype), torch.randn(2, 8, s, hd, device=dev, dtype=dtype)
+    cos, sin = torch.randn(2, s, hd, device=dev, dtype=dtype), torch.randn(2, s, hd, device=dev, dtype=dtype)
+    return {
+        "rms_norm": lambda: ck.rms_norm(x, w, 1e-6),
+        "gemma_rms_norm": lambda: ck.gemma_rms_norm(x, w, 1e-6),
+        "add_rms_norm": lambda: ck.add_rms_norm(x, r, w, 1e-6),
+        "rms_norm_backward": lambda: ck.rms_norm_backward_cutile(x, w, dy, 1e-6, False),
+        "gated_act silu": lambda: ck.gated_act(gu, "silu"),
+        "gated_act gelu": lambda: ck.gated_act(gu, "gelu_pytorch_tanh"),
+        "gated_act_backward": lambda: ck.gated_act_backward_cutile(gu, gdy, "silu"),
+        "rope": lambda: ck.apply_rotary_pos_emb(q, k, cos, sin),
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_precompiled_is_bit_identical_to_the_jit(ck_gpu, dtype, monkeypatch):
+    runtime, index, found = _precompiled_or_skip(ck_gpu)
+    served = []
+    original = aot_launch = type(found).launch
+
+    def counting(self, kernel, grid, args, stream):
+        ok = original(self, kernel, grid, args, stream)
+        served.append(ok)
+        return ok
+
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for trial in range(3):
+        ops = _ops(ck_gpu, dtype, gen)
+        for name, run in ops.items():
+            served.clear()
+            monkeypatch.setattr(type(found), "launch", counting)
+            pre = run()
+            torch.cuda.synchronize()
+            monkeypatch.setattr(type(found), "launch", aot_launch)
+            assert served and all(served), f"{name} {dtype}: not served by a cubin (outside the precompiled set?)"
+            monkeypatch.setitem(runtime._PRECOMPILED, index, None)  # the JIT path
+            jit = run()
+            monkeypatch.setitem(runtime._PRECOMPILED, index, found)
+            for a, b in zip(pre if isinstance(pre, tuple) else (pre,), jit if isinstance(jit, tuple) else (jit,)):
+                assert torch.equal(a, b), f"{name} {dtype} trial {trial}: precompiled != JIT"
+
+
+@pytest.mark.gpu
+def test_jit_signature_implies_the_compiled_constraints(ck_gpu):
+    """For an aligned contiguous input, the signature the JIT derives assumes at least what the cubin was compiled
+    with, so the cubin is valid wherever the JIT's would be (and the per-call checks ask no more)."""
+    from cuda.tile.compilation import ArrayConstraint, CallingConvention, KernelSignature
+
+    real = {m.__name__.rsplit(".", 1)[-1]: m for m in ca._load_modules()}
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    kernel, _, args = real["rms_norm"].forward_launch(x, w, torch.empty_like(x), 1e-6, False, ("", 132))
+    jit = KernelSignature.from_kernel_args(kernel, args, CallingConvention.cutile_python_v1())
+    ours = ca.signature_of(ca.spec_of((kernel, None, args)))
+    for a, b in zip(jit.parameters, ours.parameters):
+        assert type(a) is type(b)
+        if isinstance(a, ArrayConstraint):
+            assert a.dtype == b.dtype and a.ndim == b.ndim and a.index_dtype == b.index_dtype
+            assert a.base_addr_divisible_by % b.base_addr_divisible_by == 0
+            assert all(j % o == 0 for j, o in zip(a.stride_divisible_by, b.stride_divisible_by))
+            assert a.stride_constant[-1] == b.stride_constant[-1] == 1 and not a.may_alias_internally
+
+
+@pytest.mark.gpu
+def test_param_offsets_match_the_driver(ck_gpu):
+    """cuFuncGetParamInfo (CUDA 12.4+) of every loaded function: the offsets and sizes our layout packs."""
+    _, _, found = _precompiled_or_skip(ck_gpu)
+    info = found.driver.lib.cuFuncGetParamInfo
+    info.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
+                     ctypes.POINTER(ctypes.c_size_t)]
+    checked = 0
+    for group in found._kernels.values():
+        for f in list(group.functions.values())[:4]:
+            f._load()
+            buf = aot._ParamBuffer(f.layout)
+            base = ctypes.addressof(buf.storage)
+            ours = [(p - base, struct.calcsize("@" + c)) for p, c in zip(buf.params, f.layout[1:])]
+            theirs = []
+            for i in range(len(ours) + 1):
+                off, size = ctypes.c_size_t(), ctypes.c_size_t()
+                if info(f.handle, i, ctypes.byref(off), ctypes.byref(size)):
+                    break
+                theirs.append((off.value, size.value))
+            assert theirs == ours, f.symbol
+            checked += 1
+    assert checked
+
+
+@pytest.mark.gpu
+def test_host_time_per_launch_against_ct_launch(ck_gpu):
+    """Prints µs per launch: the precompiled path (checks + packing + cuLaunchKernel) and ct.launch, same plan."""
+    import time
+
+    import cuda.tile as ct
+
+    runtime, index, found = _precompiled_or_skip(ck_gpu)
+    real = {m.__name__.rsplit(".", 1)[-1]: m for m in ca._load_modules()}
+    planned = sys.modules[f"{ck_gpu.__name__}.tile.rms_norm"]
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    w, out = torch.randn(4096, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
+    gpu = runtime.gpu(index)
+    plan = planned.forward_launch(x, w, out, 1e-6, False, gpu)
+    jit_plan = real["rms_norm"].forward_launch(x, w, out, 1e-6, False, gpu)
+    n = 2000
+    times = {}
+    for name, fn in {"precompiled": lambda: runtime.launch(index, *plan),
+                     "ct.launch": lambda: ct.launch(torch._C._cuda_getCurrentRawStream(index), jit_plan[1],
+                                                    jit_plan[0], jit_plan[2])}.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times[name] = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+    print(f"\nhost time per launch (rms_norm 16 x 4096 bf16): precompiled {times['precompiled']:.2f} µs, "
+          f"ct.launch {times['ct.launch']:.2f} µs")
+    assert times["precompiled"] <= times["ct.launch"] * 1.1
+
+
+@pytest.mark.gpu
+def test_model_runs_the_kernels_where_cuda_tile_cannot_be_imported(kernel_repo, wide_checkpoints, tmp_path):
+    """A subprocess whose `import cuda.tile` fails: a model loaded through KernelConfig runs the cuTile kernels
+    (cubins; the profiler shows them), not the reference, and no fallback warning is issued."""
+    code = textwrap.dedent(f"""
+        import sys, warnings
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "cuda.tile" or name.startswith("cuda.tile."):
+                    raise ImportError("cuda.tile is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        sys.path.insert(0, {str(ROOT)!r})
+        import torch
+        from transformers import AutoModelForCausalLM, KernelConfig
+        from devtools.local_hub import local_hub
+        warnings.simplefilter("error")  # a CutileFallbackWarning would fail the run
+        with local_hub({str(kernel_repo)!r}) as repo:
+            import kernels
+            ck = kernels.get_kernel(repo, version=1)
+            config = KernelConfig(ck.recommended_mapping("llama", repo))
+            model = AutoModelForCausalLM.from_pretrained({str(wide_checkpoints["llama"])!r}, use_kernels=True,
+                                                         kernel_config=config, dtype=torch.bfloat16).cuda().eval()
+            ids = torch.randint(0, model.config.vocab_size, (2, 64), device="cuda")
+            with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model(ids)
+                torch.cuda.synchronize()
+        names = {{e.name for e in prof.events()}}
+        cutile = sorted(n for n in names if any(k in n for k in ("rms_norm", "gated_act", "rope")))
+        assert "cuda.tile" not in sys.modules, "cuda.tile was imported"
+        assert cutile, sorted(names)[:20]
+        print("kernels:", cutile)
+    """)
+    env = {k: v for k, v in os.environ.items()}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    print(run.stdout[-2000:])
+    assert run.returncode == 0, run.stderr[-4000:]
