@@ -84,3 +84,19 @@ def test_missing_cuda_tile_is_reported_with_install_hint(ck, monkeypatch):
     finally:
         ck._runtime.cutile_import_error.cache_clear()
     assert reason and "pip install cuda-tile==1.7.0" in reason
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_precompiled_kernels_only_in_the_arch_variants(kernel_repo, variant):
+    """Every variant ships the precompiled launcher (_aot.py); cubins and the metadata's `precompiled` entry (the
+    archs held) only in the CUDA 13 arch variants, and only for archs compiled into the cubin cache."""
+    vdir = kernel_repo / "build" / variant
+    meta = json.loads((vdir / "metadata.json").read_text())
+    assert (vdir / "_aot.py").is_file()
+    if "precompiled" in meta:
+        assert variant not in ("torch-cuda", "torch-cpu")
+        manifest = json.loads((vdir / meta["precompiled"]["manifest"]).read_text())
+        assert manifest["archs"] == meta["precompiled"]["archs"] and manifest["kernels"]
+        assert "backend" in meta and "archs" not in meta["backend"]  # kernels would refuse other GPUs (JIT runs)
+    else:
+        assert not (vdir / "cubins").exists()
