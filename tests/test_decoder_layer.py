@@ -14,7 +14,8 @@ from types import MethodType
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, KernelConfig, StaticCache
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from devtools.checkpoints import ALL_FAMILIES, config_for, randomize_norms
 
@@ -286,3 +287,31 @@ def test_whole_model_with_every_kernel_on_gpu(wide_checkpoints, hub, ck_hub):
     for family in ("llama", "gemma3"):
         model = assert_gpu_parity(ck_hub, wide_checkpoints[family], decoder_mapping(ck_hub, family, hub))
         assert all(type(m).__name__ == f"{DECODER[family]}Layout" for m in model.model.layers)
+
+
+class AddmmCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.addmm.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mlp", [None, "merged"])
+def test_residual_in_down_proj_switch(checkpoints, hub, ck_hub, cpu_kernel_config, monkeypatch, mlp):
+    """The measurement switch: each Llama-form layer adds its residual inside one more addmm (the down_proj GEMM),
+    for transformers' MLP and the merged SwiGLUMLP; the logits stay within float32 rounding of transformers'."""
+    path = checkpoints["llama"]
+    want = logits(plain(path))
+    model, _ = load(path, decoder_mapping(ck_hub, "llama", hub, norm=False, mlp=mlp, rope=False))
+    counts = {}
+    for switch in (False, True):
+        monkeypatch.setattr(ck_hub.decoder, "RESIDUAL_IN_DOWN_PROJ", switch)
+        with AddmmCalls() as calls:
+            got = logits(model)
+        counts[switch] = calls.count
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, want) or switch
+    assert counts[True] - counts[False] == model.config.num_hidden_layers, counts

@@ -12,7 +12,8 @@ forward is transformers' (training, fallbacks); the kernel forward replaces
 
 by one `add_rms_norm` (reads both inputs once, writes the sum and the normalized rows). Gemma3's sandwich is a
 composition: its post-attention norm stays a separate launch (the GemmaRMSNorm kernel when keyed), the add and the
-pre-feedforward norm are one. The MLP's residual add stays a torch add (it feeds the next layer's input norm).
+pre-feedforward norm are one. The MLP's residual add stays a torch add (it feeds the next layer's input norm), or,
+with `RESIDUAL_IN_DOWN_PROJ` set (Llama form, a measurement switch), goes into the down_proj GEMM.
 
 The fused norm+MLP keys (RMSNormMLP, GemmaRMSNormMLP) cannot join: transformers makes a `Fused<Family>DecoderLayer`
 under the decoder layer's exact class name, which wins over this regex key, so the fused Layout refuses the pair
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .checks import DECODER_FAMILIES, Layout, check_replacement
+from .gated_act import gated_act
 from .rms_norm import add_rms_norm
 
 try:  # the decoder layers' base: gradient checkpointing in __call__ (kernels alone loads this without transformers)
@@ -43,6 +45,28 @@ def _modeling_module(layout_cls: type, site, config):
         prefix = DECODER_FAMILIES.get(getattr(config, "model_type", None))
     family = prefix.lower()
     return importlib.import_module(f"transformers.models.{family}.modeling_{family}"), prefix
+
+
+# Measurement switch (issue 12): the MLP's residual add folded into the down_proj GEMM (torch.addmm with the
+# residual, beta=1: one elementwise launch fewer per layer, and the sum rounded once instead of twice, so not bit
+# for bit transformers'). Off until the profile says it is faster: `kernel.decoder.RESIDUAL_IN_DOWN_PROJ = True`.
+RESIDUAL_IN_DOWN_PROJ = False
+
+
+def _residual_plus_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + mlp(x); with RESIDUAL_IN_DOWN_PROJ the add happens inside the down_proj GEMM (a merged SwiGLUMLP
+    or transformers' gate/up/down MLP without bias; any other MLP keeps the add)."""
+    down = getattr(mlp, "down_proj", None)
+    if not RESIDUAL_IN_DOWN_PROJ or not isinstance(down, nn.Linear) or down.bias is not None:
+        return residual + mlp(x)
+    if isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear):  # SwiGLUMLPLayout
+        h = gated_act(mlp.gate_up_proj(x), mlp.hidden_act)
+    elif isinstance(getattr(mlp, "gate_proj", None), nn.Linear) and hasattr(mlp, "act_fn"):  # <Family>MLP
+        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    else:
+        return residual + mlp(x)
+    n = residual.shape[-1]
+    return torch.addmm(residual.reshape(-1, n), h.reshape(-1, h.shape[-1]), down.weight.t()).view(residual.shape)
 
 
 class _DecoderLayerKernel(nn.Module):
@@ -69,7 +93,7 @@ class DecoderLayer(_DecoderLayerKernel):
             past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         norm = self.post_attention_layernorm
         hidden_states, residual = add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
-        return residual + self.mlp(hidden_states)
+        return _residual_plus_mlp(self.mlp, hidden_states, residual)
 
 
 class DecoderLayerLayout(Layout, GradientCheckpointingLayer):
