@@ -56,9 +56,9 @@ def test_recommended_keys_hit_only_their_class(ck, class_names, family):
 
 def readme_table() -> dict[str, dict[str, set]]:
     """README's "Recommended KernelConfig keys per family" table: {family: {column: {(key, layer)}}}, columns
-    "norm", "mlp", "rope", "decoder" by their headers. A cell lists its pairs as backticked Python (`KEY: "<repo>:Layer"`, or
-    `KEY` → `Layer`); "the `Layer` tuple" repeats that layer's key from an earlier row; "same" repeats the cell
-    above."""
+    "norm", "mlp", "rope", "decoder" by their headers. A cell lists its pairs as backticked Python
+    (`KEY: "<repo>:Layer"`, or `KEY` → `Layer`); "the `Layer` tuple" repeats that layer's key from an earlier row;
+    "same" repeats the cell above."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("Recommended KernelConfig keys"):]
     lines = []
