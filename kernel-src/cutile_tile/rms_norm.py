@@ -172,7 +172,9 @@ def specializations(array):
             for n in (128, 4096, 16384):
                 for m in (1, 1 << 20):
                     rows, w = array(dtype, (m, n)), array(dtype, (n,))
-                    yield backward_launch(rows, w, rows, rows, array(torch.float32, (1, n)), 1e-6, gemma, gpu)
+                    # one block writes dweight in the weight's dtype, more write fp32 partial rows
+                    partial = array(dtype if m == 1 else torch.float32, (1, n))
+                    yield backward_launch(rows, w, rows, rows, partial, 1e-6, gemma, gpu)
 
 
 def backward_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, int, int]:
@@ -202,8 +204,8 @@ def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu)
 def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
                  GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int],
                  LATENCY: ct.Constant[int]):
-    """dx, and per-block partial sums of dw (rows of dw_partial, summed by the launcher). rstd is recomputed
-    from x (one more read of x, no saved state). The gradient of the Llama form treats its rounding of x̂ as
+    """dx, and per-block partial sums of dw (rows of dw_partial, summed by the launcher; with one block, dw
+    itself, in the weight's dtype). rstd is recomputed from x (one more read of x, no saved state). The gradient of the Llama form treats its rounding of x̂ as
     identity for dx, and uses the rounded x̂ for dw, as autograd through transformers' forward does.
     LATENCY: the loads' DRAM latency hint (0: none)."""
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
@@ -228,4 +230,4 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
         if not GEMMA:
             xhat = ct.astype(ct.astype(xhat, x.dtype), ct.float32)
         acc = acc + ct.sum(d * xhat, axis=0, keepdims=True)
-    ct.store(dw_partial, (ct.bid(0), 0), tile=acc, allow_tma=False)
+    ct.store(dw_partial, (ct.bid(0), 0), tile=ct.astype(acc, dw_partial.dtype), allow_tma=False)

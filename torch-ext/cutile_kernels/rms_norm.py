@@ -97,17 +97,20 @@ def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False):
 
 def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, gemma: bool,
                              dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by torch. `dx`, if
-    given, is a contiguous buffer of x's shape."""
+    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by one torch sum, or,
+    when one block takes every row (decode sizes), written by the kernel itself: one launch instead of four. `dx`,
+    if given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
     rows, d = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m, index = rows.shape[0], x.get_device()
     dx = torch.empty_like(rows) if dx is None else dx.view(m, n)
+    if not m:
+        return dx.view(x.shape), torch.zeros_like(weight)
     kernels, device = _kernels(), gpu(index)
-    dw_partial = torch.zeros(kernels.backward_blocks(rows, device), n, dtype=torch.float32, device=x.device)
-    if m:
-        launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, device))
-    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+    blocks = kernels.backward_blocks(rows, device)
+    dw_partial = torch.empty(blocks, n, dtype=weight.dtype if blocks == 1 else torch.float32, device=x.device)
+    launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, device))
+    return dx.view(x.shape), dw_partial[0] if blocks == 1 else dw_partial.sum(0, dtype=weight.dtype)
 
 
 RMS_NORM_BACKWARD = CutileOp(
