@@ -205,8 +205,9 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
                  GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int],
                  LATENCY: ct.Constant[int]):
     """dx, and per-block partial sums of dw (rows of dw_partial, summed by the launcher; with one block, dw
-    itself, in the weight's dtype). rstd is recomputed from x (one more read of x, no saved state). The gradient of the Llama form treats its rounding of x̂ as
-    identity for dx, and uses the rounded x̂ for dw, as autograd through transformers' forward does.
+    itself, in the weight's dtype). rstd is recomputed from x (one more read of x, no saved state). The gradient
+    of the Llama form treats its rounding of x̂ as identity for dx, and uses the rounded x̂ for dw, as autograd
+    through transformers' forward does.
     LATENCY: the loads' DRAM latency hint (0: none)."""
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
     w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
