@@ -14,6 +14,7 @@ from torch import nn
 
 from .checks import Layout, check_fusion, check_replacement, refuse
 from .gated_act import check_activation, gated_act, gated_act_reference
+from .parallel import declare_merged_mlp_sharding
 from .rms_norm import gemma_rms_norm, gemma_rms_norm_reference, rms_norm, rms_norm_reference
 
 
@@ -24,11 +25,12 @@ def merged_gate_up_rules(src: str, dst: str) -> list:
     Scope: only decoder MLPs have `mlp.{gate,up,down}_proj` in the target families (vision towers name theirs
     fc1/fc2), so no other weight is renamed."""
     try:
-        from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
     except ImportError:  # kernels also loads this package without transformers: then no Layout is used
         return []
+    from .parallel import ConcatenateGateUp  # Concatenate(dim=0), packed under tensor parallelism
     rules = [WeightConverter([f"{src}.gate_proj.{p}", f"{src}.up_proj.{p}"], f"{dst}.gate_up_proj.{p}",
-                             operations=[Concatenate(dim=0)]) for p in ("weight", "bias")]
+                             operations=[ConcatenateGateUp()]) for p in ("weight", "bias")]
     if src != dst:
         rules.append(WeightRenaming(f"{src}.down_proj.", f"{dst}.down_proj."))
     return rules
@@ -86,6 +88,7 @@ class SwiGLUMLPLayout(_MergedGateUp):
         super().__init__()
         self._init_projections(config.hidden_size, config.intermediate_size,
                                bool(getattr(config, "mlp_bias", False)), _activation(config, site))
+        declare_merged_mlp_sharding(config, "mlp", "mlp")  # tensor parallelism: parallel.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._mlp_reference(x)
@@ -118,6 +121,7 @@ class RMSNormMLPLayout(_NormMLPLayout):
         super().__init__()
         self.variance_epsilon = norm.variance_epsilon
         self._init_from(norm, mlp, site)
+        declare_merged_mlp_sharding(mlp.config, "mlp", "post_attention_layernorm")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self._mlp_reference(rms_norm_reference(hidden_states, self.weight, self.variance_epsilon))
@@ -141,6 +145,7 @@ class GemmaRMSNormMLPLayout(_NormMLPLayout):
         super().__init__()
         self.eps = norm.eps
         self._init_from(norm, mlp, site)
+        declare_merged_mlp_sharding(mlp.config, "mlp", "pre_feedforward_layernorm")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self._mlp_reference(gemma_rms_norm_reference(hidden_states, self.weight, self.eps))

@@ -1,0 +1,116 @@
+"""Tensor parallelism: how the Layouts' parameters shard under transformers' tp_plan (DistributedConfig).
+
+transformers takes a model's plan from `config.base_model_tp_plan` (module paths under the base model -> a style of
+transformers/distributed/tensor_parallel.py), read once the base model's layers are built (`init_parallel_plans` in
+`post_init`, transformers/distributed/mixin.py); `apply_tensor_parallelism` installs the styles before the weights
+load, so each rank reads only its shard. The families' plans name `layers.*.mlp.{gate,up,down}_proj`, which a
+merged MLP no longer has: `gate_up_proj` would stay replicated and feed the full intermediate activation to a
+row-sharded `down_proj` (a shape error), and a fused norm+MLP Layout's projections (under the norm's slot) would
+match nothing (a replicated MLP on every rank).
+
+So each Layout, when transformers builds it, rewrites its model's config plan (an instance attribute: the class's
+plan is shared, and transformers never saves this attribute) from the original projections to its own:
+  - gate_up_proj: packed column-wise. A plain column split of [gate | up] would give rank 0 the gate and rank 1 the
+    up; packed, each rank holds its slice of gate and of up, so act(gate) * up stays local;
+  - down_proj: rowwise (transformers all-reduces the partial sums after it);
+  - a fused Layout's norm weight: no entry, replicated.
+The kernels call the projections as modules (never `F.linear` on their weights), so the styles' hooks run.
+tp_plan="auto" and a dict override (merged into this plan) both see it.
+
+Why the plan says "colwise" for gate_up_proj at first: transformers 5.22 shards on read, each checkpoint tensor by
+the placement of the parameter it loads into (sharding_utils.DtensorShardOperation), before the conversion
+concatenates gate and up. "packed_colwise" (_StridedShard(0, split_factor=2)) would then take two strided pieces
+of gate and two of up, not the halves of [gate | up]; "colwise" (Shard(0)) takes rank r's contiguous slice of each,
+which concatenated is exactly the packed local shard [gate_r | up_r]. The concatenation (`ConcatenateGateUp`, in
+the Layouts' conversion rules) then declares what it built: the parameter becomes packed (transformers'
+PackedColwiseParallel placement and hooks), so full_tensor() and save_pretrained give [gate | up] back and the
+conversion rules write the original gate_proj/up_proj keys.
+"""
+from __future__ import annotations
+
+# The merged MLP's plan relative to the module holding gate_up_proj and down_proj (transformers' `_tp_plan` form),
+# as the loader reads it ("colwise": see the docstring); gate_up_proj is packed once read.
+MERGED_MLP_TP_PLAN = {"gate_up_proj": "colwise", "down_proj": "rowwise"}
+PACKED_STYLE = "packed_colwise"
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def merged_mlp_tp_plan(plan: dict | None, src: str, dst: str) -> dict | None:
+    """`plan` (a base_model_tp_plan) with the entries of `<layers>.<src>.{gate,up,down}_proj` replaced by
+    MERGED_MLP_TP_PLAN under `<layers>.<dst>`; None when the plan shards no such MLP (nothing to change)."""
+    if not plan:
+        return None
+    rewritten, changed = {}, False
+    for key, style in plan.items():
+        parent, _, leaf = key.rpartition(".")
+        if leaf in _MLP_PROJECTIONS and (parent == src or parent.endswith(f".{src}")):
+            layers = parent.removesuffix(src)  # "layers.*." (or "" for a plan at the MLP's own level)
+            rewritten.update({f"{layers}{dst}.{name}": s for name, s in MERGED_MLP_TP_PLAN.items()})
+            changed = True
+        else:
+            rewritten[key] = style
+    return rewritten if changed else None
+
+
+def declare_merged_mlp_sharding(config, src: str, dst: str) -> None:
+    """Called by a merged-MLP Layout when built: its model's plan shards the Layout's projections (at `dst`) as the
+    original plan sharded the MLP's (at `src`). Idempotent (every layer's Layout calls it)."""
+    plan = merged_mlp_tp_plan(getattr(config, "base_model_tp_plan", None), src, dst)
+    if plan is not None:
+        config.base_model_tp_plan = plan
+
+
+def pack_gate_up_shard(model, param_name: str) -> None:
+    """After rank r read [gate_r | up_r] into `param_name` (a gate_up_proj weight or bias placeholder, Shard(0) on
+    the TP mesh): declare it packed, and give its module transformers' packed_colwise hooks. No-op when the
+    parameter is not sharded."""
+    import torch
+    from torch import nn
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
+
+    module_name, _, name = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    param = module._parameters.get(name)
+    if not isinstance(param, DTensor):
+        return
+    if param.placements != (Shard(0),) or param.device_mesh.mesh_dim_names != ("tp",):
+        raise NotImplementedError(
+            f"cutile_kernels: {param_name} is sharded as {param.placements} on the mesh "
+            f"{param.device_mesh.mesh_dim_names}; a merged gate_up_proj loads under tensor parallelism alone "
+            "(its plan entry is the Layout's: do not override it, and no fsdp_size with a merged MLP)")
+    mesh = param.device_mesh
+    # Still a meta placeholder: only its placement changes; the loader then wraps the local [gate_r | up_r] in it.
+    # 1-D too (a bias): transformers' PackedColwiseParallel would label a packed bias a contiguous Shard.
+    full = torch.empty(param.shape, dtype=param.dtype, device="meta")
+    module._parameters[name] = nn.Parameter(
+        distribute_tensor(full, mesh, [_StridedShard(0, split_factor=2)], src_data_rank=None),
+        requires_grad=param.requires_grad)
+    if name == "weight":
+        module.__dict__.pop("forward", None)  # ColwiseParallel's hook: its grad path would regroup the output
+        ALL_PARALLEL_STYLES[PACKED_STYLE].install_forward(module, mesh)
+        plan = getattr(model, "_tp_plan", None)
+        if plan is not None and plan.get(key := replace_layer_number_by_wildcard(module_name)) is not None:
+            plan[key] = PACKED_STYLE
+
+
+try:  # kernels also loads this package without transformers: then no Layout (and no conversion) is used
+    from transformers.core_model_loading import Concatenate
+except ImportError:
+    Concatenate = None
+
+if Concatenate is not None:
+    class ConcatenateGateUp(Concatenate):
+        """Concatenate(dim=0) of gate_proj and up_proj into gate_up_proj; under tensor parallelism, the result is
+        this rank's packed shard (pack_gate_up_shard). Reversed on save by Concatenate's Chunk."""
+
+        def __init__(self):
+            super().__init__(dim=0)
+
+        def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, model=None,
+                    **kwargs):
+            merged = super().convert(input_dict, source_patterns, target_patterns, **kwargs)
+            if model is not None and full_layer_name:
+                pack_gate_up_shard(model, full_layer_name)
+            return merged
