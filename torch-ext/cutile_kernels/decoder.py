@@ -36,7 +36,7 @@ except ImportError:
     GradientCheckpointingLayer = nn.Module
 
 
-def _modeling_module(layout_cls: type, site, config):
+def _modeling_module(site, config):
     """(the family's modeling module, its class-name prefix): from the class the Layout replaces, or (built by
     hand) from the config."""
     if site is not None and site.replaced:
@@ -103,7 +103,7 @@ class DecoderLayerLayout(Layout, GradientCheckpointingLayer):
     def __init__(self, config, layer_idx: int):
         site = check_replacement(type(self), config, layer_idx)  # a Llama-form decoder layer only
         super().__init__()
-        modeling, prefix = _modeling_module(type(self), site, config)
+        modeling, prefix = _modeling_module(site, config)
         self.hidden_size = config.hidden_size
         self.self_attn = getattr(modeling, f"{prefix}Attention")(config=config, layer_idx=layer_idx)
         self.mlp = getattr(modeling, f"{prefix}MLP")(config)
@@ -159,7 +159,7 @@ class GemmaDecoderLayerLayout(Layout, GradientCheckpointingLayer):
     def __init__(self, config, layer_idx: int):
         site = check_replacement(type(self), config, layer_idx)  # Gemma3DecoderLayer only
         super().__init__()
-        modeling, prefix = _modeling_module(type(self), site, config)
+        modeling, prefix = _modeling_module(site, config)
         self.config = config
         self.hidden_size = config.hidden_size
         self.layer_idx = layer_idx
