@@ -5,6 +5,7 @@ from .configs import recommended_mapping
 from .gated_act import (gated_act, gated_act_backward_cutile, gated_act_backward_reference, gated_act_cutile,
                         gated_act_reference)
 from .isolation import transformers_state_guard
+from .parallel import keep_tp_grad_hooks
 from .rms_norm import (add_rms_norm, add_rms_norm_cutile, add_rms_norm_reference, gemma_rms_norm,
                        gemma_rms_norm_reference, rms_norm, rms_norm_backward_cutile, rms_norm_backward_reference,
                        rms_norm_cutile, rms_norm_reference)
@@ -14,6 +15,7 @@ from .training import enable_training
 __all__ = ["layers", "CutileFallbackWarning", "add_rms_norm", "add_rms_norm_cutile", "add_rms_norm_reference",
            "apply_rotary_pos_emb", "enable_training", "gated_act", "gated_act_backward_cutile",
            "gated_act_backward_reference", "gated_act_cutile", "gated_act_reference", "gemma_rms_norm",
+           "keep_tp_grad_hooks",
            "gemma_rms_norm_reference", "rms_norm", "rms_norm_backward_cutile", "rms_norm_backward_reference",
            "rms_norm_cutile", "rms_norm_reference", "recommended_mapping", "rope_cutile", "rope_reference",
            "transformers_state_guard"]

@@ -95,6 +95,50 @@ def pack_gate_up_shard(model, param_name: str) -> None:
             plan[key] = PACKED_STYLE
 
 
+def keep_tp_grad_hooks(model) -> None:
+    """Keep the gradient all-reduce of transformers' `replicated_with_grad_allreduce` style (Qwen3's and Gemma3's
+    q_norm/k_norm: replicated weights that see only this rank's heads) on modules a kernel replaces.
+
+    transformers installs the style by replacing the module's `forward` (its hook registers the gradient
+    all-reduce on the first forward with gradients); kernels' kernelize (end of from_pretrained, and every
+    model.train()/eval()) rebinds `forward` to the kernel's, or back to the class's, which drops it: each rank's
+    gradient of those weights stays partial. A forward pre-hook survives the rebinding; it registers the same
+    all-reduce once per parameter, only while the module's forward is not transformers' own hook (no double sum).
+    Called by the merged MLP Layouts' load; call it once after from_pretrained for other mappings under tp_plan.
+    Idempotent; a no-op without tensor parallelism."""
+    from transformers.distributed.tensor_parallel import _get_parameter_plan
+
+    plan, manager = getattr(model, "_tp_plan", None), getattr(model, "_mesh_manager", None)
+    if not plan or manager is None:
+        return
+    group = manager.get_mesh("tp").get_group()
+    for name, module in model.named_modules():
+        if _get_parameter_plan(name, plan, is_weight=False) != "replicated_with_grad_allreduce" or \
+                getattr(module, "_cutile_grad_allreduce", False):
+            continue
+        module._cutile_grad_allreduce = True
+        module.register_forward_pre_hook(_grad_allreduce_pre_hook(group))
+
+
+def _grad_allreduce_pre_hook(group):
+    import torch
+    import torch.distributed as dist
+
+    def all_reduce(param):
+        dist.all_reduce(param.grad, group=group)
+
+    def pre_hook(module, args):
+        own = getattr(module.__dict__.get("forward"), "__name__", None) == "tp_forward"  # transformers' hook intact
+        if own or not torch.is_grad_enabled():
+            return
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and not getattr(param, "_cutile_grad_allreduce", False):
+                param._cutile_grad_allreduce = True
+                param.register_post_accumulate_grad_hook(all_reduce)
+
+    return pre_hook
+
+
 try:  # kernels also loads this package without transformers: then no Layout (and no conversion) is used
     from transformers.core_model_loading import Concatenate
 except ImportError:
@@ -113,4 +157,5 @@ if Concatenate is not None:
             merged = super().convert(input_dict, source_patterns, target_patterns, **kwargs)
             if model is not None and full_layer_name:
                 pack_gate_up_shard(model, full_layer_name)
+                keep_tp_grad_hooks(model)
             return merged
