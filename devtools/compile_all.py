@@ -251,7 +251,7 @@ def spec_of(plan) -> Spec:
         marks = getattr(p.annotation, "__metadata__", ())
         if any(type(m).__name__ == "ConstantAnnotation" for m in marks):
             params.append(("constant", arg))
-        elif isinstance(arg, Tensor):
+        elif isinstance(arg, Tensor) or hasattr(arg, "data_ptr"):  # a stand-in or a real tensor
             params.append(("array", str(arg.dtype).removeprefix("torch."), len(arg.shape)))
         else:
             params.append(("float32",) if isinstance(arg, float) else ("int32",))
@@ -270,13 +270,28 @@ def aot_specs() -> dict[Spec, tuple[str, ...]]:
 
 
 def compiler_version() -> str | None:
-    """cuda-tile and tileiras versions (part of every cubin's cache key), or None when either is missing."""
+    """cuda-tile and tileiras versions (part of every cubin's cache key), or None when either is missing. tileiras
+    is the pip package's, or, where the toolkit is not a pip package (a tileiras on PATH, as cuda.tile also
+    accepts), the version `tileiras --version` prints."""
+    import re
+    import shutil
+    import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return f"cuda-tile {version('cuda-tile')}, tileiras {version('nvidia-cuda-tileiras')}"
+        tile = version("cuda-tile")
     except PackageNotFoundError:
         return None
+    try:
+        tileiras = version("nvidia-cuda-tileiras")
+    except PackageNotFoundError:
+        exe = shutil.which("tileiras")
+        printed = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout if exe else ""
+        found = re.search(r"V(\d+\.\d+\.\d+)", printed)
+        if found is None:
+            return None
+        tileiras = found.group(1)
+    return f"cuda-tile {tile}, tileiras {tileiras}"
 
 
 def source_digests() -> dict[str, str]:
