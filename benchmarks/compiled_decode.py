@@ -1,7 +1,7 @@
 """Decode ms/token under torch.compile with a static cache: plain transformers against our kernels.
 
-    python -m benchmarks.compiled_decode [--family llama|qwen3|mistral|gemma3] [--layers 4]
-                                         [--out benchmarks/results/<gpu>/compiled_decode_<family>.md]
+    python -m benchmarks.compiled_decode [--family llama|qwen3|mistral|gemma3] [--layers 4] [--decoder]
+                                         [--out benchmarks/results/<gpu>/compiled_decode_<family>[_decoder].md]
     python -m benchmarks.compiled_decode --tiny     (CPU: tiny config, prompt 16, N = 8, aot_eager)
 
 8B widths (harness.SIZE_8B), random weights, bf16, batch 1, prompt 64, N = 64 new tokens. Decoding goes through
@@ -10,7 +10,9 @@ transformers' own path: generate(..., past_key_values=StaticCache, compile_confi
 call, so its buffers keep their addresses (CUDA graphs). Eager rows: the same generate with disable_compile=True.
 ms/token = (t(N) - t(1)) / (N - 1), each t the median of 3 generate calls after 2 warm-up calls. Also: greedy
 tokens of compiled ours == compiled plain, and graph breaks (Dynamo's counters while generating, and
-torch._dynamo.explain on one decode forward).
+torch._dynamo.explain on one decode forward). --decoder adds a row: ours with recommended_mapping's decoder=True
+(the decoder layer kernel: residual add + the norm after it in one add_rms_norm; merged MLP), which must run in
+every layer, and its own greedy check against compiled plain.
 """
 from __future__ import annotations
 
@@ -72,10 +74,11 @@ def main(argv=None) -> None:
         p.add_argument("--new", type=int, default=64, help="N new tokens")
         p.add_argument("--backend", help="torch.compile backend (default: inductor on a GPU, aot_eager on CPU)")
         p.add_argument("--mode", default="reduce-overhead", help="inductor mode ('default': no CUDA graphs)")
+        p.add_argument("--decoder", action="store_true", help="add a row: ours with decoder=True")
 
     args = h.arguments("benchmarks.compiled_decode", __doc__, argv, add=add, out="compiled_decode.md")
     if args.out and args.out.name == "compiled_decode.md":
-        args.out = args.out.with_name(f"compiled_decode_{args.family}.md")
+        args.out = args.out.with_name(f"compiled_decode_{args.family}{'_decoder' if args.decoder else ''}.md")
     from transformers import CompileConfig
 
     prompt, n, layers = (16, 8, 2) if args.tiny else (args.prompt, args.new, args.layers)
@@ -92,29 +95,43 @@ def main(argv=None) -> None:
     print(f"[1/3] plain transformers: {title}", flush=True)
     results = {"plain": measure(h.load_model(path, dtype), ids, n, compile_config)}
     h.free()
-    print("[2/3] ours through KernelConfig (norm, fused, rope)", flush=True)
-    with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as notes:
-        # the guard also undoes the RoPE kernel on exit: measure inside
-        results["ours"] = measure(h.load_model(path, dtype, ck.recommended_mapping(args.family, repo)), ids, n,
-                                  compile_config)
-    h.free()
-    plain, ours = results["plain"], results["ours"]
-    same = torch.equal(plain["tokens"], ours["tokens"])
-    if not same and plain["tokens"].shape == ours["tokens"].shape:
-        first = (plain["tokens"] != ours["tokens"]).nonzero()[0, -1].item() - prompt
-        same = f"False (first difference at new token {first})"
-    print(f"[3/3] greedy {n} tokens, compiled ours == compiled plain: {same}", flush=True)
+    configs = {"ours": {}} | ({"ours + decoder": {"decoder": True}} if args.decoder else {})
+    labels = {"ours": "cuTile kernels (KernelConfig)", "ours + decoder": "cuTile kernels + decoder (KernelConfig)"}
+    fell, applied = {}, {}
+    for name, options in configs.items():
+        print(f"[2/3] {name} through KernelConfig (norm, fused, rope{', decoder' if options else ''})", flush=True)
+        with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as notes:
+            # the guard also undoes the RoPE kernel on exit: measure inside
+            model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, **options))
+            applied[name] = h.kernel_layers(model, ck)
+            decoders = sum(c for k, c in applied[name].items() if k.endswith("DecoderLayer"))
+            if options and decoders != model.config.num_hidden_layers:  # else the row would time ours twice
+                raise SystemExit(f"compiled_decode: {name}: {decoders} of {model.config.num_hidden_layers} layers "
+                                 f"run the decoder layer kernel ({dict(applied[name])})")
+            results[name] = measure(model, ids, n, compile_config)
+            del model
+        fell[name] = notes
+        h.free()
+    plain, same = results["plain"], {}
+    for name in configs:
+        ours = results[name]
+        same[name] = torch.equal(plain["tokens"], ours["tokens"])
+        if not same[name] and plain["tokens"].shape == ours["tokens"].shape:
+            first = (plain["tokens"] != ours["tokens"]).nonzero()[0, -1].item() - prompt
+            same[name] = f"False (first difference at new token {first})"
+        print(f"[3/3] greedy {n} tokens, compiled {name} == compiled plain: {same[name]}", flush=True)
     rows = [[label, f"{r['eager']:.2f}", f"{r['compiled']:.2f}", f"{r['eager'] / r['compiled']:.2f}x",
              f"{plain['compiled'] / r['compiled']:.2f}x", f"{r['graphs']} / {r['breaks']}", r["explain"]]
-            for label, r in (("plain transformers", plain), ("cuTile kernels (KernelConfig)", ours))]
-    details = [f"- greedy tokens, compiled ours == compiled plain: {same}; compiled == eager: plain "
-               f"{plain['eager_same']}, ours {ours['eager_same']}",
-               "- graphs / breaks: Dynamo's unique_graphs and graph_break counters over all compiled generate calls "
-               "(more graphs than breaks + 1 means recompiles)"]
+            for label, r in [("plain transformers", plain), *((labels[c], results[c]) for c in configs)]]
+    details = [f"- greedy tokens, compiled {name} == compiled plain: {same[name]}; compiled == eager: plain "
+               f"{plain['eager_same']}, {name} {results[name]['eager_same']}" for name in configs]
+    details.append("- graphs / breaks: Dynamo's unique_graphs and graph_break counters over all compiled generate "
+                   "calls (more graphs than breaks + 1 means recompiles)")
     details += [f"- {name}: graph-break reasons while generating: {'; '.join(r['reasons'])}"
                 for name, r in results.items() if r["reasons"]]
-    details.append(f"- ours: {len(notes)} fallback warning(s)" + "".join(f"; {m}" for m in notes)
-                   + ("; CPU run: times mean nothing" if h.DEVICE == "cpu" else ""))
+    details += [f"- {name}: " + ", ".join(f"{k} x{c}" for k, c in sorted(applied[name].items()))
+                + f"; {len(fell[name])} fallback warning(s)" + "".join(f"; {m}" for m in fell[name])
+                + ("; CPU run: times mean nothing" if h.DEVICE == "cpu" else "") for name in configs]
     h.write_report(args.out, "\n".join([h.header(title, args), *h.table(
         ["config", "eager ms/token", "compiled ms/token", "compile speedup", "vs plain compiled",
          "graphs / breaks (generate)", "explain (one decode forward)"], rows), "", *details]) + "\n")

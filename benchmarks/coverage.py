@@ -1,14 +1,16 @@
 """Where a forward's time goes, plain and with our kernels: cuTile kernels, GEMMs, attention, and every other
 kernel by name, with launch counts. Its table decides what to fuse next.
 
-    python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048]
+    python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048] [--decoder]
     python -m benchmarks.coverage --tiny      (CPU: a tiny model, the profiler's CPU operator times)
 
 An 8B-wide random checkpoint of the family (harness.MODELS widths), bf16. Two steps, each profiled once after a
 warm-up with torch.profiler: prefill (1 x --prefill tokens) and one decode step (one token over a DynamicCache of
-the prefill). Plain transformers, then ours (KernelConfig with recommended_mapping). On a GPU the times are device
-times of CUDA kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md
-(shares per category, the top kernels by time, launches per step, wall time) and a stacked bar chart (.png).
+the prefill). Plain transformers, then ours (KernelConfig with recommended_mapping; --decoder: with decoder=True,
+the decoder layer kernel in every layer, profiled as "ours + decoder"). On a GPU the times are device times of CUDA
+kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md, or
+coverage_<family>_decoder.md (shares per category, the top kernels by time, launches per step, wall time) and a
+stacked bar chart (.png).
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ def summarize(kernels: dict[str, tuple[float, int]]) -> dict[str, float]:
 
 
 def report(results: dict, notes: list[str], args, family: str) -> str:
-    lines = [h.header(f"Coverage of {family}'s forward: where the time goes, plain and with our kernels", args),
+    ours = "with our kernels + decoder layer (decoder=True)" if args.decoder else "with our kernels"
+    lines = [h.header(f"Coverage of {family}'s forward: where the time goes, plain and {ours}", args),
              f"{'tiny' if args.tiny else '8B'} widths, {args.layers} layers, bf16; prefill 1 x {args.prefill}, one "
              f"decode step over its cache. {'CUDA kernel device times' if h.DEVICE == 'cuda' else 'CPU operator times'}"
              " from torch.profiler, one profiled call after a warm-up.\n"]
@@ -121,12 +124,13 @@ def main(argv=None) -> None:
         p.add_argument("--layers", type=int, default=4)
         p.add_argument("--prefill", type=int, default=2048)
         p.add_argument("--top", type=int, default=12, help="kernels listed per step")
+        p.add_argument("--decoder", action="store_true", help="ours with decoder=True (the decoder layer kernel)")
 
     args = h.arguments("benchmarks.coverage", __doc__, argv, add=add, out="coverage.md")
     if args.tiny:
         args.prefill, args.layers = min(args.prefill, 32), min(args.layers, 2)
     elif args.out.name == "coverage.md":
-        args.out = args.out.with_name(f"coverage_{args.family}.md")
+        args.out = args.out.with_name(f"coverage_{args.family}{'_decoder' if args.decoder else ''}.md")
     dtype = torch.bfloat16
     path = h.checkpoint(args.family, tiny=args.tiny, layers=args.layers, dtype=dtype, cache=args.cache)
     results, notes = {}, []
@@ -135,14 +139,19 @@ def main(argv=None) -> None:
         results[("plain", step)] = profile(fn)
     del model
     h.free()
+    ours = "ours + decoder" if args.decoder else "ours"
     with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
-        model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo))
+        model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder))
         applied = h.kernel_layers(model, ck)
+        decoders = sum(n for k, n in applied.items() if k.endswith("DecoderLayer"))
+        if args.decoder and decoders != model.config.num_hidden_layers:  # else it would profile plain ours
+            raise SystemExit(f"coverage: {decoders} of {model.config.num_hidden_layers} layers run the decoder layer "
+                             f"kernel ({dict(applied)})")
         for step, fn in steps(model, args.prefill).items():
-            results[("ours", step)] = profile(fn)
+            results[(ours, step)] = profile(fn)
         del model
     h.free()
-    notes.append("ours: " + ", ".join(f"{k} x{n}" for k, n in sorted(applied.items())) + "; "
+    notes.append(f"{ours}: " + ", ".join(f"{k} x{n}" for k, n in sorted(applied.items())) + "; "
                  + (f"{len(fell)} fallback warning(s): " + "; ".join(fell) if fell else "no fallback"))
     h.write_report(args.out, report(results, notes, args, args.family))
     if args.out:

@@ -6,8 +6,10 @@
 Layer 0 of a one-layer random Llama checkpoint of 8B widths (hidden 4096, 32 heads, 8 kv heads, head_dim 128,
 intermediate 14336), bf16, forward of one new token per sequence over a StaticCache holding `--kv` tokens. Configs:
 plain transformers eager and under torch.compile (Inductor), ours (KernelConfig with the package's
-recommended_mapping: RMSNorm, fused norm + MLP, RoPE) eager and under torch.compile, Liger-Kernel's patch (RoPE,
-RMSNorm, SwiGLU; last, as it patches transformers process-wide).
+recommended_mapping: RMSNorm, fused norm + MLP, RoPE) eager and under torch.compile, ours + decoder (the same with
+decoder=True: the DecoderLayer kernel, residual add + post_attention_layernorm in one add_rms_norm, merged MLP; the
+run refuses when layer 0 does not run it) eager and under torch.compile, Liger-Kernel's patch (RoPE, RMSNorm,
+SwiGLU; last, as it patches transformers process-wide).
 
 One cache per batch, prefilled by the plain layer and sized kv + 1, so the new token (position kv) attends to every
 slot without a mask; every call first resets the cache's position counter (a one-element fill, in every config's
@@ -66,7 +68,8 @@ def report(results: dict, notes: list[str], args, kv: int) -> str:
     return "\n".join([
         h.header(f"One decoder layer's decode step (Llama, {size} widths), device time in a CUDA graph", args),
         f"bf16, KV cache {kv} tokens (StaticCache), one new token per sequence; µs per layer forward (CUDA graph of "
-        "20 calls, median). Ours: KernelConfig(recommended_mapping('llama', repo)).\n",
+        "20 calls, median). Ours: KernelConfig(recommended_mapping('llama', repo)); ours + decoder: the same with "
+        "decoder=True.\n",
         *h.table(["config", *(f"batch {b} µs" for b in batches), f"vs plain eager ({per})",
                   f"vs plain compile ({per})", f"rel err vs plain eager ({per})"], rows),
         "", *(f"- {n}" for n in notes)]) + "\n"
@@ -88,16 +91,19 @@ def main(argv=None) -> None:
     inputs = prefilled(plain, batches, kv)
     results["plain eager"] = measure(plain.model.layers[0], inputs, kv, want)
     results["plain torch.compile"] = measure(h.compiled(plain.model.layers[0]), inputs, kv, want)
-    print("[2/3] ours through KernelConfig, eager and torch.compile", flush=True)
-    with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
-        model = h.load_model(path, dtype, ck.recommended_mapping("llama", repo))
-        layers = h.kernel_layers(model, ck)
-        results["ours eager"] = measure(model.model.layers[0], inputs, kv, want)
-        results["ours torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
-        del model
-    h.free()
-    notes.append("ours: " + ", ".join(f"{k} x{n}" for k, n in sorted(layers.items())) + "; "
-                 + (f"{len(fell)} fallback warning(s): " + "; ".join(fell) if fell else "no fallback"))
+    print("[2/3] ours through KernelConfig (and + decoder), eager and torch.compile", flush=True)
+    for name, options in (("ours", {}), ("ours + decoder", {"decoder": True})):
+        with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
+            model = h.load_model(path, dtype, ck.recommended_mapping("llama", repo, **options))
+            layers = h.kernel_layers(model, ck)
+            if options and layers["DecoderLayer"] != 1:  # else "+ decoder" would time ours twice
+                raise SystemExit(f"decode_layer: {name}: layer 0 does not run DecoderLayer ({dict(layers)})")
+            results[f"{name} eager"] = measure(model.model.layers[0], inputs, kv, want)
+            results[f"{name} torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
+            del model
+        h.free()
+        notes.append(f"{name}: " + ", ".join(f"{k} x{n}" for k, n in sorted(layers.items())) + "; "
+                     + (f"{len(fell)} fallback warning(s): " + "; ".join(fell) if fell else "no fallback"))
     print("[3/3] Liger-Kernel", flush=True)
     try:
         model = h.load_model(path, dtype)

@@ -2,7 +2,7 @@
 compare, time.
 
     python -m devtools.demo [--family llama|mistral|qwen2|qwen3|gemma3] [--size tiny|8b] [--layers N]
-                            [--kernels norm,fused,rope] [--liger|--no-liger] [--out DIR] [--json FILE]
+                            [--kernels norm,fused,rope[,decoder]] [--liger|--no-liger] [--out DIR] [--json FILE]
 
 The kernel model loads the way a user loads it from the Hub, through
     from_pretrained(path, use_kernels=True, kernel_config=KernelConfig(recommended_mapping(family, repo, ...)))
@@ -10,7 +10,8 @@ with the repo id served from this checkout's build/ (LOCAL_KERNELS), inside the 
 transformers_state_guard. transformers refuses "cpu" in a KernelConfig; on CPU the demo lifts that one check
 (the kernels then run their exact PyTorch reference). After loading, the demo counts the modules that run one of
 the package's layers and refuses to measure when a selected kernel replaces nothing (`--kernels ''`, or a kernel
-the family does not have): that would time the plain model twice.
+the family does not have): that would time the plain model twice. `decoder` adds the decoder layer (residual add +
+the norm after it as one add_rms_norm; recommended_mapping's decoder=True, which turns `fused` into the merged MLP).
 
 --liger (default: on with CUDA when liger_kernel imports) also times a fresh plain instance patched by
 Liger-Kernel's apply_liger_kernel_to_<family> (RoPE, RMSNorm, SwiGLU/GEGLU; no loss kernels).
@@ -33,7 +34,7 @@ from benchmarks import harness as h
 
 from .checkpoints import ALL_FAMILIES
 
-KERNELS = ("norm", "mlp", "fused", "rope")
+KERNELS = ("norm", "mlp", "fused", "rope", "decoder")
 # Timing effort: decode = (generate(n) - generate(1)) / (n - 1), each the median of `decode_reps` runs.
 EFFORT = {"cuda": dict(prefill_reps=20, decode_reps=10, new_tokens=64),
           "cpu": dict(prefill_reps=5, decode_reps=3, new_tokens=32)}
@@ -90,7 +91,7 @@ def measure(family: str = "llama", *, size: str | None = None, layers: int = 2,
         try:
             mapping = ck.recommended_mapping(family, repo, norm="norm" in kernels, rope="rope" in kernels,
                                              mlp="fused" if "fused" in kernels else "merged" if "mlp" in kernels
-                                             else None)
+                                             else None, decoder="decoder" in kernels)
         except ValueError as e:  # e.g. no merged MLP for Gemma3: refuse before any work
             raise SystemExit(f"demo: --kernels {','.join(kernels)}: {e}") from None
         path = h.checkpoint(family, tiny=size == "tiny", layers=layers, dtype=dtype, cache=cache)

@@ -74,12 +74,16 @@ def test_decode_layer_tiny(tmp_path, cache):
     table = rows(text)
     assert table.pop("config | batch 1 µs")[2:3] == ["batch 4 µs"]
     configs = [k.split(" | ")[0] for k in table]
-    assert configs == ["plain eager", "plain torch.compile", "ours eager", "ours torch.compile"]
+    assert configs == ["plain eager", "plain torch.compile", "ours eager", "ours torch.compile",
+                       "ours + decoder eager", "ours + decoder torch.compile"]
     for cells in table.values():
         us1, us4 = finite(cells[1])[0], finite(cells[2])[0]
         assert us1 > 0 and us4 > 0
         assert all(err < 1e-2 for err in finite(cells[5]))  # against plain eager on the same cache
     assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x2, RMSNormMLP x1;" in text
+    # the decoder layer kernel runs layer 0 (its add_rms_norm fell back: the reference ran, not some other forward)
+    assert "- ours + decoder: ApplyRotaryPosEmb x1, DecoderLayer x1, RMSNorm x3, SwiGLUMLP x1;" in text
+    assert "cutile_kernels.add_rms_norm: running the PyTorch reference" in text
     assert "- Liger-Kernel skipped: liger_kernel does not import" in text
     assert (tmp_path / "report.png").stat().st_size > 0
 
@@ -112,6 +116,15 @@ def test_coverage_tiny(tmp_path, cache):
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
+def test_coverage_tiny_decoder(tmp_path, cache):
+    """--decoder: ours is profiled with decoder=True (every layer runs the decoder layer kernel), and says so."""
+    text = run(coverage, tmp_path, cache, "--family", "gemma3", "--top", "3", "--decoder")
+    assert "plain and with our kernels + decoder layer (decoder=True)" in text.splitlines()[0]
+    assert {k for k in rows(text) if k.startswith(("plain |", "ours"))} == {
+        "plain | prefill", "plain | decode", "ours + decoder | prefill", "ours + decoder | decode"}
+    assert "- ours + decoder: ApplyRotaryPosEmb x1, GemmaDecoderLayer x2, GemmaRMSNorm x13;" in text
+
+
 def test_category_names_gpu_kernels():
     assert coverage.category("rms_norm_fwd") == "ours (cuTile)"
     assert coverage.category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "GEMM"
@@ -121,10 +134,13 @@ def test_category_names_gpu_kernels():
 
 
 def test_compiled_decode_tiny(tmp_path, cache):
-    text = run(compiled_decode, tmp_path, cache, "--family", "llama")
+    text = run(compiled_decode, tmp_path, cache, "--family", "llama", "--decoder")
     table = rows(text)
-    assert [k.split(" | ")[0] for k in table] == ["config", "plain transformers", "cuTile kernels (KernelConfig)"]
+    assert [k.split(" | ")[0] for k in table] == ["config", "plain transformers", "cuTile kernels (KernelConfig)",
+                                                  "cuTile kernels + decoder (KernelConfig)"]
     assert "0 break(s)" in text and "compiled ours == compiled plain: True" in text
+    assert "compiled ours + decoder == compiled plain: True" in text
+    assert "- ours + decoder: ApplyRotaryPosEmb x1, DecoderLayer x2, RMSNorm x5, SwiGLUMLP x2;" in text
 
 
 def test_harness_gpu_folder_and_cpu_check(monkeypatch):

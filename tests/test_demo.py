@@ -36,7 +36,9 @@ def cache(tmp_path_factory):
 @pytest.mark.parametrize("family,kernels,layers", [
     ("qwen3", "norm,fused,rope", {"RMSNorm": 7, "RMSNormMLP": 2, "ApplyRotaryPosEmb": 1}),  # q_norm/k_norm too
     ("gemma3", "norm,fused,rope", {"GemmaRMSNorm": 11, "GemmaRMSNormMLP": 2, "ApplyRotaryPosEmb": 1}),
-    ("mistral", "mlp", {"SwiGLUMLP": 2})])
+    ("mistral", "mlp", {"SwiGLUMLP": 2}),
+    # decoder: fused becomes the merged MLP (add_rms_norm is the norm before it); the norms keep their kernel
+    ("llama", "norm,fused,rope,decoder", {"DecoderLayer": 2, "RMSNorm": 5, "SwiGLUMLP": 2, "ApplyRotaryPosEmb": 1})])
 def test_demo_reports_parity(tmp_path, capsys, repo_build, cache, family, kernels, layers):
     demo.main(["--family", family, "--kernels", kernels, "--no-liger", "--cache", str(cache),
                "--out", str(tmp_path / "report"), "--json", str(tmp_path / "r.json")])
