@@ -162,6 +162,34 @@ def test_constraint_checks_decline_what_was_not_compiled():
     assert f._buffers, "a declined launch returns its argument block"
 
 
+def test_a_failed_launch_hands_over_to_the_jit_for_good():
+    """A cubin the driver refuses to launch (even in the GPU's primary context) declines with a warning naming the
+    driver's error, and is never tried again: the caller's JIT (or reference) path runs instead of an exception."""
+
+    class Refusing(_FakeDriver):
+        def launch_kernel(self, *args):
+            super().launch_kernel(*args)
+            return 1  # CUDA_ERROR_INVALID_VALUE
+
+        def push(self, index):
+            pass
+
+        def pop(self):
+            pass
+
+        def error_name(self, result):
+            return "CUDA_ERROR_INVALID_VALUE (1)"
+
+    f = aot.Function(Refusing(), 0, None, "sym", [["array", "bfloat16", 2]])
+    f.handle, f.threads = 1234, 256
+    x = torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="sym failed to launch .CUDA_ERROR_INVALID_VALUE"):
+        assert not f.launch((1,), (x,), stream=0)
+    tried = len(f.driver.launches)
+    assert tried == 2  # as it is, then in the primary context
+    assert not f.launch((1,), (x,), stream=0) and len(f.driver.launches) == tried
+
+
 def test_oversized_index_is_declined():
     """Shapes or strides past int32 (the compiled index width) do not pack: the launch is declined."""
 

@@ -26,6 +26,7 @@ import struct
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 # The constraints every precompiled array parameter was compiled with (and that Function.launch checks): 16-byte
@@ -173,11 +174,14 @@ class Driver:
         lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         self._contexts: dict[int, int] = {}
 
+    def error_name(self, result: int) -> str:
+        name = ctypes.c_char_p()
+        self.lib.cuGetErrorName(result, ctypes.byref(name))
+        return f"{(name.value or b'?').decode()} ({result})"
+
     def check(self, result: int, what: str) -> None:
         if result:
-            name = ctypes.c_char_p()
-            self.lib.cuGetErrorName(result, ctypes.byref(name))
-            raise RuntimeError(f"cutile_kernels: {what} failed: {(name.value or b'?').decode()} ({result})")
+            raise RuntimeError(f"cutile_kernels: {what} failed: {self.error_name(result)}")
 
     def context(self, index: int) -> int:
         """The primary context of GPU `index` (torch's), retained once."""
@@ -235,6 +239,7 @@ class Function:
             (p[2], 16 // _ITEMSIZE[p[1]]) if p[0] == "array" else (0 if p[0] != "constant" else None)
             for p in params)
         self.handle = None
+        self.failed = None  # the driver's error name once a launch of this cubin failed
         self._buffers: list[_ParamBuffer] = []  # free argument blocks (one per concurrent launch)
 
     def _load(self) -> None:
@@ -275,6 +280,8 @@ class Function:
     def launch(self, grid: tuple, args, stream: int) -> bool:
         """Launch on `stream` (the current stream of GPU `index`; the caller makes sure it is); False when the
         arguments are outside the compiled constraints (nothing launched)."""
+        if self.failed:
+            return False
         values = self.values(args)
         if values is None:
             return False
@@ -297,7 +304,12 @@ class Function:
             finally:
                 self.driver.pop()
         buffers.append(buf)
-        self.driver.check(result, f"cuLaunchKernel({self.symbol})")
+        if result:  # never again for this cubin: the caller takes the JIT (or the reference), with a warning
+            self.failed = self.driver.error_name(result)
+            warnings.warn(f"cutile_kernels: the precompiled {self.symbol} failed to launch ({self.failed}); "
+                          "its launches go to the cuTile JIT (or the reference) from now on", RuntimeWarning,
+                          stacklevel=4)
+            return False
         return True
 
 
