@@ -256,6 +256,9 @@ def test_every_cubin_is_built_and_listed(small_build):
             for name in entry["cubins"].values():
                 image = zlib.decompress((vdir / "cubins" / name).read_bytes())
                 assert image[:4] == b"\x7fELF" and entry["symbol"].encode() in image
+                # the launch's block size: compiled in, a whole number of warps (not the register limit)
+                threads = aot.required_threads(image, entry["symbol"])
+                assert threads and threads % 32 == 0 and threads <= 1024, (entry["kernel"], threads)
             assert entry["symbol"] == ca.signature_of(ca.Spec(entry["module"], entry["kernel"], entry["hints"],
                                                               tuple(map(tuple, entry["params"])))).symbol
         assert "cubins/manifest.json" in meta["digest"]["files"]

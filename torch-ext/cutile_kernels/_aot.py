@@ -9,7 +9,8 @@ caller then takes the JIT, or the reference).
 
 Calling convention `cutile_python_v1` (the cubin's parameters, in order): per array its base pointer, shape and
 strides (int32 each, the compiled index width); per scalar its value (int32 or float32); ct.Constant parameters are
-compiled in. The block has exactly the cubin's MAX_THREADS_PER_BLOCK threads; there is no dynamic shared memory.
+compiled in. The block has exactly the threads the cubin requires (its REQNTID, `required_threads`); there is no
+dynamic shared memory.
 
 Launch plans come from the same kernel modules as the JIT's. Without cuda.tile they are loaded with a stand-in for
 it (`load_planning_module`): `@ct.kernel` then gives a `PlannedKernel` (function + hints), enough to pick a cubin;
@@ -199,8 +200,8 @@ class Driver:
         self.check(self.lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p())), "cuCtxPopCurrent")
 
     def load(self, index: int, image: bytes, symbol: str) -> tuple[int, int]:
-        """(CUfunction, its required threads per block) of `symbol` in cubin `image`, loaded into GPU `index`'s
-        primary context."""
+        """(CUfunction, its threads per block) of `symbol` in cubin `image`, loaded into GPU `index`'s primary
+        context."""
         module, function, threads = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_int()
         self.push(index)
         try:
@@ -211,7 +212,34 @@ class Driver:
                        "cuFuncGetAttribute")
         finally:
             self.pop()
-        return function.value, threads.value
+        return function.value, required_threads(image, symbol) or threads.value
+
+
+def required_threads(image: bytes, symbol: str) -> int | None:
+    """The block size a cubin's kernel `symbol` was compiled for (EIATTR_REQNTID in its `.nv.info.<symbol>`
+    section; x only, cuTile blocks are one-dimensional), or None. The driver's MAX_THREADS_PER_BLOCK is not it: that
+    is the register limit (256 for a 255-register kernel), and a launch with any other count than REQNTID fails
+    with CUDA_ERROR_INVALID_VALUE."""
+    if image[:4] != b"\x7fELF" or image[4] != 2:  # ELF64 only
+        return None
+    shoff, = struct.unpack_from("<Q", image, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", image, 0x3A)
+    sections = [struct.unpack_from("<I4xQ8xQQ", image, shoff + i * entsize) for i in range(count)]
+    strtab = sections[names][2]
+    wanted = b".nv.info." + symbol.encode() + b"\0"
+    for name, _, offset, size in sections:
+        if image[strtab + name:strtab + name + len(wanted)] != wanted:
+            continue
+        pos = offset
+        while pos + 4 <= offset + size:  # entries: format, attribute, then a u16 value or a u16 size + data
+            fmt, attr, value = struct.unpack_from("<BBH", image, pos)
+            if fmt == 4:  # EIFMT_SVAL
+                if attr == 0x10 and value >= 4:  # EIATTR_REQNTID: x, y, z
+                    return struct.unpack_from("<I", image, pos + 4)[0]
+                pos += 4 + value
+            else:
+                pos += 4
+    return None
 
 
 class _ParamBuffer:
