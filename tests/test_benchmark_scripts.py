@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import compiled_decode, coverage, decode_layer, harness, run_all, train_step
+from benchmarks import cold_start, compiled_decode, coverage, decode_layer, harness, run_all, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +141,25 @@ def test_compiled_decode_tiny(tmp_path, cache):
     assert "0 break(s)" in text and "compiled ours == compiled plain: True" in text
     assert "compiled ours + decoder == compiled plain: True" in text
     assert "- ours + decoder: ApplyRotaryPosEmb x1, DecoderLayer x2, RMSNorm x5, SwiGLUMLP x2;" in text
+
+
+def test_cold_start_tiny(tmp_path, cache):
+    """Each configuration ran in its own process and reported finite times; ours ran our layers (their references
+    on CPU: no compile, no cubin), and the process where cuda.tile cannot be imported did not import it."""
+    text = run(cold_start, tmp_path, cache)
+    table = rows(text)
+    assert table.pop("config | env")[2:] == ["load s", "first forward s", "later forward s", "load + first s",
+                                             "vs plain s", "kernel set-up s", "cuTile compiles", "cubin launches",
+                                             "process s"]
+    assert [k.split(" | ")[0] for k in table] == [label for _, label, _, _ in cold_start.CONFIGS]
+    for key, cells in table.items():
+        assert all(finite(c)[0] > 0 for c in cells[2:6] + cells[10:]), cells
+        assert all(c == "—" if key.startswith("plain") else finite(c) for c in cells[6:8]), cells
+        assert cells[8:10] == ["0 (0.0 s)", "0/0"], cells
+    assert "CUTILE_KERNELS_PRECOMPILED=0, CUDA_TILE_CACHE_DIR=<empty dir>" in text
+    for _, label, _, block in cold_start.CONFIGS[1:]:  # cuda-tile is installed here: only the blocked one fails
+        assert (f"- {label}: kernel layers ApplyRotaryPosEmb x1, RMSNorm x3, RMSNormMLP x2; cuda.tile imported: False "
+                f"(importable: {not block});") in text
 
 
 def test_harness_gpu_folder_and_cpu_check(monkeypatch):
