@@ -81,9 +81,9 @@ def test_decode_layer_tiny(tmp_path, cache):
         assert us1 > 0 and us4 > 0
         assert all(err < 1e-2 for err in finite(cells[5]))  # against plain eager on the same cache
     assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x2, RMSNormMLP x1;" in text
-    # the decoder layer kernel runs layer 0 (its add_rms_norm fell back: the reference ran, not some other forward)
+    # the decoder layer kernel runs layer 0 (the fallback warning for its add_rms_norm is once per process, so an
+    # earlier test in the same run may have taken it: not asserted)
     assert "- ours + decoder: ApplyRotaryPosEmb x1, DecoderLayer x1, RMSNorm x3, SwiGLUMLP x1;" in text
-    assert "cutile_kernels.add_rms_norm: running the PyTorch reference" in text
     assert "- Liger-Kernel skipped: liger_kernel does not import" in text
     assert (tmp_path / "report.png").stat().st_size > 0
 
