@@ -13,7 +13,9 @@ Backward rows time the backward alone. The forward runs once, outside the timing
 timed call is `torch.autograd.grad` through the graph it recorded (kept between calls): for ours the custom op's registered backward
 (the cuTile backward kernels), for Liger its autograd Function's backward, for compile the backward graph that
 AOTAutograd and Inductor built for the reference. Eager is the package's backward formula in PyTorch. Bytes
-counted for "% of copy": forward norms read x, w and write y; backward norms read x, w, dy and write dx, dw; the
+counted for "% of copy": forward norms read x, w and write y; backward norms read x, w, dy and write dx, dw;
+add_rms_norm (residual add + RMSNorm, Liger's fused_add_rms_norm the peer) reads x, residual, w and writes the
+normed and summed rows, its backward reads summed, both output gradients and w and writes one input gradient and dw; the
 gated activation reads gate_up (and dy) and writes its output (d gate_up); RoPE reads and writes q and k.
 """
 from __future__ import annotations
@@ -94,9 +96,10 @@ def cases(ck, tiny: bool) -> list[dict]:
     shape = h.TINY if tiny else h.SIZE_8B
     ws = lambda attr, gemma: [getattr(h.TINY, attr)] if tiny else h.widths(attr, gemma=gemma)  # noqa: E731
     rand = lambda *s: torch.randn(*s, **dt)  # noqa: E731
-    lg_norm, lg_swiglu, lg_geglu, lg_rope, tg_norm, tg_swiglu = (h.peer(m) for m in (
-        "liger_kernel.ops.rms_norm", "liger_kernel.ops.swiglu", "liger_kernel.ops.geglu",
-        "liger_kernel.transformers.rope", "tilegym.ops.cutile.rms_norm", "tilegym.ops.cutile.silu_and_mul"))
+    lg_norm, lg_add, lg_swiglu, lg_geglu, lg_rope, tg_norm, tg_swiglu = (h.peer(m) for m in (
+        "liger_kernel.ops.rms_norm", "liger_kernel.ops.fused_add_rms_norm", "liger_kernel.ops.swiglu",
+        "liger_kernel.ops.geglu", "liger_kernel.transformers.rope", "tilegym.ops.cutile.rms_norm",
+        "tilegym.ops.cutile.silu_and_mul"))
 
     def norm(gemma: bool):
         public, ref = (ck.gemma_rms_norm, ck.gemma_rms_norm_reference) if gemma else (ck.rms_norm,
@@ -114,6 +117,24 @@ def cases(ck, tiny: bool) -> list[dict]:
             lambda m, n: 4 * m * n + 2 * n, ws("hidden", gemma), op=lambda x, w: ops.rms_norm(x, w, EPS, gemma),
             eager_bwd=lambda x, w, dy: ck.rms_norm_backward_reference(x, w, dy, EPS, gemma),
             bwd_nbytes=lambda m, n: 6 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=2)
+
+    def add_norm(gemma: bool):  # residual add + RMSNorm, (normed, summed); Liger's fused_add_rms_norm is the peer
+        ref = lambda x, r, w: ck.add_rms_norm_reference(x, r, w, EPS, gemma)  # noqa: E731
+
+        def eager_bwd(x, r, w, dn, ds):  # the package's backward formula (ops.add_rms_norm's) in PyTorch
+            dx, dw = ck.rms_norm_backward_reference(x + r, w, dn, EPS, gemma)
+            return dx + ds, dx + ds, dw
+        return pair(
+            "gemma_add_rms_norm" if gemma else "add_rms_norm",
+            lambda m, n, bwd: (rand(m, n), rand(m, n), (1 + 0.1 * torch.randn(n, device=h.DEVICE)).bfloat16(),
+                               *[rand(m, n), rand(m, n)][:2 * bwd]),
+            lambda x, r, w: (norm64(x.double() + r.double(), w, gemma), x.double() + r.double()),
+            dict(cutile=lambda x, r, w: ck.add_rms_norm(x, r, w, EPS, gemma), eager=ref, compile=h.compiled(ref),
+                 liger=lg_add and (lambda x, r, w: lg_add.LigerFusedAddRMSNormFunction.apply(
+                     x, r, w, EPS, 1.0 if gemma else 0.0, "gemma" if gemma else "llama", False))),
+            lambda m, n: 8 * m * n + 2 * n, ws("hidden", gemma),
+            op=lambda x, r, w: ops.add_rms_norm(x, r, w, EPS, gemma), eager_bwd=eager_bwd,
+            bwd_nbytes=lambda m, n: 8 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=3, n_grads=2)
 
     def gated(act: str):
         ref = lambda gu: ck.gated_act_reference(gu, act)  # noqa: E731
@@ -143,7 +164,7 @@ def cases(ck, tiny: bool) -> list[dict]:
                 op=lambda q, k, c, s: ops.rope(q, k, c, s, 1),
                 eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
                 bwd_nbytes=rope_bytes, bwd_widths=[shape], n_diff=2, n_grads=2)
-    found = [norm(False), norm(True), gated("silu"), gated(h.GELU), rope]
+    found = [norm(False), norm(True), add_norm(False), add_norm(True), gated("silu"), gated(h.GELU), rope]
     return [p[0] for p in found] + [p[1] for p in found]
 
 
