@@ -169,9 +169,8 @@ def report(results: dict, name: str, cubins: list[str], args) -> str:
                      "—" if config == "plain" else f"{setup:.3f}", f"{r['compiles']} ({r['compile_s']:.1f} s)",
                      f"{r['served']}/{r['asked']}", f"{r['process']:.1f}"])
         if config != "plain":
-            notes.append(f"- {label}: kernel layers " + (", ".join(f"{k} x{n}" for k, n in sorted(r["layers"].items()))
-                                                        or "none") + f"; cuda.tile imported: {r['tile_imported']} "
-                         f"(importable: {r['tile_importable']}); "
+            notes.append(f"- {label}: kernel layers {h.layer_list(r['layers']) or 'none'}; "
+                         f"cuda.tile imported: {r['tile_imported']} (importable: {r['tile_importable']}); "
                          f"{len(r['notes'])} fallback warning(s)" + "".join(f"; {n}" for n in r["notes"]))
     notes.append(f"- build variants with cubins: {', '.join(cubins) or 'none (build with --archs sm_XY)'}"
                  + ("; CPU run: times mean nothing (the kernels run their references)" if h.DEVICE == "cpu" else ""))

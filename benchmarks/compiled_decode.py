@@ -104,10 +104,8 @@ def main(argv=None) -> None:
             # the guard also undoes the RoPE kernel on exit: measure inside
             model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, **options))
             applied[name] = h.kernel_layers(model, ck)
-            decoders = sum(c for k, c in applied[name].items() if k.endswith("DecoderLayer"))
-            if options and decoders != model.config.num_hidden_layers:  # else the row would time ours twice
-                raise SystemExit(f"compiled_decode: {name}: {decoders} of {model.config.num_hidden_layers} layers "
-                                 f"run the decoder layer kernel ({dict(applied[name])})")
+            if options:
+                h.require_decoder_layers("compiled_decode", name, applied[name], model.config.num_hidden_layers)
             results[name] = measure(model, ids, n, compile_config)
             del model
         fell[name] = notes
@@ -129,9 +127,9 @@ def main(argv=None) -> None:
                    "calls (more graphs than breaks + 1 means recompiles)")
     details += [f"- {name}: graph-break reasons while generating: {'; '.join(r['reasons'])}"
                 for name, r in results.items() if r["reasons"]]
-    details += [f"- {name}: " + ", ".join(f"{k} x{c}" for k, c in sorted(applied[name].items()))
-                + f"; {len(fell[name])} fallback warning(s)" + "".join(f"; {m}" for m in fell[name])
-                + ("; CPU run: times mean nothing" if h.DEVICE == "cpu" else "") for name in configs]
+    details += [f"- {name}: {h.layer_list(applied[name])}; {len(fell[name])} fallback warning(s)"
+                + "".join(f"; {m}" for m in fell[name]) + ("; CPU run: times mean nothing" if h.DEVICE == "cpu" else "")
+                for name in configs]
     h.write_report(args.out, "\n".join([h.header(title, args), *h.table(
         ["config", "eager ms/token", "compiled ms/token", "compile speedup", "vs plain compiled",
          "graphs / breaks (generate)", "explain (one decode forward)"], rows), "", *details]) + "\n")

@@ -143,15 +143,13 @@ def main(argv=None) -> None:
     with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
         model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder))
         applied = h.kernel_layers(model, ck)
-        decoders = sum(n for k, n in applied.items() if k.endswith("DecoderLayer"))
-        if args.decoder and decoders != model.config.num_hidden_layers:  # else it would profile plain ours
-            raise SystemExit(f"coverage: {decoders} of {model.config.num_hidden_layers} layers run the decoder layer "
-                             f"kernel ({dict(applied)})")
+        if args.decoder:
+            h.require_decoder_layers("coverage", ours, applied, model.config.num_hidden_layers)
         for step, fn in steps(model, args.prefill).items():
             results[(ours, step)] = profile(fn)
         del model
     h.free()
-    notes.append(f"{ours}: " + ", ".join(f"{k} x{n}" for k, n in sorted(applied.items())) + "; "
+    notes.append(f"{ours}: {h.layer_list(applied)}; "
                  + (f"{len(fell)} fallback warning(s): " + "; ".join(fell) if fell else "no fallback"))
     h.write_report(args.out, report(results, notes, args, args.family))
     if args.out:

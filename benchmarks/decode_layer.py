@@ -96,13 +96,13 @@ def main(argv=None) -> None:
         with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
             model = h.load_model(path, dtype, ck.recommended_mapping("llama", repo, **options))
             layers = h.kernel_layers(model, ck)
-            if options and layers["DecoderLayer"] != 1:  # else "+ decoder" would time ours twice
-                raise SystemExit(f"decode_layer: {name}: layer 0 does not run DecoderLayer ({dict(layers)})")
+            if options:
+                h.require_decoder_layers("decode_layer", name, layers, 1)
             results[f"{name} eager"] = measure(model.model.layers[0], inputs, kv, want)
             results[f"{name} torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
             del model
         h.free()
-        notes.append(f"{name}: " + ", ".join(f"{k} x{n}" for k, n in sorted(layers.items())) + "; "
+        notes.append(f"{name}: {h.layer_list(layers)}; "
                      + (f"{len(fell)} fallback warning(s): " + "; ".join(fell) if fell else "no fallback"))
     print("[3/3] Liger-Kernel", flush=True)
     try:

@@ -41,8 +41,8 @@ def report(results: list[dict], failed: list[str], args) -> str:
     r0 = results[0]
     n = r0["decode_tokens"]
     notes = [f"{r['family']}: Liger {r['liger_note']}" for r in results if r["liger_note"]]
-    notes += [f"{r['family']}: kernel layers " + ", ".join(f"{k} x{n}" for k, n in sorted(r["kernel_layers"].items()))
-              + f", {r['compiles']} cuTile compiles ({r['compile_s']:.1f} s)" for r in results]
+    notes += [f"{r['family']}: kernel layers {h.layer_list(r['kernel_layers'])}, {r['compiles']} cuTile compiles "
+              f"({r['compile_s']:.1f} s)" for r in results]
     for note in sorted({m for r in results for m in r["notes"]}):
         notes.append(f"{note} ({', '.join(r['family'] for r in results if note in r['notes'])})")
     notes += [f"{f}: FAILED (see the run's log)" for f in failed]

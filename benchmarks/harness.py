@@ -245,6 +245,20 @@ def kernel_layers(model, ck) -> Counter:
     return found
 
 
+def layer_list(layers: dict) -> str:
+    """kernel_layers' count as text: "RMSNorm x5, SwiGLUMLP x2"."""
+    return ", ".join(f"{k} x{n}" for k, n in sorted(layers.items()))
+
+
+def require_decoder_layers(script: str, config: str, layers: dict, expected: int) -> None:
+    """Stop `script` when not all `expected` decoder layers of `config` run the decoder layer kernel: its row would
+    time ours without it again."""
+    found = sum(n for k, n in layers.items() if k.endswith("DecoderLayer"))
+    if found != expected:
+        raise SystemExit(f"{script}: {config}: {found} of {expected} decoder layers run the decoder layer kernel "
+                         f"({layer_list(layers)})")
+
+
 @contextlib.contextmanager
 def tile_compiles():
     """Seconds of each cuTile JIT compile within the block, in the yielded list (empty without cuda.tile).

@@ -15,8 +15,8 @@ timed call is `torch.autograd.grad` through the graph it recorded (kept between 
 AOTAutograd and Inductor built for the reference. Eager is the package's backward formula in PyTorch. Bytes
 counted for "% of copy": forward norms read x, w and write y; backward norms read x, w, dy and write dx, dw;
 add_rms_norm (residual add + RMSNorm, Liger's fused_add_rms_norm the peer) reads x, residual, w and writes the
-normed and summed rows, its backward reads summed, both output gradients and w and writes one input gradient and dw; the
-gated activation reads gate_up (and dy) and writes its output (d gate_up); RoPE reads and writes q and k.
+normed and summed rows, its backward reads summed, both output gradients and w and writes one input gradient
+and dw; the gated activation reads gate_up (and dy) and writes its output (d gate_up); RoPE reads and writes q and k.
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def main(argv=None) -> None:
                 ran = h.kernel_layers(model, ck)
                 del model
                 h.free()
-            results[name]["ran"] = ", ".join(f"{k} x{n}" for k, n in sorted(ran.items())) or "none (transformers')"
+            results[name]["ran"] = h.layer_list(ran) or "none (transformers')"
             results[name]["notes"] = notes
             print(f"      kernel layers in train(): {results[name]['ran']}; {len(notes)} fallback warning(s)")
     print(f"[4/4] Liger-Kernel (apply_liger_kernel_to_{h.LIGER_NAME[args.family]}: rope, rms_norm, "

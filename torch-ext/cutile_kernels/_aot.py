@@ -307,7 +307,7 @@ class Function:
 
     def launch(self, grid: tuple, args, stream: int) -> bool:
         """Launch on `stream` (the current stream of GPU `index`; the caller makes sure it is); False when the
-        arguments are outside the compiled constraints (nothing launched)."""
+        arguments are outside the compiled constraints or the driver refused this cubin (nothing launched)."""
         if self.failed:
             return False
         values = self.values(args)
