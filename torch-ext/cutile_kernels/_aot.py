@@ -41,6 +41,7 @@ ARRAY_CONSTRAINTS = {"base_addr_divisible_by": 16, "stride_divisible_by_bytes": 
 # cuda.tile's CompilerOptions defaults: hints equal to these are not part of a specialization's identity.
 DEFAULT_HINTS = {"num_ctas": None, "occupancy": None, "opt_level": 3, "num_worker_warps": None}
 MANIFEST = "manifest.json"
+FORMAT = 2  # manifest layout and cubin packing (2: xz); a build of another format is ignored
 INT32_MAX = 2**31 - 1
 
 
@@ -272,10 +273,10 @@ class Function:
 
     def _load(self) -> None:
         image = self.path.read_bytes()
-        if self.path.suffix == ".z":
-            import zlib
+        if self.path.suffix == ".xz":
+            import lzma
 
-            image = zlib.decompress(image)
+            image = lzma.decompress(image)
         self.handle, self.threads = self.driver.load(self.index, image, self.symbol)
 
     def values(self, args) -> list | None:
@@ -386,7 +387,7 @@ class Precompiled:
         import torch
 
         manifest = json.loads((directory / MANIFEST).read_text())
-        self.arch = arch_for(capability, manifest["archs"])
+        self.arch = arch_for(capability, manifest["archs"]) if manifest.get("format") == FORMAT else None
         self.index = index
         self._kernels: dict[tuple, _KernelCubins] = {}
         self._by_object: dict = {}  # kernel object -> _KernelCubins or None (no cubin for it)
