@@ -95,7 +95,9 @@ def test_upload_deletes_what_the_build_no_longer_produces(kernel_repo):
     kept = uploads["v1"][0][0]
     hub = FakeHub({"v1": [kept, ".gitattributes", *gone], "main": ["README.md", "other.md"]})
     publish.upload(uploads, "org/name", api=hub)
-    ops = dict(hub.commits)
+    ops = {}  # a branch's operations over its commits (a build with cubins takes several)
+    for revision, commit in hub.commits:
+        ops.setdefault(revision, []).extend(commit)
     assert sorted(o.path_in_repo for o in ops["v1"] if isinstance(o, CommitOperationDelete)) == sorted(gone)
     assert {o.path_in_repo for o in ops["v1"] if isinstance(o, CommitOperationAdd)} == {d for d, _ in uploads["v1"]}
     assert not [o for o in ops["main"] if isinstance(o, CommitOperationDelete)]
