@@ -116,7 +116,7 @@ def test_packed_bytes_are_pointer_shape_stride_then_scalars():
     x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(64)
     f = aot.Function(None, 0, None, "sym", params)
     values = f.values((x, w, 64, 0.5, True))
-    assert values == [x.data_ptr(), 4, 64, 64, 1, w.data_ptr(), 64, 1, 64, 0.5]
+    assert values == (x.data_ptr(), 4, 64, 64, 1, w.data_ptr(), 64, 1, 64, 0.5)
     buf = aot._ParamBuffer(f.layout)
     struct.pack_into(f.layout, buf.storage, 0, *values)
     raw = bytes(buf.storage)
@@ -359,21 +359,37 @@ def _ops(ck, dtype, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_precompiled_is_bit_identical_to_the_jit(ck_gpu, dtype, monkeypatch):
+def test_precompiled_matches_the_jit(ck_gpu, dtype, monkeypatch):
+    """Every op over fresh random in-domain shapes is served by a cubin, and its outputs are bit-identical to the
+    JIT's wherever the JIT compiles the same signature. The JIT derives its constraints from the actual arrays
+    and may assume more than the cubin was compiled with (e.g. a larger stride divisor), which can change the
+    code and the last bits of a reduction: there, precompiled and JIT agree within the dtype's tolerance."""
+    from cuda.tile.compilation import CallingConvention, KernelSignature
+
     runtime, index, found = _precompiled_or_skip(ck_gpu)
-    served = []
+    served, plans = [], []
     original = aot_launch = type(found).launch
 
     def counting(self, kernel, grid, args, stream):
         ok = original(self, kernel, grid, args, stream)
         served.append(ok)
+        plans.append((kernel, args))
         return ok
 
+    package_aot = sys.modules[f"{ck_gpu.__name__}._aot"]
+
+    def same_signature(kernel, args):  # kernel: planned (cuda.tile not imported by the package) or cuda.tile's
+        real = package_aot.jit_kernel(kernel, ck_gpu.__name__, runtime._PACKAGE_DIR)
+        jit = KernelSignature.from_kernel_args(real, args, CallingConvention.cutile_python_v1())
+        return jit.parameters == ca.signature_of(ca.spec_of((kernel, None, args))).parameters
+
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    counts = {"bit-identical": 0, "other signature, close": 0}
     for trial in range(3):
         ops = _ops(ck_gpu, dtype, gen)
         for name, run in ops.items():
             served.clear()
+            plans.clear()
             monkeypatch.setattr(type(found), "launch", counting)
             pre = run()
             torch.cuda.synchronize()
@@ -382,8 +398,14 @@ def test_precompiled_is_bit_identical_to_the_jit(ck_gpu, dtype, monkeypatch):
             monkeypatch.setitem(runtime._PRECOMPILED, index, None)  # the JIT path
             jit = run()
             monkeypatch.setitem(runtime._PRECOMPILED, index, found)
+            same = all(same_signature(kernel, args) for kernel, args in plans)
             for a, b in zip(pre if isinstance(pre, tuple) else (pre,), jit if isinstance(jit, tuple) else (jit,)):
-                assert torch.equal(a, b), f"{name} {dtype} trial {trial}: precompiled != JIT"
+                if same:
+                    assert torch.equal(a, b), f"{name} {dtype} trial {trial}: precompiled != JIT, same signature"
+                else:
+                    torch.testing.assert_close(a, b, msg=lambda m: f"{name} {dtype} trial {trial}: {m}")
+            counts["bit-identical" if same else "other signature, close"] += 1
+    print(f"\n{dtype}: {counts}")
 
 
 @pytest.mark.gpu
