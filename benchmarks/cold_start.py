@@ -39,8 +39,10 @@ MARK = "COLD_START_JSON "
 DEFINITIONS = ("Seconds, each row a new process. load: from_pretrained (ours: and kernels.get_kernel); first / later "
                "forward: the first prefill and the median of the next 3, synchronized; kernel set-up: (first - later) "
                "of the row - (first - later) of plain; cuTile compiles: compile_tile calls (their seconds; with a warm "
-               "cache, disk-cache hits); cubin launches: Precompiled.launch calls a cubin served / all; process: the "
-               "whole child, interpreter start to exit; vs plain: load + first of the row - that of plain.\n")
+               "cache, disk-cache hits); cubin launches: Precompiled.launch calls a cubin served / all; rms_norm host "
+               "µs: one warm call of the package's rms_norm (16 x hidden) back to back, the cubin launch path against "
+               "ct.launch; process: the whole child, interpreter start to exit; vs plain: load + first of the row - "
+               "that of plain.\n")
 BLOCK = """
 class Block:
     def find_spec(self, name, path=None, target=None):
@@ -108,6 +110,12 @@ def child(config: str, path: str, tokens: int, root: str, tiny: bool) -> None:
                 h.sync()
                 forwards.append(time.perf_counter() - t0)
         layers, imported = h.kernel_layers(model, ck) if ck else {}, "cuda.tile" in sys.modules
+        host = None
+        if ck:  # host time of one op call once warm: the cubin launch path against ct.launch (the JIT rows)
+            aot.Precompiled.launch = original
+            x = torch.randn(16, model.config.hidden_size, device=h.DEVICE, dtype=dtype)
+            w = torch.randn(model.config.hidden_size, device=h.DEVICE, dtype=dtype)
+            host = h.host_us(ck.rms_norm, (x, w, 1e-6), n=20 if tiny else 2000)
     try:  # (after the timing) the blocked process cannot
         importable = bool(importlib.import_module("cuda.tile"))
     except ImportError:
@@ -115,7 +123,7 @@ def child(config: str, path: str, tokens: int, root: str, tiny: bool) -> None:
     print(MARK + json.dumps(dict(load=load, first=forwards[0], later=statistics.median(forwards[1:]),
                                  compiles=len(compiles.get("times", [])), compile_s=sum(compiles.get("times", [])),
                                  **launches, layers=dict(layers), notes=notes if ck else [],
-                                 tile_imported=imported, tile_importable=importable)), flush=True)
+                                 tile_imported=imported, tile_importable=importable, host_us=host)), flush=True)
 
 
 def spawn(config: str, env: dict, block: bool, args, path) -> dict:
@@ -167,7 +175,7 @@ def report(results: dict, name: str, cubins: list[str], args) -> str:
                      f"{r['first']:.3f}", f"{r['later']:.4f}", f"{r['load'] + r['first']:.2f}",
                      "—" if config == "plain" else f"{r['load'] + r['first'] - plain['load'] - plain['first']:+.2f}",
                      "—" if config == "plain" else f"{setup:.3f}", f"{r['compiles']} ({r['compile_s']:.1f} s)",
-                     f"{r['served']}/{r['asked']}", f"{r['process']:.1f}"])
+                     f"{r['served']}/{r['asked']}", h.fmt(r["host_us"], ".2f"), f"{r['process']:.1f}"])
         if config != "plain":
             notes.append(f"- {label}: kernel layers {h.layer_list(r['layers']) or 'none'}; "
                          f"cuda.tile imported: {r['tile_imported']} (importable: {r['tile_importable']}); "
@@ -177,7 +185,8 @@ def report(results: dict, name: str, cubins: list[str], args) -> str:
     title = f"Cold start: from_pretrained + first forward, {name}, 1x{args.tokens} tokens, each row a fresh process"
     return "\n".join([h.header(title, args), DEFINITIONS, *h.table(
         ["config", "env", "load s", "first forward s", "later forward s", "load + first s", "vs plain s",
-         "kernel set-up s", "cuTile compiles", "cubin launches", "process s"], rows), "", *notes]) + "\n"
+         "kernel set-up s", "cuTile compiles", "cubin launches", "rms_norm host µs", "process s"], rows), "",
+        *notes]) + "\n"
 
 
 if __name__ == "__main__":

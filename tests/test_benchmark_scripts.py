@@ -151,11 +151,12 @@ def test_cold_start_tiny(tmp_path, cache):
     table = rows(text)
     assert table.pop("config | env")[2:] == ["load s", "first forward s", "later forward s", "load + first s",
                                              "vs plain s", "kernel set-up s", "cuTile compiles", "cubin launches",
-                                             "process s"]
+                                             "rms_norm host µs", "process s"]
     assert [k.split(" | ")[0] for k in table] == [label for _, label, _, _ in cold_start.CONFIGS]
     for key, cells in table.items():
-        assert all(finite(c)[0] > 0 for c in cells[2:6] + cells[10:]), cells
+        assert all(finite(c)[0] > 0 for c in cells[2:6] + cells[11:]), cells
         assert all(c == "—" if key.startswith("plain") else finite(c) for c in cells[6:8]), cells
+        assert cells[10] == "n/a" if key.startswith("plain") else finite(cells[10])[0] > 0, cells
         assert cells[8:10] == ["0 (0.0 s)", "0/0"], cells
     assert "CUTILE_KERNELS_PRECOMPILED=0, CUDA_TILE_CACHE_DIR=<empty dir>" in text
     for _, label, _, block in cold_start.CONFIGS[1:]:  # cuda-tile is installed here: only the blocked one fails
