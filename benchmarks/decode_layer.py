@@ -8,8 +8,9 @@ intermediate 14336), bf16, forward of one new token per sequence over a StaticCa
 plain transformers eager and under torch.compile (Inductor), ours (KernelConfig with the package's
 recommended_mapping: RMSNorm, fused norm + MLP, RoPE) eager and under torch.compile, ours + decoder (the same with
 decoder=True: the DecoderLayer kernel, residual add + post_attention_layernorm in one add_rms_norm, merged MLP; the
-run refuses when layer 0 does not run it) eager and under torch.compile, Liger-Kernel's patch (RoPE, RMSNorm,
-SwiGLU; last, as it patches transformers process-wide).
+run refuses when layer 0 does not run it) eager and under torch.compile, the same with the MLP's residual add inside
+the down_proj GEMM (`decoder.RESIDUAL_IN_DOWN_PROJ`: addmm with beta=1, the sum rounded once, so not bit for bit
+plain), Liger-Kernel's patch (RoPE, RMSNorm, SwiGLU; last, as it patches transformers process-wide).
 
 One cache per batch, prefilled by the plain layer and sized kv + 1, so the new token (position kv) attends to every
 slot without a mask; every call first resets the cache's position counter (a one-element fill, in every config's
@@ -92,14 +93,19 @@ def main(argv=None) -> None:
     results["plain eager"] = measure(plain.model.layers[0], inputs, kv, want)
     results["plain torch.compile"] = measure(h.compiled(plain.model.layers[0]), inputs, kv, want)
     print("[2/3] ours through KernelConfig (and + decoder), eager and torch.compile", flush=True)
-    for name, options in (("ours", {}), ("ours + decoder", {"decoder": True})):
+    for name, options, in_down_proj in (("ours", {}, False), ("ours + decoder", {"decoder": True}, False),
+                                        ("ours + decoder, residual in down_proj", {"decoder": True}, True)):
         with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
             model = h.load_model(path, dtype, ck.recommended_mapping("llama", repo, **options))
             layers = h.kernel_layers(model, ck)
             if options:
                 h.require_decoder_layers("decode_layer", name, layers, 1)
-            results[f"{name} eager"] = measure(model.model.layers[0], inputs, kv, want)
-            results[f"{name} torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
+            ck.decoder.RESIDUAL_IN_DOWN_PROJ = in_down_proj  # issue 12's measurement switch (read when traced)
+            try:
+                results[f"{name} eager"] = measure(model.model.layers[0], inputs, kv, want)
+                results[f"{name} torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
+            finally:
+                ck.decoder.RESIDUAL_IN_DOWN_PROJ = False
             del model
         h.free()
         notes.append(f"{name}: {h.layer_list(layers)}; "

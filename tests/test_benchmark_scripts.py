@@ -76,7 +76,9 @@ def test_decode_layer_tiny(tmp_path, cache):
     assert table.pop("config | batch 1 µs")[2:3] == ["batch 4 µs"]
     configs = [k.split(" | ")[0] for k in table]
     assert configs == ["plain eager", "plain torch.compile", "ours eager", "ours torch.compile",
-                       "ours + decoder eager", "ours + decoder torch.compile"]
+                       "ours + decoder eager", "ours + decoder torch.compile",
+                       "ours + decoder, residual in down_proj eager",
+                       "ours + decoder, residual in down_proj torch.compile"]
     for cells in table.values():
         us1, us4 = finite(cells[1])[0], finite(cells[2])[0]
         assert us1 > 0 and us4 > 0
@@ -84,7 +86,8 @@ def test_decode_layer_tiny(tmp_path, cache):
     assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x2, RMSNormMLP x1;" in text
     # the decoder layer kernel runs layer 0 (the fallback warning for its add_rms_norm is once per process, so an
     # earlier test in the same run may have taken it: not asserted)
-    assert "- ours + decoder: ApplyRotaryPosEmb x1, DecoderLayer x1, RMSNorm x3, SwiGLUMLP x1;" in text
+    for name in ("ours + decoder", "ours + decoder, residual in down_proj"):
+        assert f"- {name}: ApplyRotaryPosEmb x1, DecoderLayer x1, RMSNorm x3, SwiGLUMLP x1;" in text
     assert "- Liger-Kernel skipped: liger_kernel does not import" in text
     assert (tmp_path / "report.png").stat().st_size > 0
 
