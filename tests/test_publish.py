@@ -23,6 +23,13 @@ def test_workflows_parse_and_publish_has_the_steps():
     # of ours, and cosign 3 (installer v4), whose bundles kernels verifies
     assert "nix build" not in runs and "build/torch-cuda" not in runs
     assert any(s.get("uses", "").startswith("sigstore/cosign-installer@v4") for s in steps)
+    # cubins only when asked for (until the GPU checks of the precompiled path pass), built before signing
+    spec = yaml.safe_load((ROOT / ".github/workflows/publish.yaml").read_text())
+    assert spec[True]["workflow_dispatch"]["inputs"]["cubins"]["default"] is False  # yaml reads `on:` as True
+    names = [s.get("name", "") for s in steps]
+    cubins = steps[names.index("Precompiled cubins")]
+    assert "devtools.build --archs all" in cubins["run"] and "inputs.cubins" in cubins["if"]
+    assert names.index("Precompiled cubins") < names.index("Sign each metadata.json")
 
 
 @pytest.mark.parametrize("workflow", [w.name for w in WORKFLOWS])
