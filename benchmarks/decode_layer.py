@@ -19,6 +19,8 @@ error of each config's output against plain eager on the same cache.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import harness as h
@@ -100,12 +102,13 @@ def main(argv=None) -> None:
             layers = h.kernel_layers(model, ck)
             if options:
                 h.require_decoder_layers("decode_layer", name, layers, 1)
-            ck.decoder.RESIDUAL_IN_DOWN_PROJ = in_down_proj  # issue 12's measurement switch (read when traced)
+            decoder = importlib.import_module(f"{ck.__name__}.decoder")
+            decoder.RESIDUAL_IN_DOWN_PROJ = in_down_proj  # issue 12's measurement switch (read when traced)
             try:
                 results[f"{name} eager"] = measure(model.model.layers[0], inputs, kv, want)
                 results[f"{name} torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
             finally:
-                ck.decoder.RESIDUAL_IN_DOWN_PROJ = False
+                decoder.RESIDUAL_IN_DOWN_PROJ = False
             del model
         h.free()
         notes.append(f"{name}: {h.layer_list(layers)}; "
