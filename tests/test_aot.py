@@ -405,8 +405,9 @@ def _ops(ck, dtype, gen):
 def test_precompiled_matches_the_jit(ck_gpu, dtype, monkeypatch):
     """Every op over fresh random in-domain shapes is served by a cubin, and its outputs are bit-identical to the
     JIT's wherever the JIT compiles the same signature. The JIT derives its constraints from the actual arrays
-    and may assume more than the cubin was compiled with (e.g. a larger stride divisor), which can change the
-    code and the last bits of a reduction: there, precompiled and JIT agree within the dtype's tolerance."""
+    and may assume more than the cubin was compiled with (e.g. a dimension whose size is divisible by 16), which
+    can change the code and the last bits of a reduction: there, precompiled and JIT agree within the dtype's
+    tolerance."""
     from cuda.tile.compilation import CallingConvention, KernelSignature
 
     runtime, index, found = _precompiled_or_skip(ck_gpu)
