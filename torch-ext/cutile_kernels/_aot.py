@@ -316,9 +316,9 @@ def _values_function(params):
     """`values(args)`: the parameter values of a launch's `args` in packing order (per array its data pointer,
     shape and strides; scalars as they are; constants skipped), or None when an array is outside ARRAY_CONSTRAINTS
     (16-byte-aligned base, strides of whole 16-byte units, last stride 1, no two indices on one element).
-    Generated per manifest entry, unrolled over its parameters: this runs on every launch, and the unrolled form
-    takes ~30 % less host time than a loop over the parameters."""
-    lines, out = ["def values(a):"], []
+    Generated per manifest entry, unrolled over its parameters: it runs on every launch (with the generated launch
+    key, a launch took 27 % less host time than with loops over the parameters; CPU, fake driver)."""
+    lines, out = [], []
     for i, p in enumerate(params):
         if p[0] == "constant":
             continue
@@ -336,9 +336,14 @@ def _values_function(params):
         lines.append(f"    if {' or '.join(checks)}: return None")
         out += [f"p{i}", *[f"h{i}[{d}]" for d in range(ndim)], *[f"s{i}[{d}]" for d in range(ndim)]]
     lines.append(f"    return ({', '.join(out)}{',' if len(out) == 1 else ''})")
+    return _generated("values", lines)
+
+
+def _generated(name: str, body: list[str]):
+    """The function `name(a)` with the given body lines (source generated here, from a manifest entry)."""
     namespace = {"_disjoint": _disjoint}
-    exec("\n".join(lines), namespace)
-    return namespace["values"]
+    exec("\n".join([f"def {name}(a):", *body]), namespace)
+    return namespace[name]
 
 
 def _disjoint(shape, strides) -> bool:
@@ -370,14 +375,11 @@ class _KernelCubins:
     and, per launch key (array dtypes and constant values in parameter order), its Function."""
 
     def __init__(self, params: list):
-        self.constants = tuple(i for i, p in enumerate(params) if p[0] == "constant")
-        self.arrays = tuple(i for i, p in enumerate(params) if p[0] == "array")
         self.functions: dict[tuple, Function] = {}
-        # key(args): generated like Function.values (it runs on every launch)
-        items = [f"a[{i}].dtype" for i in self.arrays] + [f"a[{i}]" for i in self.constants]
-        namespace: dict = {}
-        exec(f"def key(a):\n    return ({', '.join(items)},)", namespace)
-        self.key = namespace["key"]
+        # key(args): the arrays' dtypes, then the constants; generated like Function.values (it runs on every launch)
+        items = [f"a[{i}].dtype" for i, p in enumerate(params) if p[0] == "array"]
+        items += [f"a[{i}]" for i, p in enumerate(params) if p[0] == "constant"]
+        self.key = _generated("key", [f"    return ({', '.join(items)},)"])
 
 
 class Precompiled:
