@@ -19,6 +19,7 @@ import torch
 from devtools import build as build_mod
 from devtools import compile_all as ca
 from devtools.build import ROOT
+from ._helpers import GPU_REL_TOL, GRAD_REL_TOL, rel_err
 
 aot = ca._aot_module()
 
@@ -406,8 +407,8 @@ def test_precompiled_matches_the_jit(ck_gpu, dtype, monkeypatch):
     """Every op over fresh random in-domain shapes is served by a cubin, and its outputs are bit-identical to the
     JIT's wherever the JIT compiles the same signature. The JIT derives its constraints from the actual arrays
     and may assume more than the cubin was compiled with (e.g. a dimension whose size is divisible by 16), which
-    can change the code and the last bits of a reduction: there, precompiled and JIT agree within the dtype's
-    tolerance."""
+    can change the code and the order of a reduction: there, precompiled and JIT agree within the relative error
+    each is allowed against float64 (an element-wise bound fails on sums over thousands of rows in float32)."""
     from cuda.tile.compilation import CallingConvention, KernelSignature
 
     runtime, index, found = _precompiled_or_skip(ck_gpu)
@@ -446,8 +447,9 @@ def test_precompiled_matches_the_jit(ck_gpu, dtype, monkeypatch):
             for a, b in zip(pre if isinstance(pre, tuple) else (pre,), jit if isinstance(jit, tuple) else (jit,)):
                 if same:
                     assert torch.equal(a, b), f"{name} {dtype} trial {trial}: precompiled != JIT, same signature"
-                else:
-                    torch.testing.assert_close(a, b, msg=lambda m: f"{name} {dtype} trial {trial}: {m}")
+                else:  # the bound each path is held to against float64 in the op's own tests
+                    tol = (GRAD_REL_TOL if "backward" in name else GPU_REL_TOL)[dtype]
+                    assert not a.isnan().any() and rel_err(a, b) < tol, f"{name} {dtype} trial {trial}: {rel_err(a, b):.1e}"
             counts["bit-identical" if same else "other signature, close"] += 1
     print(f"\n{dtype}: {counts}")
 
