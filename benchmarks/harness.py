@@ -183,6 +183,23 @@ def local_kernel(root: Path = ROOT):
 
 
 @contextlib.contextmanager
+def precompiled(ck, on: bool):
+    """Inside, `ck`'s launches take its precompiled cubins (`on`; yields whether this GPU has any) or the cuTile
+    JIT (off; yields False). On CPU: False."""
+    if DEVICE != "cuda":
+        yield False
+        return
+    runtime = importlib.import_module(f"{ck.__name__}._runtime")
+    index = torch.cuda.current_device()
+    found = runtime.precompiled(index)
+    runtime._PRECOMPILED[index] = found if on else None
+    try:
+        yield on and found is not None
+    finally:
+        runtime._PRECOMPILED[index] = found
+
+
+@contextlib.contextmanager
 def cpu_kernel_config():
     """transformers refuses "cpu" in a KernelConfig; on CPU this lifts that one check within the block (the
     kernels then run their exact PyTorch reference). Nothing changes on a GPU."""

@@ -7,7 +7,9 @@ and TileGym.
 Widths come from the harness's model registry (forward: every distinct width; backward: 8B widths), rows from
 decode (1) to prefill (32768 tokens). Every implementation is first checked against float64 (relative error
 < 1e-2 per output, bf16); one that fails is reported and not timed. Device µs: `harness.device_us` (CUDA graph of
-20 calls, rotating inputs); host µs: `harness.host_us` (back-to-back calls).
+20 calls, rotating inputs); host µs: `harness.host_us` (back-to-back calls). `cutile` runs the cuTile JIT;
+`cubin` the same op on the build's precompiled cubins (`devtools.build --archs sm_XY`; "no cubins" without them),
+so a release with cubins can be checked to lose no device time against the JIT.
 
 Backward rows time the backward alone. The forward runs once, outside the timing, on inputs that require grad; the
 timed call is `torch.autograd.grad` through the graph it recorded (kept between calls): for ours the custom op's registered backward
@@ -31,7 +33,7 @@ from . import harness as h
 
 EPS = 1e-6
 PEERS = ("compile", "liger", "tilegym")
-IMPLS = ("cutile", "eager", *PEERS)  # in this order: Liger's RoPE rotates its inputs in place
+IMPLS = ("cutile", "cubin", "eager", *PEERS)  # in this order: Liger's RoPE rotates its inputs in place
 
 
 def norm64(x, w, gemma=False):
@@ -181,23 +183,32 @@ def label(width) -> str:
     return f"{width.heads}q+{width.kv_heads}kv x {width.head_dim}" if isinstance(width, h.Shape) else str(width)
 
 
-def measure(case, rows: int, width, tiny: bool) -> dict:
+def measure(case, rows: int, width, tiny: bool, ck) -> dict:
     nbytes = case["nbytes"](rows, width)
     sets = h.input_sets(lambda: case["make"](rows, width), nbytes)
     ref = case["ref"](*sets[0])
     row = dict(op=case["op"], rows=rows, width=label(width), bytes=nbytes, dev={}, host={}, bad={})
-    for name, (prepare, call) in case["impls"].items():
-        try:
-            args = [prepare(*s) for s in sets] if prepare else sets
-            err = rel_err(call(*args[0]), ref)
-            if not err < 1e-2:
-                row["bad"][name] = f"rel err {err:.1e}"
+    for name, (prepare, call) in [*case["impls"].items(), ("cubin", case["impls"]["cutile"])]:
+        with h.precompiled(ck, name == "cubin") as cubins:  # cutile: the JIT; cubin: the precompiled kernels
+            if name == "cubin" and not cubins:
+                row["bad"][name] = "no cubins"
                 continue
-            row["dev"][name] = h.device_us(call, args)
-            row["host"][name] = h.host_us(call, args[0], n=10 if tiny else 300 if nbytes > 1 << 25 else 1000)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported, not fatal
-            row["bad"][name] = f"{type(e).__name__}: {str(e)[:60]}"
+            _time(row, name, prepare, call, sets, ref, tiny, nbytes)
     return row
+
+
+def _time(row, name, prepare, call, sets, ref, tiny, nbytes) -> None:
+    """Check one implementation against float64, then its device and host µs into `row` (or why not)."""
+    try:
+        args = [prepare(*s) for s in sets] if prepare else sets
+        err = rel_err(call(*args[0]), ref)
+        if not err < 1e-2:
+            row["bad"][name] = f"rel err {err:.1e}"
+            return
+        row["dev"][name] = h.device_us(call, args)
+        row["host"][name] = h.host_us(call, args[0], n=10 if tiny else 300 if nbytes > 1 << 25 else 1000)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported, not fatal
+        row["bad"][name] = f"{type(e).__name__}: {str(e)[:60]}"
 
 
 def speedup(row, key: str) -> float:
@@ -241,12 +252,13 @@ def main(argv=None) -> None:
     torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 10_000  # a graph per shape
     print(h.header("cutile-kernels vs peers", args) + f"copy bandwidth {h.copy_gbs():.0f} GB/s", flush=True)
     wanted = args.ops and set(args.ops.split(","))
-    todo = [(c, m, w) for c in cases(h.local_kernel(args.kernel_root), args.tiny) if not wanted or c["op"] in wanted
+    ck = h.local_kernel(args.kernel_root)
+    todo = [(c, m, w) for c in cases(ck, args.tiny) if not wanted or c["op"] in wanted
             for w in (c["widths"][:1] if args.quick else c["widths"])
             for m in ((2, 16) if args.tiny else h.ROWS[::2] if args.quick else h.ROWS)]
     results = []
     for k, (case, m, w) in enumerate(todo, 1):
-        results.append(r := measure(case, m, w, args.tiny))
+        results.append(r := measure(case, m, w, args.tiny, ck))
         cut = r["dev"].get("cutile", math.nan)
         print(f"[{k}/{len(todo)}] {r['op']} {m} x {r['width']}: cutile {cut:.1f} µs "
               f"({h.fmt(h.pct_of_copy(r['bytes'], cut), '.0f', '%')} of copy), speedup dev "

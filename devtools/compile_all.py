@@ -51,28 +51,9 @@ class Tensor:
 
 
 def _constraints(plan) -> tuple:
-    """(kernel, parameters) for export_kernel from a launch plan (kernel, grid, args): tensors become array
-    constraints, ct.Constant parameters keep their value, other scalars become typed scalar constraints."""
-    import typing
-
-    import cuda.tile as ct
-    import torch
-    from cuda.tile.compilation import ArrayConstraint, ScalarConstraint
-
-    dtypes = {torch.bfloat16: ct.bfloat16, torch.float16: ct.float16, torch.float32: ct.float32}
-    kernel, _, args = plan
-    params = []
-    for arg, p in zip(args, inspect.signature(kernel._annotated_function.pyfunc).parameters.values()):
-        if isinstance(arg, Tensor):  # what the launchers pass: unit last stride, no aliasing
-            ndim = len(arg.shape)
-            params.append(ArrayConstraint(dtypes[arg.dtype], ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
-                                          alias_groups=(), may_alias_internally=False,
-                                          stride_constant=(None,) * (ndim - 1) + (1,)))
-        elif typing.get_origin(p.annotation) is typing.Annotated:  # ct.Constant[...]
-            params.append(arg)
-        else:
-            params.append(ScalarConstraint(ct.float32 if isinstance(arg, float) else ct.int32))
-    return kernel, params
+    """(kernel, parameters) for export_kernel from a launch plan (kernel, grid, args): the precompiled set's
+    constraints (`constraints_of`), so that the compile check compiles what the arch variants ship."""
+    return plan[0], constraints_of(spec_of(plan))
 
 
 def _specs(module) -> list:
@@ -322,13 +303,15 @@ def constraints_of(spec: Spec) -> list:
     for p in spec.params:
         if p[0] == "array":
             dtype, ndim = getattr(ct, p[1]), p[2]
-            divisor = c["stride_divisible_by_bytes"] // _aot_module()._ITEMSIZE[p[1]]
+            itemsize = _aot_module()._ITEMSIZE[p[1]]
+            divisor = c["stride_divisible_by_bytes"] // itemsize
             params.append(ArrayConstraint(
                 dtype, ndim, index_dtype=getattr(ct, c["index_dtype"]),
                 stride_lower_bound_incl=c["stride_lower_bound_incl"], alias_groups=tuple(c["alias_groups"]),
                 may_alias_internally=c["may_alias_internally"],
                 stride_constant=(None,) * (ndim - 1) + (c["last_stride"],),
                 stride_divisible_by=(divisor,) * (ndim - 1) + (1,),
+                shape_divisible_by=(1,) * (ndim - 1) + (c["last_dim_divisible_by_bytes"] // itemsize,),
                 base_addr_divisible_by=c["base_addr_divisible_by"]))
         elif p[0] == "constant":
             params.append(p[1])

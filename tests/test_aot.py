@@ -1,17 +1,21 @@
 """Precompiled kernels (torch-ext/cutile_kernels/_aot.py, devtools/build.py --archs): on CPU, the launch plans made
 without cuda.tile are the JIT's, every specialization of the precompiled set is compiled and listed in the
 manifest, argument packing follows cuda.tile's signatures, and the per-call constraint checks decline what the
-cubins were not compiled for. On a GPU (`gpu`): parity with the JIT for every op and dtype (bit for bit where the
-JIT compiles the same signature), and a model run in a process where cuda.tile cannot be imported. Host time per
+cubins were not compiled for, and the cubins' SASS moves 16-bit data in 128-bit accesses. On a GPU (`gpu`): parity
+with the JIT for every op and dtype (within the float64 bounds), and a model run in a process where cuda.tile cannot be imported. Host time per
 call against ct.launch is a benchmark column (benchmarks/cold_start.py), not a timed test."""
 import ctypes
 import json
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
 import textwrap
 import lzma
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +114,7 @@ def test_argument_packing_follows_the_signature():
                 assert p.base_addr_divisible_by == 16 and p.stride_constant[-1] == 1
                 assert not p.may_alias_internally and p.index_dtype.bitwidth == 32
                 assert all(d * p.dtype.bitwidth // 8 == 16 for d in p.stride_divisible_by[:-1])
+                assert p.shape_divisible_by[-1] * p.dtype.bitwidth // 8 == 16 and set(p.shape_divisible_by[:-1]) <= {1}
         assert sig.symbol and spec.kernel in sig.symbol
 
 
@@ -179,6 +184,7 @@ def test_generated_checks_and_packing_agree_with_the_constraints_for_every_spec(
             storage = torch.empty(t.numel() + 1, dtype=t.dtype)
             outside = [storage[1:].view(t.shape), t.transpose(0, -1) if p[2] > 1 else t[::2],
                        t.unsqueeze(0)]
+            outside.append(t[..., :-1])  # a last dimension not in whole 16-byte units
             if p[2] > 1:  # rows overlapping; rows not in whole 16-byte units apart
                 outside.append(torch.empty(t.shape[-1], dtype=t.dtype).expand(t.shape))
                 outside.append(torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype)[..., :-1])
@@ -196,6 +202,7 @@ def test_constraint_checks_decline_what_was_not_compiled():
         "misaligned base": (storage[1:513].view(8, 64), w, 64),
         "last dim strided": (torch.zeros(64, 8, dtype=torch.bfloat16).t(), w, 64),
         "row stride not 16-byte divisible": (torch.zeros(8, 33, dtype=torch.bfloat16)[:, :32], w, 64),
+        "width not whole 16-byte units": (x[:, :60], w, 64),
         "overlapping rows": (torch.zeros(1, 64, dtype=torch.bfloat16).expand(8, 64), w, 64),
         "wrong rank": (torch.zeros(2, 4, 64, dtype=torch.bfloat16), w, 64),
         "int scalar past int32": (x, w, 2**31),
@@ -351,6 +358,42 @@ def test_every_precompiled_spec_is_listed_for_every_arch(tmp_path, monkeypatch):
     assert {"sm_90"} < {a for e in manifest["kernels"] for a in e["cubins"]}
 
 
+def _nvdisasm() -> str:
+    import nvidia  # the namespace package of NVIDIA's CUDA wheels (requirements.txt: nvidia-cuda-nvdisasm)
+
+    found = [p for base in nvidia.__path__ for p in [Path(base) / "cu13" / "bin" / "nvdisasm"] if p.is_file()]
+    assert found or shutil.which("nvdisasm"), "nvdisasm missing: pip install -r requirements.txt"
+    return str(found[0]) if found else shutil.which("nvdisasm")
+
+
+def test_cubins_of_8b_launches_move_16_bit_data_in_128_bit_accesses(tmp_path):
+    """SASS of the shipped cubins for the launches of an 8B model (bf16, tuned H100 and untuned plans): no 16-bit
+    scalar global load or store, and 128-bit ones or TMA. Without the last dimension's divisibility in the
+    constraints, tileiras emitted LDG.E.U16/STG.E.U16 for every op, and the cubins ran up to 5x slower than the JIT
+    (H100, 2026-12-07)."""
+    mods, T, bf = ca.planning_modules(), ca.Tensor, torch.bfloat16
+    norm, gated, rope = mods["rms_norm"], mods["gated_act"], mods["rope"]
+    shipped = ca.aot_specs()
+    plans = []
+    for gpu in (("h100", 132), ("", 132)):
+        x16, x4k, w = T(bf, (16, 4096)), T(bf, (4096, 4096)), T(bf, (4096,))
+        plans += [norm.forward_launch(x16, w, x16, 1e-6, False, gpu),
+                  norm.forward_launch(x4k, w, x4k, 1e-6, False, gpu),
+                  norm.add_forward_launch(x16, x16, w, x16, x16, 1e-6, False, gpu),
+                  gated.forward_launch(T(bf, (16, 14336)), T(bf, (16, 14336)), T(bf, (16, 14336)), "silu", gpu)]
+        q, k, cs = T(bf, (1, 32, 4096, 128)), T(bf, (1, 8, 4096, 128)), T(bf, (1, 4096, 128))
+        plans.append(rope.forward_launch(q, k, cs, cs, q, k, gpu))
+    specs = list(dict.fromkeys(ca.spec_of(p) for p in plans))
+    disasm = _nvdisasm()
+    for i, spec in enumerate(specs):
+        assert spec in shipped, spec
+        ca.compile_spec((spec, "sm_90", str(tmp_path / f"{i}.cubin")))
+        sass = subprocess.run([disasm, str(tmp_path / f"{i}.cubin")], capture_output=True, text=True, check=True).stdout
+        accesses = set(re.findall(r"\b(?:LDG|STG|UTMALDG|UTMASTG)[A-Z0-9.]*", sass))
+        assert not {a for a in accesses if a.endswith(".U16")}, (spec.kernel, accesses)
+        assert {a for a in accesses if a.endswith(".128") or a.startswith("UTMA")}, (spec.kernel, accesses)
+
+
 def test_a_partial_cache_packs_no_arch(tmp_path):
     spec, archs = next(iter(ca.aot_specs().items()))
     path = ca.cubin_path(spec, archs[0], ca.source_digests(), ca.compiler_version(), tmp_path / "cache")
@@ -404,53 +447,38 @@ def _ops(ck, dtype, gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_precompiled_matches_the_jit(ck_gpu, dtype, monkeypatch):
-    """Every op over fresh random in-domain shapes is served by a cubin, and its outputs are bit-identical to the
-    JIT's wherever the JIT compiles the same signature. The JIT derives its constraints from the actual arrays
-    and may assume more than the cubin was compiled with (e.g. a dimension whose size is divisible by 16), which
-    can change the code and the order of a reduction: there, precompiled and JIT agree within the relative error
-    each is allowed against float64 (an element-wise bound fails on sums over thousands of rows in float32)."""
-    from cuda.tile.compilation import CallingConvention, KernelSignature
-
+    """Every op over fresh random in-domain shapes is served by a cubin, and its outputs agree with the JIT's
+    within the relative error each is allowed against float64 in the op's own tests. Not bit for bit: the JIT
+    derives its constraints from the actual arrays (every dimension whose size is divisible by 16 elements), the
+    cubins assume a last dimension of whole 16-byte units and nothing about row counts, so the two compile other
+    code, which can reorder a reduction (H100: a float32 dweight summed over ~3000 rows differed by 1.5e-5)."""
     runtime, index, found = _precompiled_or_skip(ck_gpu)
-    served, plans = [], []
-    original = aot_launch = type(found).launch
+    served = []
+    original = type(found).launch
 
     def counting(self, kernel, grid, args, stream):
         ok = original(self, kernel, grid, args, stream)
         served.append(ok)
-        plans.append((kernel, args))
         return ok
 
-    package_aot = sys.modules[f"{ck_gpu.__name__}._aot"]
-
-    def same_signature(kernel, args):  # kernel: planned (cuda.tile not imported by the package) or cuda.tile's
-        real = package_aot.jit_kernel(kernel, ck_gpu.__name__, runtime._PACKAGE_DIR)
-        jit = KernelSignature.from_kernel_args(real, args, CallingConvention.cutile_python_v1())
-        return jit.parameters == ca.signature_of(ca.spec_of((kernel, None, args))).parameters
-
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    counts = {"bit-identical": 0, "other signature, close": 0}
+    counts = {"bit-identical": 0, "close": 0}
     for trial in range(3):
         ops = _ops(ck_gpu, dtype, gen)
         for name, run in ops.items():
             served.clear()
-            plans.clear()
             monkeypatch.setattr(type(found), "launch", counting)
             pre = run()
             torch.cuda.synchronize()
-            monkeypatch.setattr(type(found), "launch", aot_launch)
+            monkeypatch.setattr(type(found), "launch", original)
             assert served and all(served), f"{name} {dtype}: not served by a cubin (outside the precompiled set?)"
             monkeypatch.setitem(runtime._PRECOMPILED, index, None)  # the JIT path
             jit = run()
             monkeypatch.setitem(runtime._PRECOMPILED, index, found)
-            same = all(same_signature(kernel, args) for kernel, args in plans)
+            tol = (GRAD_REL_TOL if "backward" in name else GPU_REL_TOL)[dtype]
             for a, b in zip(pre if isinstance(pre, tuple) else (pre,), jit if isinstance(jit, tuple) else (jit,)):
-                if same:
-                    assert torch.equal(a, b), f"{name} {dtype} trial {trial}: precompiled != JIT, same signature"
-                else:  # the bound each path is held to against float64 in the op's own tests
-                    tol = (GRAD_REL_TOL if "backward" in name else GPU_REL_TOL)[dtype]
-                    assert not a.isnan().any() and rel_err(a, b) < tol, f"{name} {dtype} trial {trial}: {rel_err(a, b):.1e}"
-            counts["bit-identical" if same else "other signature, close"] += 1
+                assert not a.isnan().any() and rel_err(a, b) < tol, f"{name} {dtype} trial {trial}: {rel_err(a, b):.1e}"
+                counts["bit-identical" if torch.equal(a, b) else "close"] += 1
     print(f"\n{dtype}: {counts}")
 
 
@@ -472,6 +500,7 @@ def test_jit_signature_implies_the_compiled_constraints(ck_gpu):
             assert a.dtype == b.dtype and a.ndim == b.ndim and a.index_dtype == b.index_dtype
             assert a.base_addr_divisible_by % b.base_addr_divisible_by == 0
             assert all(j % o == 0 for j, o in zip(a.stride_divisible_by, b.stride_divisible_by))
+            assert all(j % o == 0 for j, o in zip(a.shape_divisible_by, b.shape_divisible_by))
             assert a.stride_constant[-1] == b.stride_constant[-1] == 1 and not a.may_alias_internally
 
 

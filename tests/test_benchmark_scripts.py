@@ -54,7 +54,8 @@ def finite(cell: str) -> list[float]:
 def test_run_all_tiny(tmp_path, cache):
     table = rows(run(run_all, tmp_path, cache))
     head = table.pop("op | rows x width")
-    assert head[2:5] == ["cutile dev / host µs", "eager dev / host µs", "compile dev / host µs"] and len(head) == 10
+    assert head[2:6] == ["cutile dev / host µs", "cubin dev / host µs", "eager dev / host µs",
+                         "compile dev / host µs"] and len(head) == 11
     ops = [f"{op}{d}" for d in ("", " bwd") for op in ("rms_norm", "gemma_rms_norm", "add_rms_norm",
                                                          "gemma_add_rms_norm", "silu_mul", "gelu_tanh_mul")]
     want = {f"{op} | {m} x {w}" for op in ops for m in (2, 16)
@@ -62,10 +63,11 @@ def test_run_all_tiny(tmp_path, cache):
                                                             for m in (2, 16)}
     assert set(table) == want
     for name, cells in table.items():  # every backward too: ours, eager and compile passed the float64 check
-        for cell in cells[2:5]:
+        for cell in (cells[2], *cells[4:6]):
             assert len(finite(cell)) == 2, (name, cell)
-        assert cells[5] == cells[6] == "—"  # Liger and TileGym do not import here: skipped, not failed
-        for cell in cells[7:]:
+        assert cells[3] == "no cubins"  # a CPU has none
+        assert cells[6] == cells[7] == "—"  # Liger and TileGym do not import here: skipped, not failed
+        for cell in cells[8:]:
             finite(cell)
     assert (tmp_path / "report.png").stat().st_size > 0
 

@@ -31,13 +31,15 @@ import warnings
 from pathlib import Path
 
 # The constraints every precompiled array parameter was compiled with (and that Function.launch checks): 16-byte
-# aligned base, unit last stride and 16-byte-divisible other strides (what TMA and vector accesses need; torch
-# allocations and the launchers' views of 16-byte-multiple rows meet them), no internal overlap, int32 shapes and
-# strides. The JIT makes the same assumptions when an input meets them (cext: compute_array_specialization_bits);
-# shape divisibility is left out so that one cubin serves every row count.
+# aligned base, unit last stride, 16-byte-divisible other strides and a last dimension of whole 16-byte units (what
+# TMA and vector accesses need; torch allocations and the launchers' views of 16-byte-multiple rows meet them), no
+# internal overlap, int32 shapes and strides. The JIT makes these assumptions when an input meets them (cext:
+# compute_array_specialization_bits; it asks 16 elements of a dimension). Without the last dimension's divisibility
+# tileiras emits 16-bit scalar global loads and stores instead of 128-bit ones (SASS of every op), which made the
+# cubins up to 5x slower than the JIT on an H100. Row counts stay free, so that one cubin serves every row count.
 ARRAY_CONSTRAINTS = {"base_addr_divisible_by": 16, "stride_divisible_by_bytes": 16, "last_stride": 1,
-                     "index_dtype": "int32", "may_alias_internally": False, "stride_lower_bound_incl": 0,
-                     "alias_groups": []}
+                     "last_dim_divisible_by_bytes": 16, "index_dtype": "int32", "may_alias_internally": False,
+                     "stride_lower_bound_incl": 0, "alias_groups": []}
 # cuda.tile's CompilerOptions defaults: hints equal to these are not part of a specialization's identity.
 DEFAULT_HINTS = {"num_ctas": None, "occupancy": None, "opt_level": 3, "num_worker_warps": None}
 MANIFEST = "manifest.json"
@@ -315,7 +317,8 @@ class Function:
 def _values_function(params):
     """`values(args)`: the parameter values of a launch's `args` in packing order (per array its data pointer,
     shape and strides; scalars as they are; constants skipped), or None when an array is outside ARRAY_CONSTRAINTS
-    (16-byte-aligned base, strides of whole 16-byte units, last stride 1, no two indices on one element).
+    (16-byte-aligned base, strides and last dimension of whole 16-byte units, last stride 1, no two indices on one
+    element).
     Generated per manifest entry, unrolled over its parameters: it runs on every launch (with the generated launch
     key, a launch took 27 % less host time than with loops over the parameters; CPU, fake driver)."""
     lines, out = [], []
@@ -327,7 +330,7 @@ def _values_function(params):
             continue
         ndim, divisor = p[2], 16 // _ITEMSIZE[p[1]]
         lines.append(f"    t = a[{i}]; s{i} = t.stride(); p{i} = t.data_ptr(); h{i} = t.shape")
-        checks = [f"p{i} & 15", f"len(s{i}) != {ndim}", f"s{i}[{ndim - 1}] != 1"]
+        checks = [f"p{i} & 15", f"len(s{i}) != {ndim}", f"s{i}[{ndim - 1}] != 1", f"h{i}[{ndim - 1}] % {divisor}"]
         checks += [f"s{i}[{d}] % {divisor}" for d in range(ndim - 1)]
         if ndim == 2:
             checks.append(f"(s{i}[0] < h{i}[1] and h{i}[0] > 1)")
