@@ -327,25 +327,31 @@ def signature_of(spec: Spec):
         spec.kernel)
 
 
-def compile_spec(job: tuple[Spec, str, str]) -> tuple[str, float, int]:
-    """Compile `spec` for `arch` into `path` (worker process): (symbol, seconds, bytes)."""
+def export(spec: Spec, arch: str, sig=None) -> bytes:
+    """The cubin of `spec` for `arch`: for its signature (`signature_of`) or for `sig`."""
     from cuda.tile.compilation import export_kernel
 
-    spec, arch, path = job
     _load_modules()  # kernel-src on sys.path
     kernel = getattr(importlib.import_module(f"{PACKAGE}.{spec.module}"), spec.kernel)
     hints = json.loads(spec.hints)
     kernel = kernel.replace_hints(**hints) if hints else kernel
+    buf = io.BytesIO()
+    export_kernel(kernel, [sig or signature_of(spec)], buf, gpu_code=arch, output_format="cubin")
+    return buf.getvalue()
+
+
+def compile_spec(job: tuple[Spec, str, str]) -> tuple[str, float, int]:
+    """Compile `spec` for `arch` into `path` (worker process): (symbol, seconds, bytes)."""
+    spec, arch, path = job
     sig = signature_of(spec)
     t0 = time.perf_counter()
-    buf = io.BytesIO()
-    export_kernel(kernel, [sig], buf, gpu_code=arch, output_format="cubin")
+    cubin = export(spec, arch, sig)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
+    tmp.write_bytes(cubin)
     Path(f"{path}.symbol").write_text(sig.symbol)
     tmp.replace(path)  # atomic: a cache entry is complete or absent (the symbol is written first)
-    return sig.symbol, time.perf_counter() - t0, len(buf.getvalue())
+    return sig.symbol, time.perf_counter() - t0, len(cubin)
 
 
 def compile_aot(archs, specs: dict | None = None, cache: Path = AOT_CACHE, workers: int | None = None,
