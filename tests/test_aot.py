@@ -340,6 +340,24 @@ def test_precompiled_lookup_serves_matching_launches_only(small_build):
     assert aot.Precompiled(package / "cubins", 0, (12, 0), driver=_FakeDriver()).arch is None
 
 
+def test_cubins_of_other_constraints_or_format_are_not_used(small_build, tmp_path):
+    """A manifest written under other array constraints (or another format) than this runtime checks serves
+    nothing: the per-call checks would not guard what those cubins assume."""
+    out, _ = small_build
+    source = out / "torch211-cxx11-cu130-x86_64-linux" / "cubins"
+    manifest = json.loads((source / aot.MANIFEST).read_text())
+    for key, value in (("constraints", {**manifest["constraints"], "last_dim_divisible_by_bytes": 1}),
+                       ("constraints", {k: v for k, v in manifest["constraints"].items()
+                                        if k != "last_dim_divisible_by_bytes"}),
+                       ("format", aot.FORMAT - 1)):
+        copy = tmp_path / f"{key}-{len(str(value))}" / "cubins"
+        shutil.copytree(source, copy)
+        (copy / aot.MANIFEST).write_text(json.dumps({**manifest, key: value}))
+        found = aot.Precompiled(copy, 0, (9, 0), driver=_FakeDriver())
+        assert found.arch is None and not found, key
+    assert aot.Precompiled(source, 0, (9, 0), driver=_FakeDriver())
+
+
 def test_every_precompiled_spec_is_listed_for_every_arch(tmp_path, monkeypatch):
     """The full set (cubins stood in for by placeholders: compiling all is `python -m devtools.build --archs
     all`): every spec of every arch lands in the manifest of both arch variants."""

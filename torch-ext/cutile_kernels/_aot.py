@@ -393,7 +393,10 @@ class Precompiled:
         import torch
 
         manifest = json.loads((directory / MANIFEST).read_text())
-        self.arch = arch_for(capability, manifest["archs"]) if manifest.get("format") == FORMAT else None
+        # cubins of another format, or compiled under other constraints than the per-call checks below ask for
+        # (a checkout's stale build/): none, since a looser check would hand them arrays they assume away
+        usable = manifest.get("format") == FORMAT and manifest.get("constraints") == ARRAY_CONSTRAINTS
+        self.arch = arch_for(capability, manifest["archs"]) if usable else None
         self.index = index
         self._kernels: dict[tuple, _KernelCubins] = {}
         self._by_object: dict = {}  # kernel object -> _KernelCubins or None (no cubin for it)
