@@ -105,10 +105,6 @@ def main() -> None:
     sys.exit(1 if failures else 0)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --- the precompiled set -----------------------------------------------------------------------------------------
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")  # every target tileiras 13.4 compiles
@@ -375,3 +371,7 @@ def compile_aot(archs, specs: dict | None = None, cache: Path = AOT_CACHE, worke
                 failures += 1
                 log(f"compile: [{done}/{len(todo)}] FAILED {job[0]} {job[1]}: {type(e).__name__}: {e}")
     return failures
+
+
+if __name__ == "__main__":  # last: main uses the precompiled set's constraints defined above
+    main()
