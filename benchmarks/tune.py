@@ -252,7 +252,8 @@ def main() -> None:
     print(f"tune: {props.name} ({gpu}), {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
     lines = [f"# Launch tuning on {props.name} (`{gpu}`)", "",
              f"torch {torch.__version__}, `python -m benchmarks.tune`, {time.strftime('%Y-%m-%d')}. Device µs per "
-             "call (CUDA graph, median); default = the untuned heuristic.", "",
+             "call (CUDA graph, median); default = what this GPU runs without its entry (RoPE: the H100's entry; "
+             "otherwise the untuned heuristic).", "",
              "| op | width | rows | default µs | best µs | gain | best config | candidates | failed |",
              "|---|---|---|---|---|---|---|---|---|"]
     new = {}

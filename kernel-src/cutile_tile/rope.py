@@ -60,6 +60,13 @@ def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_
             _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
 
 
+# GPUs without RoPE entries, and fp32 (the tables hold 16-bit measurements), take the H100's configuration for the
+# head_dim and token bucket: the H100 and the H200 chose alike (one head per tile, 1-16 positions, all heads in one
+# block at prefill), 1.1-5.4x faster than default_config on both (results/h100/tune_h100.md, h200/tune_h200.md;
+# at head_dim 256 its 16 x 8 head tiles also spill registers). default_config serves the head dims neither has.
+REFERENCE_GPU = "h100"
+
+
 def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int]:
     """(TILE_S, TILE_H, chunks_per_block) for GPUs without a tuned entry: up to 4K elements per half-tile,
     and enough blocks to give every SM a few."""
@@ -76,7 +83,8 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
     the device's (name, SM count)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    config = lookup(gpu[0], "rope", q.dtype, d, b * s) or default_config(b * s, hq + hk, gpu[1])
+    config = (lookup(gpu[0], "rope", torch.bfloat16, d, b * s) or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s)
+              or default_config(b * s, hq + hk, gpu[1]))
     tile_s, tile_h, per_block = config
     q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_h)
     grid = (-(-s // tile_s), b, -(-chunks // per_block))
