@@ -7,9 +7,9 @@ and TileGym.
 Widths come from the harness's model registry (forward: every distinct width; backward: 8B widths), rows from
 decode (1) to prefill (32768 tokens). Every implementation is first checked against float64 (relative error
 < 1e-2 per output, bf16); one that fails is reported and not timed. Device µs: `harness.device_us` (CUDA graph of
-20 calls, rotating inputs); host µs: `harness.host_us` (back-to-back calls). `cutile` runs the cuTile JIT;
-`cubin` the same op on the build's precompiled cubins (`devtools.build --archs sm_XY`; "no cubins" without them),
-so a release with cubins can be checked to lose no device time against the JIT.
+20 calls, rotating inputs); host µs: `harness.host_us` (back-to-back calls, median of 5 batches). `cutile` runs
+the cuTile JIT; `cubin` the same op on the build's precompiled cubins (`devtools.build --archs sm_XY`; "no cubins"
+without them), so a release with cubins can be checked to lose no device time against the JIT.
 
 Backward rows time the backward alone. The forward runs once, outside the timing, on inputs that require grad; the
 timed call is `torch.autograd.grad` through the graph it recorded (kept between calls): for ours the custom op's registered backward
