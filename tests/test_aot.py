@@ -2,8 +2,9 @@
 without cuda.tile are the JIT's, every specialization of the precompiled set is compiled and listed in the
 manifest, argument packing follows cuda.tile's signatures, and the per-call constraint checks decline what the
 cubins were not compiled for, and the cubins' SASS accesses memory as the JIT's does. On a GPU (`gpu`): parity
-with the JIT for every op and dtype (within the float64 bounds), and a model run in a process where cuda.tile cannot be imported. Host time per
-call against ct.launch is a benchmark column (benchmarks/cold_start.py), not a timed test."""
+with the JIT for every op and dtype (within the float64 bounds), and a model run in a process where cuda.tile
+cannot be imported. Host time per call against ct.launch is a benchmark column (benchmarks/cold_start.py), not a
+timed test."""
 import ctypes
 import dataclasses
 import json

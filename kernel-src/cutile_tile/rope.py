@@ -83,8 +83,8 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
     the device's (name, SM count)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    config = (lookup(gpu[0], "rope", torch.bfloat16, d, b * s) or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s)
-              or default_config(b * s, hq + hk, gpu[1]))
+    config = (lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
+              or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
     tile_s, tile_h, per_block = config
     q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_h)
     grid = (-(-s // tile_s), b, -(-chunks // per_block))
