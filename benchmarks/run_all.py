@@ -193,22 +193,17 @@ def measure(case, rows: int, width, tiny: bool, ck) -> dict:
             if name == "cubin" and not cubins:
                 row["bad"][name] = "no cubins"
                 continue
-            _time(row, name, prepare, call, sets, ref, tiny, nbytes)
+            try:
+                args = [prepare(*s) for s in sets] if prepare else sets
+                err = rel_err(call(*args[0]), ref)
+                if not err < 1e-2:
+                    row["bad"][name] = f"rel err {err:.1e}"
+                    continue
+                row["dev"][name] = h.device_us(call, args)
+                row["host"][name] = h.host_us(call, args[0], n=10 if tiny else 300 if nbytes > 1 << 25 else 1000)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported, not fatal
+                row["bad"][name] = f"{type(e).__name__}: {str(e)[:60]}"
     return row
-
-
-def _time(row, name, prepare, call, sets, ref, tiny, nbytes) -> None:
-    """Check one implementation against float64, then its device and host µs into `row` (or why not)."""
-    try:
-        args = [prepare(*s) for s in sets] if prepare else sets
-        err = rel_err(call(*args[0]), ref)
-        if not err < 1e-2:
-            row["bad"][name] = f"rel err {err:.1e}"
-            return
-        row["dev"][name] = h.device_us(call, args)
-        row["host"][name] = h.host_us(call, args[0], n=10 if tiny else 300 if nbytes > 1 << 25 else 1000)
-    except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is reported, not fatal
-        row["bad"][name] = f"{type(e).__name__}: {str(e)[:60]}"
 
 
 def speedup(row, key: str) -> float:

@@ -321,17 +321,19 @@ def _values_function(params):
     element).
     Generated per manifest entry, unrolled over its parameters: it runs on every launch (with the generated launch
     key, a launch took 27 % less host time than with loops over the parameters; CPU, fake driver)."""
-    lines, out = [], []
+    lines, out, c = [], [], ARRAY_CONSTRAINTS
     for i, p in enumerate(params):
         if p[0] == "constant":
             continue
         if p[0] != "array":
             out.append(f"a[{i}]")
             continue
-        ndim, divisor = p[2], 16 // _ITEMSIZE[p[1]]
+        ndim, itemsize = p[2], _ITEMSIZE[p[1]]
         lines.append(f"    t = a[{i}]; s{i} = t.stride(); p{i} = t.data_ptr(); h{i} = t.shape")
-        checks = [f"p{i} & 15", f"len(s{i}) != {ndim}", f"s{i}[{ndim - 1}] != 1", f"h{i}[{ndim - 1}] % {divisor}"]
-        checks += [f"s{i}[{d}] % {divisor}" for d in range(ndim - 1)]
+        checks = [f"p{i} % {c['base_addr_divisible_by']}", f"len(s{i}) != {ndim}",
+                  f"s{i}[{ndim - 1}] != {c['last_stride']}",
+                  f"h{i}[{ndim - 1}] % {c['last_dim_divisible_by_bytes'] // itemsize}"]
+        checks += [f"s{i}[{d}] % {c['stride_divisible_by_bytes'] // itemsize}" for d in range(ndim - 1)]
         if ndim == 2:
             checks.append(f"(s{i}[0] < h{i}[1] and h{i}[0] > 1)")
         elif ndim > 2:
