@@ -188,7 +188,9 @@ def measure(case, rows: int, width, tiny: bool, ck) -> dict:
     sets = h.input_sets(lambda: case["make"](rows, width), nbytes)
     ref = case["ref"](*sets[0])
     row = dict(op=case["op"], rows=rows, width=label(width), bytes=nbytes, dev={}, host={}, bad={})
-    for name, (prepare, call) in [*case["impls"].items(), ("cubin", case["impls"]["cutile"])]:
+    impls = {**case["impls"], "cubin": case["impls"]["cutile"]}
+    for name in [i for i in IMPLS if i in impls]:  # IMPLS' order: peers that modify their inputs come last
+        prepare, call = impls[name]
         with h.precompiled(ck, name == "cubin") as cubins:  # cutile: the JIT; cubin: the precompiled kernels
             if name == "cubin" and not cubins:
                 row["bad"][name] = "no cubins"

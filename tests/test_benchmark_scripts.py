@@ -1,6 +1,7 @@
 """The GPU benchmark scripts run end to end on CPU in their --tiny mode (in this process, through main(argv)): each
 report carries the version header, the rows and columns the GPU run fills and finite numbers; ours runs our layers
 (in training only after enable_training). CPU times mean nothing: the checks are about what ran."""
+import contextlib
 import math
 import re
 
@@ -72,6 +73,33 @@ def test_run_all_tiny(tmp_path, cache):
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
+def test_run_all_times_peers_that_modify_inputs_last(monkeypatch):
+    """Liger's RoPE rotates its inputs in place: every implementation checked after it would see rotated inputs and
+    fail its float64 check (an H100 run reported the cubin column of RoPE so when it ran last)."""
+    calls = []
+
+    def impl(name, in_place=False):
+        def call(x):
+            calls.append(name)
+            y = x * 2
+            if in_place:
+                x.mul_(2)
+            return y
+        return None, call
+
+    @contextlib.contextmanager
+    def precompiled(ck, on):  # as on a GPU with cubins
+        yield True
+
+    monkeypatch.setattr(harness, "precompiled", precompiled)
+    case = dict(op="double", nbytes=lambda m, w: 8 * m * w, make=lambda m, w: (torch.ones(m, w),),
+                ref=lambda x: x.double() * 2, impls={"liger": impl("liger", in_place=True), "cutile": impl("cutile"),
+                                                    "eager": impl("eager"), "compile": impl("compile")})
+    row = run_all.measure(case, 2, 4, True, None)
+    assert not row["bad"] and set(row["dev"]) == {"cutile", "cubin", "eager", "compile", "liger"}
+    assert list(dict.fromkeys(calls)) == ["cutile", "eager", "compile", "liger"]  # cubin runs cutile's call
+
+
 def test_decode_layer_tiny(tmp_path, cache):
     text = run(decode_layer, tmp_path, cache)
     table = rows(text)
@@ -120,6 +148,16 @@ def test_coverage_tiny(tmp_path, cache):
     assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x" in text and "RMSNormMLP x2;" in text
     assert text.count("the 5 largest of") == 4 and "`aten::linear` | GEMM" in text
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_coverage_counts_every_cutile_kernel_as_ours():
+    """Every @ct.kernel of the package, as the profiler names it (function name, then cuTile's specialization
+    suffix), falls in ours: an H100 profile had filed rms_norm_row under "other"."""
+    names = re.findall(r"@ct\.kernel[^\n]*\ndef (\w+)", "".join(
+        p.read_text() for p in (harness.ROOT / "kernel-src" / "cutile_tile").glob("*.py")))
+    assert len(names) >= 7
+    for name in names:
+        assert coverage.category(f"{name}_Kt1_A2bf16_1v8l0_2i8t1_p16_Si32") == "ours (cuTile)", name
 
 
 def test_coverage_tiny_decoder(tmp_path, cache):
