@@ -139,7 +139,10 @@ class _FakeDriver:
         self.launches = []
 
     def launch_kernel(self, handle, x, y, z, bx, by, bz, smem, stream, params, extra):
-        self.launches.append((handle, (x, y, z), bx, stream))
+        # as libcuda's cuLaunchKernel is called (no argtypes): pointers as c_void_p, the rest as small ints
+        assert isinstance(stream, ctypes.c_void_p) and all(type(v) is int and 0 <= v < 2**31
+                                                            for v in (x, y, z, bx, by, bz, smem))
+        self.launches.append((getattr(handle, "value", handle), (x, y, z), bx, stream.value or 0))
         return 0
 
     def check(self, result, what):
