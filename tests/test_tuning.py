@@ -49,9 +49,9 @@ def test_gpu_models_are_told_apart():
 
 
 def test_rope_without_its_own_entry_runs_the_h100_configuration():
-    """RoPE on a GPU without entries, and in fp32 (the tables hold 16-bit measurements), launches the H100's
-    configuration for its head_dim and token bucket: on both tuned GPUs those beat default_config by 1.1-5.4x. A
-    tuned GPU keeps its own; head dims no table holds take default_config."""
+    """RoPE in every dtype takes the 16-bit entries (the tables hold bf16 measurements); a GPU without entries
+    launches the H100's configuration for its head_dim and token bucket: on both tuned GPUs those beat
+    default_config by 1.1-5.4x. A tuned GPU keeps its own; head dims no table holds take default_config."""
     rope = MODULES["rope"]
 
     def config(d, tokens, dtype, gpu):

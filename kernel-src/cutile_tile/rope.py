@@ -60,10 +60,11 @@ def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_
             _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
 
 
-# GPUs without RoPE entries, and fp32 (the tables hold 16-bit measurements), take the H100's configuration for the
-# head_dim and token bucket: the H100 and the H200 chose alike (one head per tile, 1-16 positions, all heads in one
-# block at prefill), 1.1-5.4x faster than default_config on both (results/h100/tune_h100.md, h200/tune_h200.md;
-# at head_dim 256 its 16 x 8 head tiles also spill registers). default_config serves the head dims neither has.
+# Every dtype looks up the 16-bit entries (the tables hold bf16 measurements), and GPUs without RoPE entries take
+# the H100's for the head_dim and token bucket: the H100 and the H200 chose alike (one head per tile, 1-16 positions,
+# all heads in one block at prefill), 1.1-5.4x faster than default_config on both (results/h100/tune_h100.md,
+# h200/tune_h200.md; at head_dim 256 its 16 x 8 head tiles also spill registers). default_config serves the head
+# dims neither has.
 REFERENCE_GPU = "h100"
 
 
