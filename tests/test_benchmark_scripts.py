@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from benchmarks import cold_start, compiled_decode, coverage, decode_layer, harness, run_all, train_step
+from benchmarks import (cold_start, compiled_decode, coverage, decode_layer, harness, launch_host, run_all,
+                        train_step)
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +99,19 @@ def test_run_all_times_peers_that_modify_inputs_last(monkeypatch):
     row = run_all.measure(case, 2, 4, True, None)
     assert not row["bad"] and set(row["dev"]) == {"cutile", "cubin", "eager", "compile", "liger"}
     assert list(dict.fromkeys(calls)) == ["cutile", "eager", "compile", "liger"]  # cubin runs cutile's call
+
+
+def test_launch_host_tiny(tmp_path, cache):
+    """On CPU the op calls run (their references) and are timed; the launch rows need a GPU with cubins."""
+    text = run(launch_host, tmp_path, cache)
+    table = rows(text)
+    assert table.pop("op | cubin: Precompiled.launch µs")[2:] == ["ct.launch µs", "cubin / ct.launch",
+                                                                  "op call with cubins µs", "op call with JIT µs"]
+    assert "Parts of the cubin path (rms_norm):\n\nn/a" in text
+    assert [k.split(" | ")[0] for k in table] == ["rms_norm", "add_rms_norm", "silu_mul", "rope"]
+    for cells in table.values():
+        assert cells[1:4] == ["n/a"] * 3
+        assert all(finite(c)[0] > 0 for c in cells[4:6])
 
 
 def test_decode_layer_tiny(tmp_path, cache):
