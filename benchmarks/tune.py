@@ -1,6 +1,6 @@
 """Choose every kernel's launch parameters for this GPU and write them into the per-GPU table.
 
-    python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,silu,gelu_pytorch_tanh,rope] [--quick]
+    python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,silu,gelu_pytorch_tanh,rope] [--quick] [--widths 128]
                               [--write kernel-src/cutile_tile/tuned.py] [--out DIR] [--workers 12]
     python -m benchmarks.tune --check     (every table bucket of this GPU against float64, poisoned outputs)
 
@@ -230,6 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(WIDTHS), help=f"any of {', '.join(ALL)}")
     parser.add_argument("--quick", action="store_true", help="3 row counts, first width: a smoke run")
+    parser.add_argument("--widths", help="comma list of widths to tune (default: the op's real model widths)")
     parser.add_argument("--write", type=Path, help="rewrite this tuned.py with the new entries")
     parser.add_argument("--out", type=Path, help="directory for tune_<gpu>.md")
     parser.add_argument("--workers", type=int, default=12, help="processes compiling in parallel first (0: none)")
@@ -245,7 +246,8 @@ def main() -> None:
 
     build(ROOT / "build")
     ops = args.ops.split(",")
-    widths = {op: ALL[op][:1] if args.quick else ALL[op] for op in ops}
+    widths = {op: [int(w) for w in args.widths.split(",")] if args.widths else ALL[op][:1] if args.quick else ALL[op]
+              for op in ops}
     rows_list = [1, 512, 32768] if args.quick else ROWS
     if args.workers:
         warm(sorted({(op, w, min(r, 4096)) for op in ops for w in widths[op] for r in rows_list}), args.workers)

@@ -80,3 +80,20 @@ def test_every_candidate_launch_matches_its_kernel(op, monkeypatch):
             _, params = compile_all._constraints((kernel, grid, args))
             assert len(params) == len(args) == len(kernel._annotated_function.pyfunc.__code__.co_varnames[
                 :kernel._annotated_function.pyfunc.__code__.co_argcount]), config
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4, 8])
+def test_rope_chunks_cover_every_head_once(kv_heads, monkeypatch):
+    """Every candidate's plan: q's chunks of TILE_H heads and k's of TILE_HK (no wider than k's heads rounded up
+    to a power of two: a 32-head q tile beside 8 kv heads rotates no padded k heads) cover each head once, and
+    the grid's third axis covers every chunk."""
+    rope = MODULES["rope"]
+    for config in tune.candidates("rope", 128):
+        monkeypatch.setitem(TUNED.TABLE, ("test", "rope", 2, 7, 1), config)
+        q, k, cs = T(BF16, (1, 32, 1, 128)), T(BF16, (1, kv_heads, 1, 128)), T(BF16, (1, 1, 128))
+        _, grid, args = rope.forward_launch(q, k, cs, cs, q, k, ("test", 132))
+        q_chunks, chunks, per_block, tile_h, tile_hk = args[6], args[7], args[8], args[11], args[12]
+        assert tile_h == config[1] and tile_hk == min(tile_h, 1 << (kv_heads - 1).bit_length())
+        assert (q_chunks - 1) * tile_h < 32 <= q_chunks * tile_h
+        assert ((chunks - q_chunks) - 1) * tile_hk < kv_heads <= (chunks - q_chunks) * tile_hk
+        assert (grid[2] - 1) * per_block < chunks <= grid[2] * per_block

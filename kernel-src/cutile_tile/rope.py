@@ -4,13 +4,13 @@ Layout as transformers passes it: q (B, Hq, S, D) and k (B, Hk, S, D) with any s
 views of the projections), cos/sin (B, S, D) holding the half-duplicated frequencies. Rounding follows
 transformers: q*cos and rotate_half(q)*sin are each rounded to the input dtype, then their sum.
 
-Work split: the heads of q and k are cut into chunks of TILE_H heads (q's chunks first, then k's); a block
-takes TILE_S positions of one batch row and `chunks_per_block` consecutive chunks, so cos/sin are loaded once
-per block and reused for every head it rotates (prefill: all heads in one block; decode: one chunk per block,
-so the few positions still spread over the machine). The launch plan picks TILE_S, TILE_H and
-chunks_per_block per GPU from `tuned.py`.
+Work split: q's heads are cut into chunks of TILE_H heads, k's into chunks of TILE_HK = min(TILE_H, k's heads
+rounded up to a power of two); q's chunks come first, then k's. A block takes TILE_S positions of one batch row and
+`chunks_per_block` consecutive chunks, so cos/sin are loaded once per block and reused for every head it rotates
+(prefill: all heads in one block; decode: one chunk per block, so the few positions still spread over the
+machine). The launch plan picks TILE_S, TILE_H and chunks_per_block per GPU from `tuned.py`.
 
-Compile-time constants: dtype, HALF (D / 2), TILE_S and TILE_H (powers of two). (Plain, non-TMA loads and
+Compile-time constants: dtype, HALF (D / 2), TILE_S, TILE_H and TILE_HK (powers of two). (Plain, non-TMA loads and
 stores were tried as a tuning knob: no gain on either GPU, and on an H200 a launch at head_dim 256 x 32768
 tokens failed among those candidates; benchmarks/NOTES.md.)
 """
@@ -48,7 +48,7 @@ def _cos_sin_half(t, b, s, i, TILE_S, HALF):
 
 @ct.kernel
 def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_per_block: int,
-             HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int]):
+             HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int]):
     s, b = ct.bid(0), ct.bid(1)
     c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF), _cos_sin_half(cos, b, s, 1, TILE_S, HALF)
     s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF), _cos_sin_half(sin, b, s, 1, TILE_S, HALF)
@@ -57,7 +57,7 @@ def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_
         if c < q_chunks:
             _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
         elif c < n_chunks:
-            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
+            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF)
 
 
 # Every dtype looks up the 16-bit entries (the tables hold bf16 measurements), and GPUs without RoPE entries take
@@ -87,9 +87,12 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
     config = (lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
     tile_s, tile_h, per_block = config
-    q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_h)
+    # k's chunks are no wider than k has heads (8 kv heads beside a 32-head q tile: no padded heads to rotate)
+    tile_hk = min(tile_h, 1 << (hk - 1).bit_length())
+    q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_hk)
     grid = (-(-s // tile_s), b, -(-chunks // per_block))
-    return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h)
+    return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h,
+                            tile_hk)
 
 
 def specializations(array):
