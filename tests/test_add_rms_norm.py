@@ -13,7 +13,9 @@ from .test_rms_norm import FORMS, make_inputs, rms_norm64
 
 EPS = 1e-6
 CPU_SHAPES = [(1, 64), (37, 160), (5, 2048)]
-GPU_SHAPES = [(1, 4096), (16, 4096), (512, 2560), (4096, 5376), (32768, 4096), (3, 128), (65536, 128)]
+# decode sizes (up to two rows per SM) run add_rms_norm_row: (7, 2560) and (250, 5376) pad columns in its tiles
+GPU_SHAPES = [(1, 4096), (16, 4096), (7, 2560), (250, 5376), (512, 2560), (4096, 5376), (32768, 4096), (3, 128),
+              (65536, 128)]
 
 
 def check_add_rms_norm(ck, x, residual, w, gemma, where=""):
