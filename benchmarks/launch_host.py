@@ -12,12 +12,15 @@ GPU); the median over rounds, µs per launch:
   ct.launch   cuTile's own launch of the JIT's kernel for the same plan (compiled before timing)
   op call     the public op (checks, output allocation, launch plan, launch), with the cubins and with the JIT.
 The parts of the cubin path follow for the first op: the launch key, `values` (argument checks), `pack_into`, and
-the bare cuLaunchKernel through ctypes, once as `CDLL` calls it (releasing the GIL) and once as `PyDLL` (holding it).
+the bare driver call through ctypes: cuLaunchKernel as `CDLL` calls it (releasing the GIL) and as `PyDLL` (holding
+it), cuLaunchKernelEx with its launch configuration built once (4 arguments instead of 11), and cuLaunchKernel of
+the same cubin loaded as a cuLibrary kernel (as cuda.tile loads its own).
 """
 from __future__ import annotations
 
 import ctypes
 import importlib
+import lzma
 import statistics
 import struct
 import time
@@ -56,6 +59,14 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+class LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h), without launch attributes."""
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("shared_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+                ("num_attrs", ctypes.c_uint)]
 
 
 class Recorder:
@@ -121,9 +132,21 @@ def launch_rows(ck, call, calls: int, rounds: int) -> tuple[dict, dict]:
     gil_held.restype = ctypes.c_int
     struct.pack_into(function.layout, buf.storage, 0, *values)
 
-    def bare(entry):
-        return lambda: entry(function.handle, x, y, z, function.threads, 1, 1, 0, ctypes.c_void_p(stream),
-                             buf.params, None)
+    def bare(entry, handle=function.handle):
+        return lambda: entry(handle, x, y, z, function.threads, 1, 1, 0, ctypes.c_void_p(stream), buf.params, None)
+
+    # the same cubin through the other driver entry points: cuLaunchKernelEx (4 arguments, the launch
+    # configuration built once), and a cuLibrary kernel (how cuda.tile loads its cubins)
+    lib = ctypes.CDLL("libcuda.so.1")
+    launch_ex = lib["cuLaunchKernelEx"]
+    launch_ex.restype = ctypes.c_int
+    config = LaunchConfig(x, y, z, function.threads, 1, 1, 0, stream, None, 0)
+    config_address = ctypes.c_void_p(ctypes.addressof(config))
+    library, library_kernel = ctypes.c_void_p(), ctypes.c_void_p()
+    image = function.path.read_bytes()
+    image = lzma.decompress(image) if function.path.suffix == ".xz" else image
+    loaded = (lib.cuLibraryLoadData(ctypes.byref(library), image, None, None, 0, None, None, 0) == 0
+              and lib.cuLibraryGetKernel(ctypes.byref(library_kernel), library, function.symbol.encode()) == 0)
 
     main = per_call_us({"cubin": (None, lambda: cubins.launch(kernel, grid, args, stream)),
                         "ct.launch": (None, lambda: ct.launch(stream, grid, jit, args)), **op_rows},
@@ -132,7 +155,11 @@ def launch_rows(ck, call, calls: int, rounds: int) -> tuple[dict, dict]:
                          "values (argument checks)": (None, lambda: function.values(args)),
                          "pack_into": (None, lambda: struct.pack_into(function.layout, buf.storage, 0, *values)),
                          "bare cuLaunchKernel, CDLL (GIL released)": (None, bare(function.driver.launch_kernel)),
-                         "bare cuLaunchKernel, PyDLL (GIL held)": (None, bare(gil_held))},
+                         "bare cuLaunchKernel, PyDLL (GIL held)": (None, bare(gil_held)),
+                         "bare cuLaunchKernelEx, configuration kept": (
+                             None, lambda: launch_ex(config_address, function.handle, buf.params, None)),
+                         **({"bare cuLaunchKernel of a cuLibrary kernel": (
+                             None, bare(function.driver.launch_kernel, library_kernel))} if loaded else {})},
                         calls=calls, rounds=rounds)
     return main, parts
 

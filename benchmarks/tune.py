@@ -58,6 +58,7 @@ def candidates(op: str, width: int):
                     yield (tile_m, per_sm, tma, True)
     elif op == "rope":
         half = width // 2
+        yield (0, 0, 0)  # rope_row: one position per block, all heads, gather/scatter
         # up to 32 heads per tile: one position with all of an 8B model's q heads in one tile (2 chunks per block)
         # is how TileGym's cuTile RoPE works, 1.25-1.45x faster than ours on an H100 (results/h100/kernels_cubins.md)
         for tile_s, tile_h in itertools.product((1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32)):

@@ -89,6 +89,8 @@ def test_rope_chunks_cover_every_head_once(kv_heads, monkeypatch):
     the grid's third axis covers every chunk."""
     rope = MODULES["rope"]
     for config in tune.candidates("rope", 128):
+        if config == rope.ROW:
+            continue  # rope_row: every head in one block (test_every_candidate_launch_matches_its_kernel)
         monkeypatch.setitem(TUNED.TABLE, ("test", "rope", 2, 7, 1), config)
         q, k, cs = T(BF16, (1, 32, 1, 128)), T(BF16, (1, kv_heads, 1, 128)), T(BF16, (1, 1, 128))
         _, grid, args = rope.forward_launch(q, k, cs, cs, q, k, ("test", 132))

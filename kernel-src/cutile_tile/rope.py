@@ -60,6 +60,37 @@ def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_
             _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF)
 
 
+def _rotate_rows(x, out, b, s, c1, c2, s1, s2, TILE_H, HALF):
+    # (TILE_H, HALF) index tiles: heads past x's last load as zero and are not stored (bounds-checked)
+    h = ct.reshape(ct.arange(TILE_H, dtype=ct.int32), (TILE_H, 1))
+    d = ct.reshape(ct.arange(HALF, dtype=ct.int32), (1, HALF))
+    x1 = ct.astype(ct.gather(x, (b, h, s, d), latency=1), ct.float32)
+    x2 = ct.astype(ct.gather(x, (b, h, s, d + HALF), latency=1), ct.float32)
+    y1 = _round(_round(x1 * c1, x.dtype) + _round(-x2 * s1, x.dtype), x.dtype)
+    y2 = _round(_round(x2 * c2, x.dtype) + _round(x1 * s2, x.dtype), x.dtype)
+    ct.scatter(out, (b, h, s, d), ct.astype(y1, out.dtype), latency=1)
+    ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
+
+
+@ct.kernel
+def rope_row(q, k, cos, sin, q_out, k_out, HALF: ct.Constant[int], TILE_H: ct.Constant[int],
+             TILE_HK: ct.Constant[int]):
+    """One position per block, every head of q and of k, through gather/scatter (no tensor views to set up: the
+    shortest prologue, as rms_norm_row for decode sizes). TILE_H / TILE_HK: q's / k's heads rounded up to a
+    power of two."""
+    s, b = ct.bid(0), ct.bid(1)
+    d = ct.reshape(ct.arange(HALF, dtype=ct.int32), (1, HALF))
+    c1 = ct.astype(ct.gather(cos, (b, s, d), latency=1), ct.float32)
+    c2 = ct.astype(ct.gather(cos, (b, s, d + HALF), latency=1), ct.float32)
+    s1 = ct.astype(ct.gather(sin, (b, s, d), latency=1), ct.float32)
+    s2 = ct.astype(ct.gather(sin, (b, s, d + HALF), latency=1), ct.float32)
+    _rotate_rows(q, q_out, b, s, c1, c2, s1, s2, TILE_H, HALF)
+    _rotate_rows(k, k_out, b, s, c1, c2, s1, s2, TILE_HK, HALF)
+
+
+ROW = (0, 0, 0)  # the configuration that runs rope_row
+
+
 # Every dtype looks up the 16-bit entries (the tables hold bf16 measurements), and GPUs without RoPE entries take
 # the H100's for the head_dim and token bucket: the H100 and the H200 chose alike (one head per tile, 1-16 positions,
 # all heads in one block at prefill), 1.1-5.4x faster than default_config on both (results/h100/tune_h100.md,
@@ -86,6 +117,9 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
     hk = k.shape[1]
     config = (lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
+    if config == ROW:
+        pow2 = lambda n: 1 << (n - 1).bit_length()  # noqa: E731
+        return rope_row, (s, b), (q, k, cos, sin, q_out, k_out, d // 2, pow2(hq), pow2(hk))
     tile_s, tile_h, per_block = config
     # k's chunks are no wider than k has heads (8 kv heads beside a 32-head q tile: no padded heads to rotate)
     tile_hk = min(tile_h, 1 << (hk - 1).bit_length())
@@ -97,17 +131,21 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
 
 def specializations(array):
     """Every launch the launcher asks for on an untuned GPU (`array(dtype, shape)` stands for a tensor): per
-    dtype and head_dim (64, 128, 256), decode (one position) and prefill."""
+    dtype and head_dim (64, 128, 256), decode (one position) and prefill, and rope_row for 32 + 8 heads; then
+    every tuned configuration."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for d in (64, 128, 256):
             for s in (1, 4096):
                 q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
                 yield forward_launch(q, k, cs, cs, q, k, ("", 132))
+            one, cs = array(dtype, (1, 1, 1, d)), array(dtype, (1, 1, d))  # rope_row (a tuned choice at decode)
+            yield rope_row, (1, 1), (one, one, cs, cs, one, one, d // 2, 32, 8)
     seen = set()
     for key, d, tokens in shapes("rope"):  # every tuned configuration (bf16), once
         q, k = array(torch.bfloat16, (1, 32, tokens, d)), array(torch.bfloat16, (1, 8, tokens, d))
         cs = array(torch.bfloat16, (1, tokens, d))
         plan = forward_launch(q, k, cs, cs, q, k, (key, 132))
-        if plan[2][9:] not in seen:  # the compile-time constants
-            seen.add(plan[2][9:])
+        constants = (plan[0], plan[2][9:] if plan[0] is rope_fwd else plan[2][6:])
+        if constants not in seen:
+            seen.add(constants)
             yield plan
