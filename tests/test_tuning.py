@@ -56,8 +56,8 @@ def test_rope_without_its_own_entry_runs_the_h100_configuration():
 
     def config(d, tokens, dtype, gpu):
         q, k, cs = T(dtype, (1, 32, tokens, d)), T(dtype, (1, 8, tokens, d)), T(dtype, (1, tokens, d))
-        args = rope.forward_launch(q, k, cs, cs, q, k, gpu)[2]
-        return args[10], args[11], args[8]  # TILE_S, TILE_H, chunks per block
+        kernel, _, args = rope.forward_launch(q, k, cs, cs, q, k, gpu)
+        return rope.ROW if kernel is rope.rope_row else (args[10], args[11], args[8])  # TILE_S, TILE_H, chunks
 
     for d in (128, 256):
         for tokens in (1, 16, 300, 4096, 32768):
