@@ -3,6 +3,8 @@ cuTile over fresh random layouts with poisoned outputs), the reference against t
 apply_rotary_pos_emb, the registered backward (the inverse rotation: gradcheck, float64), opcheck, and the
 function of every family replaced through KernelConfig with identical logits."""
 
+import importlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, KernelConfig
@@ -73,6 +75,24 @@ def test_rope(device_ck, device, dtype):
         unsqueeze_dim = rng.choice([1, 2])
         inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, device)
         check_rope(device_ck, *inputs, unsqueeze_dim, f"seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(0, 0, 0), (1, 32, 1), (1, 32, 2), (2, 8, 3), (16, 1, 4), (8, 1, 40)])
+def test_every_kind_of_tuned_choice_matches_float64(ck_gpu, config, monkeypatch):
+    """What the tuner may write into this GPU's table, run before it is chosen: rope_row ((0, 0, 0)), q tiles of
+    32 heads beside k's narrower ones, several chunks per block, position tiles; real head counts, both
+    layouts, two dtypes (every dtype takes the 16-bit entries)."""
+    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
+    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    seed, rng = fresh_rng()
+    for hq, hk, d in [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]:
+        for bucket in range(1, 18):
+            monkeypatch.setitem(tuned.TABLE, (gpu, "rope", 2, (d - 1).bit_length(), bucket), config)
+        for dtype in (torch.bfloat16, torch.float32):
+            b, s, unsqueeze_dim = rng.choice([1, 2]), rng.choice([1, 3, 17, 300]), rng.choice([1, 2])
+            inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, "cuda")
+            check_rope(ck_gpu, *inputs, unsqueeze_dim, f"config {config} seed {seed}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
