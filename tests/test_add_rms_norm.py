@@ -2,6 +2,8 @@
 cuTile over fresh random shapes with poisoned outputs for both outputs), the reference against transformers'
 `residual + hidden` then its norm module, the registered backward against autograd through the reference,
 opcheck, torch.compile and invalid arguments."""
+import importlib
+
 import pytest
 import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
@@ -112,3 +114,32 @@ def test_opcheck_and_compile(ck):
 def test_invalid_weight_raises(ck):
     with pytest.raises(ValueError, match="the weight must be"):
         ck.add_rms_norm(torch.randn(2, 64), torch.randn(2, 64), torch.randn(32), EPS)
+
+
+@pytest.mark.parametrize("layout", ["rows", "batch", "strided"])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_launchers_hand_the_kernels_row_views_of_their_outputs(ck, monkeypatch, layout, weight_dtype):
+    """The launchers' glue on CPU (the launch recorded, not run): rms_norm and add_rms_norm return outputs of
+    x's shape, contiguous, in the dtype the norm gives, and the kernels receive (rows, hidden) views of exactly
+    those outputs and of the inputs' values."""
+    rn = importlib.import_module(f"{ck.__name__}.rms_norm")
+    plans = []
+    monkeypatch.setattr(rn, "launch", lambda index, kernel, grid, args: plans.append(args))
+    monkeypatch.setattr(rn, "gpu", lambda index: ("test", 132))
+    x = {"rows": torch.randn(5, 64), "batch": torch.randn(2, 3, 64),
+         "strided": torch.randn(3, 2, 64).transpose(0, 1)}[layout].bfloat16()
+    residual, w = torch.randn_like(x), torch.randn(64, dtype=weight_dtype)
+    out = rn.rms_norm_cutile(x, w, EPS)
+    (rows, _, out_rows, *_), = plans
+    assert out.shape == x.shape and out.is_contiguous()
+    assert out.dtype == (torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
+    assert torch.equal(rows, x.reshape(-1, 64)) and out_rows.shape == (x.numel() // 64, 64)
+    assert out_rows.data_ptr() == out.data_ptr()
+    plans.clear()
+    normed, summed = rn.add_rms_norm_cutile(x, residual, w, EPS)
+    (rows, res_rows, _, normed_rows, summed_rows, *_), = plans
+    assert normed.shape == summed.shape == x.shape and normed.is_contiguous() and summed.is_contiguous()
+    assert summed.dtype == x.dtype and normed.dtype == out.dtype
+    assert torch.equal(rows, x.reshape(-1, 64)) and torch.equal(res_rows, residual.reshape(-1, 64))
+    assert (normed_rows.data_ptr(), summed_rows.data_ptr()) == (normed.data_ptr(), summed.data_ptr())
+    assert normed_rows.shape == summed_rows.shape == (x.numel() // 64, 64)

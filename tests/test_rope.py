@@ -175,3 +175,25 @@ def test_zero_length_and_unsupported_head_dim(ck_gpu):
     q = torch.randn(1, 2, 3, 96, **bf)
     with pytest.warns(ck_gpu.CutileFallbackWarning, match="head_dim 96"):
         ck_gpu.apply_rotary_pos_emb(q, q, torch.randn(1, 3, 96, **bf), torch.randn(1, 3, 96, **bf))
+
+
+@pytest.mark.parametrize("b,cos_batch,unsqueeze_dim", [(1, 1, 1), (2, 1, 1), (2, 2, 2)])
+def test_launcher_hands_the_kernel_full_cos_and_contiguous_outputs(ck, monkeypatch, b, cos_batch, unsqueeze_dim):
+    """The launcher's glue on CPU (the launch recorded, not run): cos/sin reach the kernel as (B, S, D) with a
+    real batch stride (a batch-1 cos is materialized for a batch), the outputs are contiguous tensors of q's and
+    k's shape that the kernel writes, and q, k arrive as (B, H, S, D) views of the inputs."""
+    rope = importlib.import_module(f"{ck.__name__}.rope")
+    plans = []
+    monkeypatch.setattr(rope, "launch", lambda index, kernel, grid, args: plans.append(args))
+    monkeypatch.setattr(rope, "gpu", lambda index: ("test", 132))
+    q, k, cos, sin = make_inputs(b, 3, 4, 2, 64, unsqueeze_dim, torch.bfloat16, "cpu")
+    cos, sin = cos[:cos_batch], sin[:cos_batch]
+    q_out, k_out = ck.rope_cutile(q, k, cos, sin, unsqueeze_dim)
+    (q_in, k_in, cos_in, sin_in, q_rows, k_rows, *_), = plans
+    assert q_out.shape == q.shape and k_out.shape == k.shape
+    for given, want in ((q_in, q), (k_in, k)):
+        assert torch.equal(given, want if unsqueeze_dim == 1 else want.transpose(1, 2))
+    for t, want in ((cos_in, cos), (sin_in, sin)):
+        assert t.shape == (b, 3, 64) and t.stride(0) != 0 and torch.equal(t, want.expand(b, 3, 64))
+    assert q_rows.is_contiguous() and k_rows.is_contiguous()
+    assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())

@@ -62,15 +62,28 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bo
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
-    rows = x.view(-1, n) if x.is_contiguous() else x.reshape(-1, n).contiguous()
-    m = rows.shape[0]
+    rows = _rows(x, n)
     if out is None:
-        dtype = x.dtype if gemma or weight.dtype is x.dtype else torch.float32
-        out = torch.empty((m, n), dtype=dtype, device=x.device)
-    if m and n:
+        out = _empty_like(x) if gemma or weight.dtype is x.dtype else torch.empty(x.shape, dtype=torch.float32,
+                                                                                  device=x.device)
+    if rows.shape[0] and n:
         index = x.get_device()
-        launch(index, *_kernels().forward_launch(rows, weight, out.view(m, n), eps, gemma, gpu(index)))
-    return out.view(x.shape)
+        launch(index, *_kernels().forward_launch(rows, weight, _rows(out, n), eps, gemma, gpu(index)))
+    return out
+
+
+# Host time per call matters at decode (eager: every launch waits on Python). Measured on CPU: torch.empty_like
+# takes half of torch.empty with dtype and device; view(-1, n) 0.7 µs, view(torch.Size) 2.6.
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t` as contiguous (rows, n): itself when it is one already."""
+    if t.is_contiguous():
+        return t if t.dim() == 2 else t.view(-1, n)
+    return t.reshape(-1, n).contiguous()
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of t's shape and dtype."""
+    return torch.empty_like(t) if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _rms_norm_reference(x, weight, eps, gemma):
@@ -166,17 +179,16 @@ def add_rms_norm_cutile(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
                         summed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The cuTile path alone (no checks); `out` and `summed`, if given, are contiguous buffers of x's shape."""
     n = x.shape[-1]
-    rows, res = x.reshape(-1, n).contiguous(), residual.reshape(-1, n).contiguous()
-    m = rows.shape[0]
+    rows, res = _rows(x, n), _rows(residual, n)
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype if gemma or weight.dtype is x.dtype else torch.float32,
-                          device=x.device)
-    summed = torch.empty((m, n), dtype=x.dtype, device=x.device) if summed is None else summed
-    if m and n:
+        out = _empty_like(x) if gemma or weight.dtype is x.dtype else torch.empty(x.shape, dtype=torch.float32,
+                                                                                  device=x.device)
+    summed = _empty_like(x) if summed is None else summed
+    if rows.shape[0] and n:
         index = x.get_device()
-        launch(index, *_kernels().add_forward_launch(rows, res, weight, out.view(m, n), summed.view(m, n), eps, gemma,
+        launch(index, *_kernels().add_forward_launch(rows, res, weight, _rows(out, n), _rows(summed, n), eps, gemma,
                                                      gpu(index)))
-    return out.view(x.shape), summed.view(x.shape)
+    return out, summed
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
