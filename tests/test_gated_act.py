@@ -3,6 +3,8 @@ the op against float64 on every device (the matrix; on a GPU cuTile with poisone
 Mistral widths and random ones), the reference against transformers' activations, the registered backward
 (gradcheck), opcheck, and the arguments it refuses."""
 
+import importlib
+
 import pytest
 import torch
 from transformers.activations import ACT2FN
@@ -121,3 +123,20 @@ def test_zero_rows_and_a_column_slice(ck_gpu):
     gu = torch.randn(64, 3000, **bf)[:, :2048]  # non-contiguous gate_up: correct result
     assert torch.allclose(ck_gpu.gated_act(gu, "silu").float(), ck_gpu.gated_act_reference(gu, "silu").float(),
                           rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(5, 2 * 96), (2, 3, 2 * 96)])
+def test_launcher_hands_the_kernel_both_halves_and_its_output(ck, monkeypatch, shape):
+    """The launcher's glue on CPU (the launch recorded, not run): gate and up reach the kernel as the two
+    (rows, I) halves of gate_up, and the kernel writes (a view of) the returned output of shape (..., I)."""
+    act_module = importlib.import_module(f"{ck.__name__}.gated_act")
+    plans = []
+    monkeypatch.setattr(act_module, "launch", lambda index, kernel, grid, args: plans.append(args))
+    monkeypatch.setattr(act_module, "gpu", lambda index: ("test", 132))
+    gate_up = torch.randn(shape, dtype=torch.bfloat16)
+    out = ck.gated_act_cutile(gate_up, "silu")
+    (gate, up, out_rows, *_), = plans
+    rows = gate_up.reshape(-1, 2 * 96)
+    assert torch.equal(gate, rows[:, :96]) and torch.equal(up, rows[:, 96:])
+    assert out.shape == (*shape[:-1], 96) and out.is_contiguous()
+    assert out_rows.shape == (rows.shape[0], 96) and out_rows.data_ptr() == out.data_ptr()
