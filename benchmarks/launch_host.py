@@ -18,6 +18,7 @@ the same cubin loaded as a cuLibrary kernel (as cuda.tile loads its own).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import lzma
@@ -45,20 +46,12 @@ def per_call_us(rows: dict, *, calls: int, rounds: int) -> dict:
     times = {name: [] for name in rows}
     for r in range(rounds + 1):  # round 0 warms up (compiles, allocator, lazy loads)
         for name, (context, fn) in rows.items():
-            with context() if context else _nothing():
+            with (context or contextlib.nullcontext)():
                 t = timed(fn, calls)
             if r:
                 times[name].append(t / calls * 1e6)
     h.sync()
     return {name: statistics.median(v) for name, v in times.items()}
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class LaunchConfig(ctypes.Structure):

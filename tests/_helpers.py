@@ -3,6 +3,7 @@ no-fallback guard, and the loaders and checks of whole models (fixtures live in 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import random
 import warnings
@@ -163,3 +164,14 @@ def assert_gpu_parity(ck_hub, path, mapping: dict):
     assert rel < 2e-2, rel
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
     return model
+
+
+def recorded_launches(ck, module: str, monkeypatch) -> list:
+    """The argument tuples that the launchers of `ck.<module>` hand to `launch`, recorded instead of launched, with
+    launch plans for a stand-in GPU: the launchers' glue on CPU."""
+    launching = importlib.import_module(f"{ck.__name__}.{module}")
+    plans = []
+    monkeypatch.setattr(launching, "launch", lambda index, kernel, grid, args: plans.append(args))
+    monkeypatch.setattr(launching, "gpu", lambda index: ("test", 132))
+    return plans
+

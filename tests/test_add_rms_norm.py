@@ -2,15 +2,13 @@
 cuTile over fresh random shapes with poisoned outputs for both outputs), the reference against transformers'
 `residual + hidden` then its norm module, the registered backward against autograd through the reference,
 opcheck, torch.compile and invalid arguments."""
-import importlib
-
 import pytest
 import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng,
-                       no_fallback, poisoned)
+                       no_fallback, poisoned, recorded_launches)
 from .test_rms_norm import FORMS, make_inputs, rms_norm64
 
 EPS = 1e-6
@@ -122,21 +120,18 @@ def test_launchers_hand_the_kernels_row_views_of_their_outputs(ck, monkeypatch, 
     """The launchers' glue on CPU (the launch recorded, not run): rms_norm and add_rms_norm return outputs of
     x's shape, contiguous, in the dtype the norm gives, and the kernels receive (rows, hidden) views of exactly
     those outputs and of the inputs' values."""
-    rn = importlib.import_module(f"{ck.__name__}.rms_norm")
-    plans = []
-    monkeypatch.setattr(rn, "launch", lambda index, kernel, grid, args: plans.append(args))
-    monkeypatch.setattr(rn, "gpu", lambda index: ("test", 132))
+    plans = recorded_launches(ck, "rms_norm", monkeypatch)
     x = {"rows": torch.randn(5, 64), "batch": torch.randn(2, 3, 64),
          "strided": torch.randn(3, 2, 64).transpose(0, 1)}[layout].bfloat16()
     residual, w = torch.randn_like(x), torch.randn(64, dtype=weight_dtype)
-    out = rn.rms_norm_cutile(x, w, EPS)
+    out = ck.rms_norm_cutile(x, w, EPS)
     (rows, _, out_rows, *_), = plans
     assert out.shape == x.shape and out.is_contiguous()
     assert out.dtype == (torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
     assert torch.equal(rows, x.reshape(-1, 64)) and out_rows.shape == (x.numel() // 64, 64)
     assert out_rows.data_ptr() == out.data_ptr()
     plans.clear()
-    normed, summed = rn.add_rms_norm_cutile(x, residual, w, EPS)
+    normed, summed = ck.add_rms_norm_cutile(x, residual, w, EPS)
     (rows, res_rows, _, normed_rows, summed_rows, *_), = plans
     assert normed.shape == summed.shape == x.shape and normed.is_contiguous() and summed.is_contiguous()
     assert summed.dtype == x.dtype and normed.dtype == out.dtype

@@ -3,14 +3,12 @@ the op against float64 on every device (the matrix; on a GPU cuTile with poisone
 Mistral widths and random ones), the reference against transformers' activations, the registered backward
 (gradcheck), opcheck, and the arguments it refuses."""
 
-import importlib
-
 import pytest
 import torch
 from transformers.activations import ACT2FN
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng, no_fallback,
-                       poisoned)
+                       poisoned, recorded_launches)
 
 ACTS = ["silu", "gelu_pytorch_tanh"]
 
@@ -129,10 +127,7 @@ def test_zero_rows_and_a_column_slice(ck_gpu):
 def test_launcher_hands_the_kernel_both_halves_and_its_output(ck, monkeypatch, shape):
     """The launcher's glue on CPU (the launch recorded, not run): gate and up reach the kernel as the two
     (rows, I) halves of gate_up, and the kernel writes (a view of) the returned output of shape (..., I)."""
-    act_module = importlib.import_module(f"{ck.__name__}.gated_act")
-    plans = []
-    monkeypatch.setattr(act_module, "launch", lambda index, kernel, grid, args: plans.append(args))
-    monkeypatch.setattr(act_module, "gpu", lambda index: ("test", 132))
+    plans = recorded_launches(ck, "gated_act", monkeypatch)
     gate_up = torch.randn(shape, dtype=torch.bfloat16)
     out = ck.gated_act_cutile(gate_up, "silu")
     (gate, up, out_rows, *_), = plans

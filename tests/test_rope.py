@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from devtools.checkpoints import ALL_FAMILIES
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng, logits,
-                       no_fallback, poisoned, reset_fallback_warnings)
+                       no_fallback, poisoned, recorded_launches, reset_fallback_warnings)
 
 
 def rope64(x, cos, sin, unsqueeze_dim):
@@ -182,10 +182,7 @@ def test_launcher_hands_the_kernel_full_cos_and_contiguous_outputs(ck, monkeypat
     """The launcher's glue on CPU (the launch recorded, not run): cos/sin reach the kernel as (B, S, D) with a
     real batch stride (a batch-1 cos is materialized for a batch), the outputs are contiguous tensors of q's and
     k's shape that the kernel writes, and q, k arrive as (B, H, S, D) views of the inputs."""
-    rope = importlib.import_module(f"{ck.__name__}.rope")
-    plans = []
-    monkeypatch.setattr(rope, "launch", lambda index, kernel, grid, args: plans.append(args))
-    monkeypatch.setattr(rope, "gpu", lambda index: ("test", 132))
+    plans = recorded_launches(ck, "rope", monkeypatch)
     q, k, cos, sin = make_inputs(b, 3, 4, 2, 64, unsqueeze_dim, torch.bfloat16, "cpu")
     cos, sin = cos[:cos_batch], sin[:cos_batch]
     q_out, k_out = ck.rope_cutile(q, k, cos, sin, unsqueeze_dim)

@@ -111,9 +111,14 @@ def rms_norm_row(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
     w = ct.astype(ct.gather(weight, cols, latency=1), ct.float32)
     if GEMMA:
         w = w + 1.0
+    _normalize_scatter(xf, w, out, row, cols, n_cols, eps, x.dtype, GEMMA)
+
+
+def _normalize_scatter(xf, w, out, row, cols, n_cols, eps, dtype, GEMMA):
+    # the one-row kernels' _normalize_store: columns past n_cols are zero and not written (bounds-checked)
     normed = xf * ct.rsqrt(ct.sum(xf * xf, axis=0, keepdims=False) / n_cols + eps)
     if not GEMMA:
-        normed = ct.astype(ct.astype(normed, x.dtype), ct.float32)
+        normed = ct.astype(ct.astype(normed, dtype), ct.float32)
     ct.scatter(out, (row, cols), ct.astype(normed * w, out.dtype), latency=1)
 
 
@@ -149,11 +154,7 @@ def add_rms_norm_row(x, residual, weight, out, summed, n_cols: int, eps: float, 
         w = w + 1.0
     st = ct.astype(xf + rf, summed.dtype)
     ct.scatter(summed, (row, cols), st, latency=1)
-    sf = ct.astype(st, ct.float32)
-    normed = sf * ct.rsqrt(ct.sum(sf * sf, axis=0, keepdims=False) / n_cols + eps)
-    if not GEMMA:
-        normed = ct.astype(ct.astype(normed, summed.dtype), ct.float32)
-    ct.scatter(out, (row, cols), ct.astype(normed * w, out.dtype), latency=1)
+    _normalize_scatter(ct.astype(st, ct.float32), w, out, row, cols, n_cols, eps, summed.dtype, GEMMA)
 
 
 def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool, gpu):

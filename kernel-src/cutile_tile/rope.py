@@ -8,7 +8,8 @@ Work split: q's heads are cut into chunks of TILE_H heads, k's into chunks of TI
 rounded up to a power of two); q's chunks come first, then k's. A block takes TILE_S positions of one batch row and
 `chunks_per_block` consecutive chunks, so cos/sin are loaded once per block and reused for every head it rotates
 (prefill: all heads in one block; decode: one chunk per block, so the few positions still spread over the
-machine). The launch plan picks TILE_S, TILE_H and chunks_per_block per GPU from `tuned.py`.
+machine). The launch plan picks TILE_S, TILE_H and chunks_per_block per GPU from `tuned.py`, or `rope_row` (one
+position per block, every head, through gather/scatter).
 
 Compile-time constants: dtype, HALF (D / 2), TILE_S, TILE_H and TILE_HK (powers of two). (Plain, non-TMA loads and
 stores were tried as a tuning knob: no gain on either GPU, and on an H200 a launch at head_dim 256 x 32768
@@ -31,12 +32,16 @@ def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF):
     return ct.astype(ct.reshape(tile, (TILE_H, TILE_S, HALF)), ct.float32)
 
 
+def _rotated(a, b, c, s, dtype):
+    """One half of x * cos + rotate_half(x) * sin (rotate_half(x) = [-x2, x1]), rounded as transformers rounds."""
+    return _round(_round(a * c, dtype) + _round(b * s, dtype), dtype)
+
+
 def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF):
     x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
     x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
-    # rotate_half(x) = [-x2, x1]; heads past the end load as zero and their stores are clipped
-    y1 = _round(_round(x1 * c1, x.dtype) + _round(-x2 * s1, x.dtype), x.dtype)
-    y2 = _round(_round(x2 * c2, x.dtype) + _round(x1 * s2, x.dtype), x.dtype)
+    # heads past the end load as zero and their stores are clipped
+    y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
     ct.store(out, (b, c, s, 0), tile=ct.reshape(ct.astype(y1, out.dtype), (1, TILE_H, TILE_S, HALF)))
     ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)))
 
@@ -66,8 +71,7 @@ def _rotate_rows(x, out, b, s, c1, c2, s1, s2, TILE_H, HALF):
     d = ct.reshape(ct.arange(HALF, dtype=ct.int32), (1, HALF))
     x1 = ct.astype(ct.gather(x, (b, h, s, d), latency=1), ct.float32)
     x2 = ct.astype(ct.gather(x, (b, h, s, d + HALF), latency=1), ct.float32)
-    y1 = _round(_round(x1 * c1, x.dtype) + _round(-x2 * s1, x.dtype), x.dtype)
-    y2 = _round(_round(x2 * c2, x.dtype) + _round(x1 * s2, x.dtype), x.dtype)
+    y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
     ct.scatter(out, (b, h, s, d), ct.astype(y1, out.dtype), latency=1)
     ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
 

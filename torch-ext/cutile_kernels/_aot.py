@@ -366,24 +366,14 @@ def _generated(name: str, body: list[str], **names):
 
 
 def _disjoint(shape, strides) -> bool:
-    """No two in-bounds indices reach one element (what may_alias_internally=False promises). Remembered per
-    (shape, strides): a model's launches repeat a few layouts, and the check runs on every launch of a 3-D or
-    4-D array (RoPE passes six)."""
-    key = (shape, strides)
-    found = _DISJOINT.get(key)
-    if found is None:
-        found, span = True, 1
-        for stride, size in sorted((s, n) for s, n in zip(strides, shape) if n > 1):
-            if stride < span:
-                found = False
-                break
-            span = stride * size
-        if len(_DISJOINT) < 4096:
-            _DISJOINT[key] = found
-    return found
-
-
-_DISJOINT: dict = {}
+    """No two in-bounds indices reach one element (what may_alias_internally=False promises). Runs once per
+    layout: `values` remembers its verdict."""
+    span = 1
+    for stride, size in sorted((s, n) for s, n in zip(strides, shape) if n > 1):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
 
 
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8, "int8": 1,

@@ -63,9 +63,7 @@ def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bo
     """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
     rows = _rows(x, n)
-    if out is None:
-        out = _empty_like(x) if gemma or weight.dtype is x.dtype else torch.empty(x.shape, dtype=torch.float32,
-                                                                                  device=x.device)
+    out = _norm_output(x, weight, gemma) if out is None else out
     if rows.shape[0] and n:
         index = x.get_device()
         launch(index, *_kernels().forward_launch(rows, weight, _rows(out, n), eps, gemma, gpu(index)))
@@ -84,6 +82,13 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor of t's shape and dtype."""
     return torch.empty_like(t) if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _norm_output(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
+    """The normalized rows' buffer: x's shape, x's dtype, or float32 for a float32 weight (Llama form)."""
+    if gemma or weight.dtype is x.dtype:
+        return _empty_like(x)
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
 def _rms_norm_reference(x, weight, eps, gemma):
@@ -180,9 +185,7 @@ def add_rms_norm_cutile(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     """The cuTile path alone (no checks); `out` and `summed`, if given, are contiguous buffers of x's shape."""
     n = x.shape[-1]
     rows, res = _rows(x, n), _rows(residual, n)
-    if out is None:
-        out = _empty_like(x) if gemma or weight.dtype is x.dtype else torch.empty(x.shape, dtype=torch.float32,
-                                                                                  device=x.device)
+    out = _norm_output(x, weight, gemma) if out is None else out
     summed = _empty_like(x) if summed is None else summed
     if rows.shape[0] and n:
         index = x.get_device()
