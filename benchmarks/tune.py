@@ -81,7 +81,7 @@ def problem(ck, op: str, rows: int, width: int):
         k = torch.randn(1, rows, 8, width, device=dev, dtype=bf16).transpose(1, 2)
         emb = (torch.rand(1, rows, width // 2, device=dev) * 100).repeat(1, 1, 2)
         cos, sin = emb.cos().to(bf16), emb.sin().to(bf16)
-        outs = (torch.empty(q.shape, device=dev, dtype=bf16), torch.empty(k.shape, device=dev, dtype=bf16))
+        outs = (torch.empty_like(q), torch.empty_like(k))  # laid out as the op allocates them
         rot = lambda x: torch.cat((-x[..., width // 2:], x[..., :width // 2]), -1)  # noqa: E731
         ref = torch.cat([(x.double() * cos.double()[:, None] + rot(x.double()) * sin.double()[:, None]).flatten()
                          for x in (q, k)])

@@ -131,11 +131,31 @@ def test_op_gradcheck(ck, unsqueeze_dim):
 
 @pytest.mark.parametrize("dtype,requires_grad", [(torch.float32, False), (torch.bfloat16, False),
                                                 (torch.float32, True)])
-def test_opcheck(ck, dtype, requires_grad):
-    q = torch.randn(2, 4, 9, 32, dtype=dtype, requires_grad=requires_grad)
-    k = torch.randn(2, 2, 9, 32, dtype=dtype, requires_grad=requires_grad)
-    cos, sin = torch.randn(2, 9, 32, dtype=dtype), torch.randn(2, 9, 32, dtype=dtype)
-    torch.library.opcheck(ck._ops.ops.rope.default, (q, k, cos, sin, 1))
+@pytest.mark.parametrize("transposed", [False, True])
+def test_opcheck(ck, dtype, requires_grad, transposed):
+    """Schema, fake (strides included: outputs laid out as q and k, contiguous or the usual transposed views)."""
+    q, k, cos, sin = make_inputs(2, 9, 4, 2, 32, 1, dtype, "cpu")
+    if not transposed:
+        q, k = q.contiguous(), k.contiguous()
+    torch.library.opcheck(ck._ops.ops.rope.default, (q.requires_grad_(requires_grad), k.requires_grad_(requires_grad),
+                                                     cos, sin, 1))
+
+
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_outputs_are_laid_out_as_transformers_lays_them_out(ck, unsqueeze_dim):
+    """Every path returns q's and k's layout, as transformers' element-wise RoPE does (attention reads the
+    (B, H, S, D) view of a (B, S, H, D) projection): the public function, the custom op (also when the
+    reference stands in, as on CPU) and its fake."""
+    q, k, cos, sin = make_inputs(2, 5, 4, 2, 64, unsqueeze_dim, torch.bfloat16, "cpu")
+    want = [t.stride() for t in apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)]
+    assert want == [q.stride(), k.stride()]
+    assert [t.stride() for t in ck.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)] == want
+    assert [t.stride() for t in ck._ops.ops.rope(q, k, cos, sin, unsqueeze_dim)] == want
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = ck._ops.ops.rope(*(mode.from_tensor(t) for t in (q, k, cos, sin)), unsqueeze_dim)
+    assert [t.stride() for t in fake] == want
+    # a reference output in another layout is copied into the fake's
+    assert ck.rope._laid_out_like(q.contiguous(), q).stride() == q.stride()
 
 
 # --- through KernelConfig -----------------------------------------------------------------------------------
@@ -178,10 +198,10 @@ def test_zero_length_and_unsupported_head_dim(ck_gpu):
 
 
 @pytest.mark.parametrize("b,cos_batch,unsqueeze_dim", [(1, 1, 1), (2, 1, 1), (2, 2, 2)])
-def test_launcher_hands_the_kernel_full_cos_and_contiguous_outputs(ck, monkeypatch, b, cos_batch, unsqueeze_dim):
+def test_launcher_hands_the_kernel_full_cos_and_outputs_in_q_layout(ck, monkeypatch, b, cos_batch, unsqueeze_dim):
     """The launcher's glue on CPU (the launch recorded, not run): cos/sin reach the kernel as (B, S, D) with a
-    real batch stride (a batch-1 cos is materialized for a batch), the outputs are contiguous tensors of q's and
-    k's shape that the kernel writes, and q, k arrive as (B, H, S, D) views of the inputs."""
+    real batch stride (a batch-1 cos is materialized for a batch), the outputs are tensors laid out as q and k
+    that the kernel writes, and q, k arrive as (B, H, S, D) views of the inputs."""
     plans = recorded_launches(ck, "rope", monkeypatch)
     q, k, cos, sin = make_inputs(b, 3, 4, 2, 64, unsqueeze_dim, torch.bfloat16, "cpu")
     cos, sin = cos[:cos_batch], sin[:cos_batch]
@@ -192,5 +212,6 @@ def test_launcher_hands_the_kernel_full_cos_and_contiguous_outputs(ck, monkeypat
         assert torch.equal(given, want if unsqueeze_dim == 1 else want.transpose(1, 2))
     for t, want in ((cos_in, cos), (sin_in, sin)):
         assert t.shape == (b, 3, 64) and t.stride(0) != 0 and torch.equal(t, want.expand(b, 3, 64))
-    assert q_rows.is_contiguous() and k_rows.is_contiguous()
+    assert (q_out.stride(), k_out.stride()) == (q.stride(), k.stride())
+    assert (q_rows.stride(), k_rows.stride()) == (q_in.stride(), k_in.stride())
     assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())

@@ -25,14 +25,21 @@ from ._ops import add_op_namespace_prefix
 from ._runtime import KernelUnavailable, warn_fallback
 
 
+def _contiguous(out, *args):
+    return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+
+
 class CutileOp:
     """An op from its description: `launcher` (the cuTile path alone; its annotated signature is the custom op's
     schema), `reference` (the exact PyTorch computation, same arguments), `check` ((*args) -> None when the
     launcher takes them, else the reason; raises ValueError on invalid arguments), `fake` (output metadata for
-    torch.compile) and optionally `backward` + `setup_context` (as torch.library.register_autograd takes them)."""
+    torch.compile), optionally `conform` ((outputs, *args) -> the outputs in the fake's layout; default: contiguous)
+    and `backward` + `setup_context` (as torch.library.register_autograd takes them)."""
 
-    def __init__(self, name: str, *, launcher, reference, check, fake, backward=None, setup_context=None):
+    def __init__(self, name: str, *, launcher, reference, check, fake, conform=None, backward=None,
+                 setup_context=None):
         self.name, self.launcher, self.reference, self.check = name, launcher, reference, check
+        self.conform = conform or _contiguous
         self.differentiable = backward is not None
 
         @functools.wraps(launcher)
@@ -62,8 +69,8 @@ class CutileOp:
                 warn_fallback(self.name, str(e))
         if out is None:
             out = self.reference(*args)
-        # contiguous, as the fakes promise (a reference or a transposed launch may return strided views)
-        return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+        # laid out as the fake promises (a reference or a transposed launch may return other strides)
+        return self.conform(out, *args)
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():

@@ -52,8 +52,9 @@ def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
 def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
                 q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cuTile path alone (no checks). Outputs are new tensors in q's and k's logical shape (or the given
-    contiguous buffers)."""
+    """The cuTile path alone (no checks). Outputs are new tensors laid out as q and k are, as transformers'
+    element-wise RoPE returns them (or the given buffers, any layout). In q's layout a block writes the rows it
+    read: the usual (B, H, S, D) view of a (B, S, H, D) projection is read and written in memory order."""
     if unsqueeze_dim == 2:  # (B, S, H, D): the kernel indexes (B, H, S, D); a transposed view is free
         q_embed, k_embed = rope_cutile(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1,
                                        None if q_out is None else q_out.transpose(1, 2),
@@ -64,8 +65,8 @@ def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
         cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
     if cos.stride(0) == 0 or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    q_out = torch.empty_like(q, memory_format=torch.contiguous_format) if q_out is None else q_out
-    k_out = torch.empty_like(k, memory_format=torch.contiguous_format) if k_out is None else k_out
+    q_out = torch.empty_like(q) if q_out is None else q_out
+    k_out = torch.empty_like(k) if k_out is None else k_out
     if q.numel() and k.numel():
         index = q.get_device()
         launch(index, *_kernels().forward_launch(q, k, cos, sin, q_out, k_out, gpu(index)))
@@ -83,12 +84,19 @@ def _rope_backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
     half = sin.shape[-1] // 2
     sin_inverse = -torch.cat([sin[..., half:], sin[..., :half]], dim=-1)
-    dq, dk = ROPE.op(dq.contiguous(), dk.contiguous(), cos, sin_inverse, ctx.unsqueeze_dim)
+    dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
+    dq, dk = ROPE.op(dq, dk, cos, sin_inverse, ctx.unsqueeze_dim)
     return dq, dk, None, None, None
 
 
+def _laid_out_like(out, x):
+    """`out` in the layout of torch.empty_like(x) (what the launcher allocates and the fake promises)."""
+    return out if out.stride() == x.stride() else torch.empty_like(x).copy_(out)
+
+
 ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check,
-                 fake=lambda q, k, cos, sin, unsqueeze_dim: (q.new_empty(q.shape), k.new_empty(k.shape)),
+                 fake=lambda q, k, cos, sin, unsqueeze_dim: (torch.empty_like(q), torch.empty_like(k)),
+                 conform=lambda out, q, k, *_: (_laid_out_like(out[0], q), _laid_out_like(out[1], k)),
                  backward=_rope_backward, setup_context=_rope_setup)
 
 
