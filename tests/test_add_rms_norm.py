@@ -1,7 +1,7 @@
-"""Residual add + RMSNorm in one pass (both forms): the op against float64 on every device (the matrix; on a GPU
-cuTile over fresh random shapes with poisoned outputs for both outputs), the reference against transformers'
-`residual + hidden` then its norm module, the registered backward against autograd through the reference,
-opcheck, torch.compile and invalid arguments."""
+"""Residual add + RMSNorm in one pass (both forms), and Gemma3's sandwich (norm, add, norm): each op against
+float64 on every device (the matrix; on a GPU cuTile over fresh random shapes with poisoned outputs for both
+outputs), the references against transformers' `residual + hidden` and its norm modules, the registered backwards
+against autograd through the references, opcheck, torch.compile and invalid arguments."""
 import pytest
 import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
@@ -71,6 +71,60 @@ def test_add_rms_norm_ci(ck_gpu, gemma):
     check_add_rms_norm(ck_gpu, x, torch.randn_like(x), w, gemma)
 
 
+# --- Gemma3's sandwich: pre_feedforward_layernorm(residual + post_attention_layernorm(x)) --------------------------
+
+def check_sandwich(ck, x, residual, post_w, w, where=""):
+    """Both outputs against float64, and the sum against the same-dtype reference's (transformers' roundings) within
+    one rounding step: on a GPU the cuTile launcher writes into poisoned buffers, elsewhere the public function."""
+    where = f"sandwich {tuple(x.shape)} {x.dtype} {where}"
+    if x.is_cuda:
+        out, summed = ck.sandwich_rms_norm_cutile(x, residual, post_w, w, EPS, out=poisoned(x.shape, x),
+                                                  summed=poisoned(x.shape, x))
+    else:
+        out, summed = ck.sandwich_rms_norm(x, residual, post_w, w, EPS)
+    s64 = residual.double() + rms_norm64(x, post_w, EPS, True)
+    assert_close_to_float64(summed, s64, x.dtype, f"{where}: the sum")
+    assert_close_to_float64(out, rms_norm64(summed, w, EPS, True), x.dtype, where)
+    _, want_sum = ck.sandwich_rms_norm_reference(x, residual, post_w, w, EPS)
+    assert (summed.float() - want_sum.float()).abs().max() <= 2 * want_sum.float().abs().max() * 2**-7, where
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sandwich_rms_norm(device_ck, device, dtype):
+    seed, rng = fresh_rng()
+    shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES + [(rng.randint(1, 20000), rng.randint(64, 8192))]
+    for rows, hidden in shapes:
+        x, post_w = make_inputs(rows, hidden, dtype, True, device, scale=rng.choice([0.05, 1.0, 20.0]))
+        _, w = make_inputs(rows, hidden, dtype, True, device)
+        check_sandwich(device_ck, x, torch.randn_like(x), post_w, w, f"seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sandwich_rms_norm_backward(device_ck, device, dtype):
+    """Gradients of x, the residual and both weights (on a GPU: the cuTile backward kernels, no fallback) against
+    float64 autograd."""
+    for rows, hidden in ([(1, 64), (37, 160)] if device == "cpu" else [(1, 2560), (37, 3840), (4096, 2560)]):
+        x, post_w = make_inputs(rows, hidden, dtype, True, device)
+        _, w = make_inputs(rows, hidden, dtype, True, device)
+        r = torch.randn_like(x)
+        leaves = [t.clone().requires_grad_() for t in (x, r, post_w, w)]
+        dy, ds = torch.randn_like(x), torch.randn_like(x)
+        with no_fallback(device_ck, on=x.is_cuda):
+            torch.autograd.backward(device_ck.sandwich_rms_norm(*leaves, EPS), (dy, ds))
+        l64 = [t.detach().double().requires_grad_() for t in (x, r, post_w, w)]
+        s64 = l64[1] + rms_norm64(l64[0], l64[2], EPS, True)
+        torch.autograd.backward((rms_norm64(s64, l64[3], EPS, True), s64), (dy.double(), ds.double()))
+        assert_grads_close([(g.grad, w64.grad) for g, w64 in zip(leaves, l64)], dtype, (rows, hidden, dtype))
+
+
+@pytest.mark.kernels_ci
+def test_sandwich_rms_norm_ci(ck_gpu):
+    x, post_w = make_inputs(7, 512, torch.bfloat16, True, CI_DEVICE)
+    check_sandwich(ck_gpu, x, torch.randn_like(x), post_w, torch.randn_like(post_w))
+
+
 # --- reference, registered backward, compile (CPU) ---------------------------------------------------------
 
 @pytest.mark.parametrize("norm_cls", [LlamaRMSNorm, Gemma3RMSNorm])
@@ -85,6 +139,31 @@ def test_reference_equals_transformers(ck, norm_cls, dtype):
         out, summed = ck.add_rms_norm(x, residual, norm.weight, EPS, norm_cls is Gemma3RMSNorm)
         assert torch.equal(summed, residual + x)
         assert torch.equal(out, norm(residual + x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sandwich_reference_equals_transformers(ck, dtype):
+    """Gemma3's `hidden = residual + post_attention_layernorm(hidden); normed = pre_feedforward_layernorm(hidden)`,
+    bit for bit."""
+    post, pre = Gemma3RMSNorm(96, eps=EPS).to(dtype), Gemma3RMSNorm(96, eps=EPS).to(dtype)
+    with torch.no_grad():
+        post.weight.copy_(torch.randn(96))
+        pre.weight.copy_(torch.randn(96))
+        x, residual = torch.randn(3, 5, 96, dtype=dtype), torch.randn(3, 5, 96, dtype=dtype)
+        out, summed = ck.sandwich_rms_norm(x, residual, post.weight, pre.weight, EPS)
+        assert torch.equal(summed, residual + post(x))
+        assert torch.equal(out, pre(residual + post(x)))
+
+
+def test_sandwich_registered_backward_equals_autograd_of_the_reference(ck):
+    leaves = [torch.randn(4, 7, 48, requires_grad=True), torch.randn(4, 7, 48, requires_grad=True),
+              torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)]
+    grads = (torch.randn(4, 7, 48), torch.randn(4, 7, 48))
+    got = torch.autograd.grad(ck._ops.ops.sandwich_rms_norm(*leaves, EPS), leaves, grads)
+    want = torch.autograd.grad(ck.sandwich_rms_norm_reference(*leaves, EPS), leaves, grads)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(ck._ops.ops.sandwich_rms_norm.default, (*leaves, EPS))
 
 
 @pytest.mark.parametrize("gemma", FORMS)
@@ -138,3 +217,11 @@ def test_launchers_hand_the_kernels_row_views_of_their_outputs(ck, monkeypatch, 
     assert torch.equal(rows, x.reshape(-1, 64)) and torch.equal(res_rows, residual.reshape(-1, 64))
     assert (normed_rows.data_ptr(), summed_rows.data_ptr()) == (normed.data_ptr(), summed.data_ptr())
     assert normed_rows.shape == summed_rows.shape == (x.numel() // 64, 64)
+    plans.clear()
+    post_w = torch.randn(64, dtype=weight_dtype)
+    normed, summed = ck.sandwich_rms_norm_cutile(x, residual, post_w, w, EPS)
+    (rows, res_rows, post_given, w_given, normed_rows, summed_rows, *_), = plans
+    assert post_given is post_w and w_given is w  # the post-attention norm's weight first
+    assert normed.dtype == summed.dtype == x.dtype and normed.shape == x.shape and normed.is_contiguous()
+    assert torch.equal(rows, x.reshape(-1, 64)) and torch.equal(res_rows, residual.reshape(-1, 64))
+    assert (normed_rows.data_ptr(), summed_rows.data_ptr()) == (normed.data_ptr(), summed.data_ptr())

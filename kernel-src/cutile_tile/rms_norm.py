@@ -65,15 +65,26 @@ def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
     return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, max(1, tile_m), tile_n, tma, prefetch)
 
 
-def _normalize_store(xt, w, out, t, n_cols, eps, dtype, GEMMA):
-    # Padded columns load as zero, so they add nothing to the sum of squares; the mean divides by n_cols.
+def _normalized(xt, w, n_cols, eps, dtype, GEMMA):
+    # The norm of a (TILE_M, TILE_N) tile times w, in fp32. Padded columns load as zero, so they add nothing to
+    # the sum of squares; the mean divides by n_cols.
     xf = ct.astype(xt, ct.float32)
     normed = xf * ct.rsqrt(ct.sum(xf * xf, axis=1, keepdims=True) / n_cols + eps)
     if not GEMMA:
         normed = ct.astype(ct.astype(normed, dtype), ct.float32)
+    return normed * w
+
+
+def _normalize_store(xt, w, out, t, n_cols, eps, dtype, GEMMA):
     # Stores past the array edge are clipped, so the padded rows and columns are never written. Plain stores
     # beat TMA here (up to 2x on narrow rows, H100).
-    ct.store(out, (t, 0), tile=ct.astype(normed * w, out.dtype), allow_tma=False)
+    ct.store(out, (t, 0), tile=ct.astype(_normalized(xt, w, n_cols, eps, dtype, GEMMA), out.dtype), allow_tma=False)
+
+
+def _weight_row(weight, TILE_N, GEMMA):
+    w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
+                             ct.float32), (1, TILE_N))
+    return w + 1.0 if GEMMA else w
 
 
 @ct.kernel
@@ -83,10 +94,7 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
     # PREFETCH loads a block's next tile before normalizing the current one (two tiles in flight per block),
     # always without TMA: TMA loads carried to the next iteration gave wrong rows on an H200 (benchmarks/NOTES.md).
     n_row_tiles, step = ct.cdiv(x.shape[0], TILE_M), ct.num_blocks(0)
-    w = ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO)
-    w = ct.reshape(ct.astype(w, ct.float32), (1, TILE_N))
-    if GEMMA:
-        w = w + 1.0
+    w = _weight_row(weight, TILE_N, GEMMA)
     if PREFETCH:
         xt = ct.load(x, (ct.bid(0), 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=False)
         for t in range(ct.bid(0), n_row_tiles, step):
@@ -108,18 +116,39 @@ def rms_norm_row(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
     tiled kernel takes 2.34)."""
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
     xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
-    w = ct.astype(ct.gather(weight, cols, latency=1), ct.float32)
-    if GEMMA:
-        w = w + 1.0
-    _normalize_scatter(xf, w, out, row, cols, n_cols, eps, x.dtype, GEMMA)
+    _normalize_scatter(xf, _gathered_weight(weight, cols, GEMMA), out, row, cols, n_cols, eps, x.dtype, GEMMA)
 
 
-def _normalize_scatter(xf, w, out, row, cols, n_cols, eps, dtype, GEMMA):
-    # the one-row kernels' _normalize_store: columns past n_cols are zero and not written (bounds-checked)
+def _normalized_row(xf, w, n_cols, eps, dtype, GEMMA):
+    # the one-row kernels' _normalized (xf in fp32): columns past n_cols are zero
     normed = xf * ct.rsqrt(ct.sum(xf * xf, axis=0, keepdims=False) / n_cols + eps)
     if not GEMMA:
         normed = ct.astype(ct.astype(normed, dtype), ct.float32)
-    ct.scatter(out, (row, cols), ct.astype(normed * w, out.dtype), latency=1)
+    return normed * w
+
+
+def _normalize_scatter(xf, w, out, row, cols, n_cols, eps, dtype, GEMMA):
+    # columns past n_cols are not written (bounds-checked)
+    ct.scatter(out, (row, cols), ct.astype(_normalized_row(xf, w, n_cols, eps, dtype, GEMMA), out.dtype), latency=1)
+
+
+def _gathered_weight(weight, cols, GEMMA):
+    w = ct.astype(ct.gather(weight, cols, latency=1), ct.float32)
+    return w + 1.0 if GEMMA else w
+
+
+def _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, TILE_M,
+                       TILE_N, TMA):
+    n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
+    w, w_post = _weight_row(weight, TILE_N, GEMMA), _weight_row(post_weight, TILE_N, GEMMA)
+    for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
+        xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
+        rt = ct.load(residual, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
+        if SANDWICH:  # the post-attention norm's output, in x's dtype as its module returns it
+            xt = ct.astype(_normalized(xt, w_post, n_cols, eps, x.dtype, GEMMA), x.dtype)
+        st = ct.astype(ct.astype(xt, ct.float32) + ct.astype(rt, ct.float32), summed.dtype)
+        ct.store(summed, (t, 0), tile=st, allow_tma=False)
+        _normalize_store(st, w, out, t, n_cols, eps, summed.dtype, GEMMA)
 
 
 @ct.kernel
@@ -127,17 +156,30 @@ def add_rms_norm_fwd(x, residual, weight, out, summed, n_cols: int, eps: float, 
                      TILE_M: ct.Constant[int], TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
     """A decoder layer's `residual + hidden` (rounded to the input dtype, as transformers adds them) written to
     `summed`, and its RMSNorm to `out`, from one read of each input."""
-    n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
-    w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
-                             ct.float32), (1, TILE_N))
-    if GEMMA:
-        w = w + 1.0
-    for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
-        xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
-        rt = ct.load(residual, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
-        st = ct.astype(ct.astype(xt, ct.float32) + ct.astype(rt, ct.float32), summed.dtype)
-        ct.store(summed, (t, 0), tile=st, allow_tma=False)
-        _normalize_store(st, w, out, t, n_cols, eps, summed.dtype, GEMMA)
+    _add_rms_norm_tiles(x, residual, weight, weight, out, summed, n_cols, eps, GEMMA, False, TILE_M, TILE_N, TMA)
+
+
+@ct.kernel
+def sandwich_rms_norm_fwd(x, residual, post_weight, weight, out, summed, n_cols: int, eps: float,
+                          GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int],
+                          TMA: ct.Constant[bool]):
+    """Gemma3's sandwich: `residual + post_attention_layernorm(hidden)` to `summed` and pre_feedforward_layernorm
+    of it to `out`, from one read of each input (the norm of `hidden` never goes to memory)."""
+    _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, True, TILE_M, TILE_N,
+                        TMA)
+
+
+def _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, TILE_N):
+    row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
+    xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
+    rf = ct.astype(ct.gather(residual, (row, cols), latency=1), ct.float32)
+    if SANDWICH:
+        xn = _normalized_row(xf, _gathered_weight(post_weight, cols, GEMMA), n_cols, eps, x.dtype, GEMMA)
+        xf = ct.astype(ct.astype(xn, x.dtype), ct.float32)
+    st = ct.astype(xf + rf, summed.dtype)
+    ct.scatter(summed, (row, cols), st, latency=1)
+    _normalize_scatter(ct.astype(st, ct.float32), _gathered_weight(weight, cols, GEMMA), out, row, cols, n_cols, eps,
+                       summed.dtype, GEMMA)
 
 
 @ct.kernel
@@ -146,25 +188,27 @@ def add_rms_norm_row(x, residual, weight, out, summed, n_cols: int, eps: float, 
     """add_rms_norm_fwd for decode sizes, one row per block through gather/scatter, as rms_norm_row (the
     tiled kernel's tensor views cost the same prologue here: 2.8-3.1 µs at 1-64 rows of 2560 on an H100, where
     rms_norm_row takes 1.6-2.1)."""
-    row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
-    xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
-    rf = ct.astype(ct.gather(residual, (row, cols), latency=1), ct.float32)
-    w = ct.astype(ct.gather(weight, cols, latency=1), ct.float32)
-    if GEMMA:
-        w = w + 1.0
-    st = ct.astype(xf + rf, summed.dtype)
-    ct.scatter(summed, (row, cols), st, latency=1)
-    _normalize_scatter(ct.astype(st, ct.float32), w, out, row, cols, n_cols, eps, summed.dtype, GEMMA)
+    _add_rms_norm_one_row(x, residual, weight, weight, out, summed, n_cols, eps, GEMMA, False, TILE_N)
 
 
-def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool, gpu):
+@ct.kernel
+def sandwich_rms_norm_row(x, residual, post_weight, weight, out, summed, n_cols: int, eps: float,
+                          GEMMA: ct.Constant[bool], TILE_N: ct.Constant[int]):
+    """sandwich_rms_norm_fwd for decode sizes, one row per block (as add_rms_norm_row)."""
+    _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, True, TILE_N)
+
+
+def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool, gpu, post_weight=None):
     """(kernel, grid, args) of add_rms_norm_fwd (or add_rms_norm_row) for rows x, residual (m, n) -> out,
-    summed (m, n)."""
+    summed (m, n); with `post_weight`, of sandwich_rms_norm_fwd (or _row), which normalizes x with it first. Both
+    take the fused add's launch table entries: the same bytes move."""
     blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
+    weights = (weight,) if post_weight is None else (post_weight, weight)
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return add_rms_norm_row, (x.shape[0],), (x, residual, weight, out, summed, n, float(eps), gemma, tile_n)
-    return (add_rms_norm_fwd, (blocks,),
-            (x, residual, weight, out, summed, n, float(eps), gemma, max(1, tile_m), tile_n, tma))
+        kernel = add_rms_norm_row if post_weight is None else sandwich_rms_norm_row
+        return kernel, (x.shape[0],), (x, residual, *weights, out, summed, n, float(eps), gemma, tile_n)
+    kernel = add_rms_norm_fwd if post_weight is None else sandwich_rms_norm_fwd
+    return kernel, (blocks,), (x, residual, *weights, out, summed, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
 
 
 def specializations(array):
@@ -192,6 +236,8 @@ def specializations(array):
                 for m in (1, 1 << 20):
                     rows, w = array(dtype, (m, n)), array(dtype, (n,))
                     yield add_forward_launch(rows, rows, w, rows, rows, 1e-6, gemma, gpu)
+                    if gemma:  # Gemma3's sandwich
+                        yield add_forward_launch(rows, rows, w, rows, rows, 1e-6, gemma, gpu, post_weight=w)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for gemma in (False, True):
             for n in (128, 4096, 16384):
@@ -235,10 +281,7 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
     through transformers' forward does.
     LATENCY: the loads' DRAM latency hint (0: none)."""
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
-    w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
-                             ct.float32), (1, TILE_N))
-    if GEMMA:
-        w = w + 1.0
+    w = _weight_row(weight, TILE_N, GEMMA)
     acc = ct.full((1, TILE_N), 0.0, dtype=ct.float32)
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
         if LATENCY:

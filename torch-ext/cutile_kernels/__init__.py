@@ -8,7 +8,8 @@ from .isolation import transformers_state_guard
 from .parallel import keep_tp_grad_hooks
 from .rms_norm import (add_rms_norm, add_rms_norm_cutile, add_rms_norm_reference, gemma_rms_norm,
                        gemma_rms_norm_reference, rms_norm, rms_norm_backward_cutile, rms_norm_backward_reference,
-                       rms_norm_cutile, rms_norm_reference)
+                       rms_norm_cutile, rms_norm_reference, sandwich_rms_norm, sandwich_rms_norm_cutile,
+                       sandwich_rms_norm_reference)
 from .rope import apply_rotary_pos_emb, rope_cutile, rope_reference
 from .training import enable_training
 
@@ -18,4 +19,4 @@ __all__ = ["layers", "CutileFallbackWarning", "add_rms_norm", "add_rms_norm_cuti
            "keep_tp_grad_hooks",
            "gemma_rms_norm_reference", "rms_norm", "rms_norm_backward_cutile", "rms_norm_backward_reference",
            "rms_norm_cutile", "rms_norm_reference", "recommended_mapping", "rope_cutile", "rope_reference",
-           "transformers_state_guard"]
+           "sandwich_rms_norm", "sandwich_rms_norm_cutile", "sandwich_rms_norm_reference", "transformers_state_guard"]

@@ -10,9 +10,9 @@ forward is transformers' (training, fallbacks); the kernel forward replaces
     hidden = residual + attn_out;  normed = post_attention_layernorm(hidden)      (Llama form)
     hidden = residual + post_attention_layernorm(attn_out);  normed = pre_feedforward_layernorm(hidden)  (Gemma3)
 
-by one `add_rms_norm` (reads both inputs once, writes the sum and the normalized rows). Gemma3's sandwich is a
-composition: its post-attention norm stays a separate launch (the GemmaRMSNorm kernel when keyed), the add and the
-pre-feedforward norm are one. The MLP's residual add stays a torch add (it feeds the next layer's input norm), or,
+by one `add_rms_norm` (reads both inputs once, writes the sum and the normalized rows); Gemma3's whole sandwich
+(post-attention norm, add, pre-feedforward norm) is one `sandwich_rms_norm`: the post-attention norm's output never
+goes to memory. The MLP's residual add stays a torch add (it feeds the next layer's input norm), or,
 with `RESIDUAL_IN_DOWN_PROJ` set (Llama form, a measurement switch), goes into the down_proj GEMM.
 
 The fused norm+MLP keys (RMSNormMLP, GemmaRMSNormMLP) cannot join: transformers makes a `Fused<Family>DecoderLayer`
@@ -28,7 +28,7 @@ from torch import nn
 
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
-from .rms_norm import add_rms_norm
+from .rms_norm import add_rms_norm, sandwich_rms_norm
 
 try:  # the decoder layers' base: gradient checkpointing in __call__ (kernels alone loads this without transformers)
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -129,8 +129,8 @@ class DecoderLayerLayout(Layout, GradientCheckpointingLayer):
 # --- GemmaDecoderLayer: Gemma3 (sandwich norms) ------------------------------------------------------------------
 
 class GemmaDecoderLayer(_DecoderLayerKernel):
-    """Gemma3DecoderLayer.forward with `residual + post_attention_layernorm(attn_out)` and
-    pre_feedforward_layernorm in one add_rms_norm (Gemma form)."""
+    """Gemma3DecoderLayer.forward with post_attention_layernorm(attn_out), the residual add and
+    pre_feedforward_layernorm in one sandwich_rms_norm."""
 
     input_layernorm: nn.Module
     self_attn: nn.Module
@@ -146,9 +146,11 @@ class GemmaDecoderLayer(_DecoderLayerKernel):
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, **kwargs)
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        norm = self.pre_feedforward_layernorm
-        hidden_states, residual = add_rms_norm(hidden_states, residual, norm.weight, norm.eps, True)
+        post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        if post.eps == pre.eps:
+            hidden_states, residual = sandwich_rms_norm(hidden_states, residual, post.weight, pre.weight, pre.eps)
+        else:  # one kernel takes one eps (Gemma3's config gives both norms rms_norm_eps)
+            hidden_states, residual = add_rms_norm(post(hidden_states), residual, pre.weight, pre.eps, True)
         hidden_states = self.post_feedforward_layernorm(self.mlp(hidden_states))
         return residual + hidden_states
 

@@ -181,8 +181,10 @@ def _add_check(x, residual, weight, eps, gemma):
 
 def add_rms_norm_cutile(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         gemma: bool = False, out: torch.Tensor | None = None,
-                        summed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cuTile path alone (no checks); `out` and `summed`, if given, are contiguous buffers of x's shape."""
+                        summed: torch.Tensor | None = None, post_weight: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cuTile path alone (no checks); `out` and `summed`, if given, are contiguous buffers of x's shape. With
+    `post_weight`, x is first normalized with it (the sandwich)."""
     n = x.shape[-1]
     rows, res = _rows(x, n), _rows(residual, n)
     out = _norm_output(x, weight, gemma) if out is None else out
@@ -190,7 +192,7 @@ def add_rms_norm_cutile(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     if rows.shape[0] and n:
         index = x.get_device()
         launch(index, *_kernels().add_forward_launch(rows, res, weight, _rows(out, n), _rows(summed, n), eps, gemma,
-                                                     gpu(index)))
+                                                     gpu(index), post_weight))
     return out, summed
 
 
@@ -218,6 +220,57 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     """(RMSNorm(x + residual), x + residual) in one pass (the Gemma form with gemma=True): cuTile on a supported
     GPU, the exact reference otherwise. What a decoder layer computes between its attention and its MLP."""
     return ADD_RMS_NORM(x, residual, weight, float(eps), bool(gemma))
+
+
+# --- Gemma3's sandwich: (norm(residual + norm(x, post_weight), weight), residual + norm(x, post_weight)) ------------
+
+def sandwich_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                                weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly Gemma3's `hidden = residual + post_attention_layernorm(hidden)` and pre_feedforward_layernorm of it
+    (both Gemma-form norms with one eps): (normed, hidden)."""
+    return add_rms_norm_reference(gemma_rms_norm_reference(x, post_weight, eps), residual, weight, eps, True)
+
+
+def _sandwich_check(x, residual, post_weight, weight, eps):
+    return _add_check(x, residual, weight, eps, True) or _check(x, post_weight, eps, True)
+
+
+def sandwich_rms_norm_cutile(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                             weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+                             summed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cuTile path alone (no checks): one kernel reads x and the residual once; the norm of x never goes to
+    memory. `out` and `summed`, if given, are contiguous buffers of x's shape."""
+    return add_rms_norm_cutile(x, residual, weight, eps, True, out, summed, post_weight)
+
+
+def _sandwich_setup(ctx, inputs, output):
+    ctx.eps = inputs[4]
+    ctx.save_for_backward(inputs[0], output[1], inputs[2], inputs[3])
+
+
+def _sandwich_backward(ctx, d_normed, d_summed):
+    """The outer norm's input gradient plus d(summed) is the residual's gradient and the inner norm's output
+    gradient; two rms_norm_backward launches."""
+    x, summed, post_weight, weight = ctx.saved_tensors
+    d, dweight = RMS_NORM_BACKWARD.op(summed, weight, d_normed.contiguous(), ctx.eps, True)
+    d = d + d_summed
+    dx, dpost_weight = RMS_NORM_BACKWARD.op(x, post_weight, d, ctx.eps, True)
+    return dx, d, dpost_weight, dweight, None
+
+
+SANDWICH_RMS_NORM = CutileOp(
+    "sandwich_rms_norm", launcher=sandwich_rms_norm_cutile, reference=sandwich_rms_norm_reference,
+    check=_sandwich_check,
+    fake=lambda x, residual, post_weight, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape)),
+    backward=_sandwich_backward, setup_context=_sandwich_setup)
+
+
+def sandwich_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GemmaRMSNorm(residual + GemmaRMSNorm(x, post_weight), weight), residual + GemmaRMSNorm(x, post_weight)) in
+    one pass: what Gemma3's decoder layer computes between its attention and its MLP. cuTile on a supported GPU,
+    the exact reference otherwise."""
+    return SANDWICH_RMS_NORM(x, residual, post_weight, weight, float(eps))
 
 
 class RMSNorm(nn.Module):
