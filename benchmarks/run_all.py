@@ -138,6 +138,26 @@ def cases(ck, tiny: bool) -> list[dict]:
             op=lambda x, r, w: ops.add_rms_norm(x, r, w, EPS, gemma), eager_bwd=eager_bwd,
             bwd_nbytes=lambda m, n: 8 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=3, n_grads=2)
 
+    def sandwich():  # Gemma3's post-attention norm, residual add and pre-feedforward norm; Liger: its two ops
+        ref = lambda x, r, pw, w: ck.sandwich_rms_norm_reference(x, r, pw, w, EPS)  # noqa: E731
+
+        def eager_bwd(x, r, pw, w, dn, ds):  # the package's backward formula (ops.sandwich_rms_norm's) in PyTorch
+            d, dw = ck.rms_norm_backward_reference(r + ck.gemma_rms_norm_reference(x, pw, EPS), w, dn, EPS, True)
+            dx, dpw = ck.rms_norm_backward_reference(x, pw, d + ds, EPS, True)
+            return dx, d + ds, dpw, dw
+        liger = lg_norm and lg_add and (lambda x, r, pw, w: lg_add.LigerFusedAddRMSNormFunction.apply(
+            lg_norm.LigerRMSNormFunction.apply(x, pw, EPS, 1.0, "gemma", False), r, w, EPS, 1.0, "gemma", False))
+        weight = lambda n: (0.1 * torch.randn(n, device=h.DEVICE)).bfloat16()  # noqa: E731
+        return pair(
+            "sandwich_rms_norm",
+            lambda m, n, bwd: (rand(m, n), rand(m, n), weight(n), weight(n), *[rand(m, n), rand(m, n)][:2 * bwd]),
+            lambda x, r, pw, w: (norm64(r.double() + norm64(x, pw, True), w, True), r.double() + norm64(x, pw, True)),
+            dict(cutile=lambda x, r, pw, w: ck.sandwich_rms_norm(x, r, pw, w, EPS), eager=ref,
+                 compile=h.compiled(ref), liger=liger),
+            lambda m, n: 8 * m * n + 4 * n, ws("hidden", True),
+            op=lambda x, r, pw, w: ops.sandwich_rms_norm(x, r, pw, w, EPS), eager_bwd=eager_bwd,
+            bwd_nbytes=lambda m, n: 8 * m * n + 8 * n, bwd_widths=[shape.hidden], n_diff=4, n_grads=2)
+
     def gated(act: str):
         ref = lambda gu: ck.gated_act_reference(gu, act)  # noqa: E731
         liger = (lg_swiglu and lg_swiglu.LigerFusedGateUpSiLUMulFunction.apply if act == "silu" else
@@ -166,7 +186,8 @@ def cases(ck, tiny: bool) -> list[dict]:
                 op=lambda q, k, c, s: ops.rope(q, k, c, s, 1),
                 eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
                 bwd_nbytes=rope_bytes, bwd_widths=[shape], n_diff=2, n_grads=2)
-    found = [norm(False), norm(True), add_norm(False), add_norm(True), gated("silu"), gated(h.GELU), rope]
+    found = [norm(False), norm(True), add_norm(False), add_norm(True), sandwich(), gated("silu"), gated(h.GELU),
+             rope]
     return [p[0] for p in found] + [p[1] for p in found]
 
 
