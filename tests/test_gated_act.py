@@ -100,6 +100,9 @@ def test_opcheck(ck, dtype, requires_grad):
         torch.library.opcheck(ops.gated_act.default, (torch.randn(4, 96, requires_grad=True), "silu"))
         torch.library.opcheck(ops.gated_act_backward.default,
                               (torch.randn(4, 96), torch.randn(4, 48), "gelu_pytorch_tanh"))
+        # a transposed gate_up: the fake's strides are the real (contiguous) ones
+        torch.library.opcheck(ops.gated_act_backward.default,
+                              (torch.randn(3, 4, 96).transpose(0, 1), torch.randn(4, 3, 48), "silu"))
         return
     for act in ACTS:
         torch.library.opcheck(ops.gated_act.default, (torch.randn(4, 7, 96, dtype=dtype), act))

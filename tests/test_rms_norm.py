@@ -181,6 +181,10 @@ def test_opcheck(ck, dtype, requires_grad):
     else:
         dy = torch.randn(3, 5, 64)
         torch.library.opcheck(ops.rms_norm_backward.default, (x.detach(), w.detach(), dy, 1e-6, False))
+        # a transposed input (Gemma3 normalizes q and k as (B, H, S, D) views): the fake's strides are the real ones
+        xt, dyt = x.detach().transpose(0, 1), dy.transpose(0, 1)
+        torch.library.opcheck(ops.rms_norm.default, (xt.requires_grad_(), w, 1e-6, True))
+        torch.library.opcheck(ops.rms_norm_backward.default, (xt.detach(), w.detach(), dyt, 1e-6, True))
 
 
 # --- fallbacks ----------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Te
 RMS_NORM_BACKWARD = CutileOp(
     "rms_norm_backward", launcher=rms_norm_backward_cutile, reference=rms_norm_backward_reference,
     check=lambda x, weight, dy, eps, gemma: _check(x, weight, eps, gemma, dy),
-    fake=lambda x, weight, dy, eps, gemma: (torch.empty_like(x), torch.empty_like(weight)))
+    fake=lambda x, weight, dy, eps, gemma: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
 
 
 def _rms_norm_setup(ctx, inputs, output):
