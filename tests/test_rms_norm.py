@@ -14,7 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, check_layout_model,
-                       fresh_rng, layout_mapping, no_fallback, poisoned, reset_fallback_warnings)
+                       fresh_rng, layout_mapping, no_fallback, poisoned, recorded_launches, reset_fallback_warnings)
 
 EPS = 1e-6
 FORMS = [pytest.param(False, id="llama"), pytest.param(True, id="gemma")]
@@ -86,6 +86,31 @@ def test_rms_norm(device_ck, device, dtype, gemma):
     for rows, hidden in shapes:
         x, w = make_inputs(rows, hidden, dtype, gemma, device, scale=rng.choice([0.05, 1.0, 20.0]))
         check_rms_norm(device_ck, x, w, gemma, f"seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gemma", FORMS)
+def test_permuted_input(device_ck, device, gemma):
+    """Gemma3's q_norm and k_norm take (B, H, S, D) views of (B, S, H, D) projections: the output has the
+    input's strides (as transformers' norm returns it) and its values are within the float64 bounds."""
+    for b, s, h, d in ([(2, 5, 3, 64)] if device == "cpu" else [(1, 300, 16, 256), (2, 77, 8, 128), (1, 1, 16, 256)]):
+        x = torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16).transpose(1, 2)
+        _, w = make_inputs(1, d, torch.bfloat16, gemma, device)
+        out = (device_ck.gemma_rms_norm if gemma else device_ck.rms_norm)(x, w, EPS)
+        assert out.stride() == x.stride(), (b, s, h, d)
+        assert_close_to_float64(out, rms_norm64(x, w, EPS, gemma), x.dtype, f"permuted {(b, h, s, d)}")
+
+
+def test_launcher_normalizes_a_permuted_input_in_memory_order(ck, monkeypatch):
+    """The launcher's glue on CPU (the launch recorded, not run): a (B, H, S, D) view of a (B, S, H, D) tensor
+    reaches the kernel as its memory-order rows (no copy), and the output, with x's strides, as the same rows."""
+    plans = recorded_launches(ck, "rms_norm", monkeypatch)
+    x = torch.randn(2, 5, 3, 64, dtype=torch.bfloat16).transpose(1, 2)
+    out = ck.rms_norm_cutile(x, torch.randn(64, dtype=torch.bfloat16), EPS, True)
+    (rows, _, out_rows, *_), = plans
+    assert out.shape == x.shape and out.stride() == x.stride()
+    assert rows.data_ptr() == x.data_ptr() and torch.equal(rows, x.transpose(1, 2).reshape(-1, 64))
+    assert out_rows.data_ptr() == out.data_ptr() and out_rows.shape == rows.shape and out_rows.is_contiguous()
 
 
 @pytest.mark.parametrize("device", DEVICES)

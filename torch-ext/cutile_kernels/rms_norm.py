@@ -60,13 +60,21 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, dy: t
 
 def rms_norm_cutile(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of x's shape."""
+    """The cuTile path alone (no checks); `out`, if given, is a contiguous buffer of x's shape. A permuted x (Gemma3
+    normalizes q and k as (B, H, S, D) views of (B, S, H, D)) is normalized in memory order, without a copy, into
+    an output laid out like it (as transformers' norm returns it)."""
     n = x.shape[-1]
-    rows = _rows(x, n)
-    out = _norm_output(x, weight, gemma) if out is None else out
+    rows = None if out is not None or x.is_contiguous() else _rows_in_memory_order(x)
+    if rows is not None:
+        out = torch.empty_like(x, dtype=_norm_output_dtype(x, weight, gemma))
+        out_rows = _rows_in_memory_order(out)  # x's strides, so its rows in the same order
+    else:
+        rows = _rows(x, n)
+        out = _norm_output(x, weight, gemma) if out is None else out
+        out_rows = _rows(out, n)
     if rows.shape[0] and n:
         index = x.get_device()
-        launch(index, *_kernels().forward_launch(rows, weight, _rows(out, n), eps, gemma, gpu(index)))
+        launch(index, *_kernels().forward_launch(rows, weight, out_rows, eps, gemma, gpu(index)))
     return out
 
 
@@ -77,6 +85,20 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     if t.is_contiguous():
         return t if t.dim() == 2 else t.view(-1, n)
     return t.reshape(-1, n).contiguous()
+
+
+def _rows_in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
+    """t's rows as a (rows, n) view in memory order when t is a permutation of a contiguous tensor with its last
+    dimension innermost (row order differs from t's: an output must have t's strides), else None."""
+    if t.stride(-1) != 1:
+        return None
+    order = sorted(range(t.dim() - 1), key=lambda d: -t.stride(d))
+    mem = t.permute(*order, t.dim() - 1)
+    return mem.view(-1, t.shape[-1]) if mem.is_contiguous() else None
+
+
+def _norm_output_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.dtype:
+    return x.dtype if gemma or weight.dtype is x.dtype else torch.float32
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
