@@ -173,8 +173,9 @@ def aot_plans(modules: dict):
                         for gemma in (False, True):
                             yield gpu, norm.forward_launch(x, w, x, 1e-6, gemma, gpu)
                             yield gpu, norm.add_forward_launch(x, x, w, x, x, 1e-6, gemma, gpu)
-                            if gemma:  # Gemma3's sandwich
+                            if gemma:  # Gemma3's sandwich and its last norm + residual add
                                 yield gpu, norm.add_forward_launch(x, x, w, x, x, 1e-6, gemma, gpu, post_weight=w)
+                                yield gpu, norm.norm_add_launch(x, x, w, x, 1e-6, gemma, gpu)
                             blocks = norm.backward_blocks(x, gpu)  # one block writes dw in the weight's dtype
                             dw = T(f32 if blocks > 1 else d, (blocks, n))
                             yield gpu, norm.backward_launch(x, w, x, x, dw, 1e-6, gemma, gpu)

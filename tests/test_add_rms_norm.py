@@ -119,6 +119,43 @@ def test_sandwich_rms_norm_backward(device_ck, device, dtype):
         assert_grads_close([(g.grad, w64.grad) for g, w64 in zip(leaves, l64)], dtype, (rows, hidden, dtype))
 
 
+def check_rms_norm_add(ck, x, residual, w, gemma, where=""):
+    """residual + norm(x) against float64 and, within one rounding step, the same-dtype reference."""
+    where = f"rms_norm_add {tuple(x.shape)} {x.dtype} gemma={gemma} {where}"
+    if x.is_cuda:
+        summed = ck.rms_norm_add_cutile(x, residual, w, EPS, gemma, summed=poisoned(x.shape, x))
+    else:
+        summed = ck.rms_norm_add(x, residual, w, EPS, gemma)
+    assert_close_to_float64(summed, residual.double() + rms_norm64(x, w, EPS, gemma), x.dtype, where)
+    want = ck.rms_norm_add_reference(x, residual, w, EPS, gemma)
+    assert (summed.float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2**-7, where
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gemma", FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_add(device_ck, device, dtype, gemma):
+    seed, rng = fresh_rng()
+    shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES + [(rng.randint(1, 20000), rng.randint(64, 8192))]
+    for rows, hidden in shapes:
+        x, w = make_inputs(rows, hidden, dtype, gemma, device, scale=rng.choice([0.05, 1.0, 20.0]))
+        check_rms_norm_add(device_ck, x, torch.randn_like(x), w, gemma, f"seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_add_backward(device_ck, device, dtype):
+    for rows, hidden in ([(1, 64), (37, 160)] if device == "cpu" else [(1, 2560), (37, 3840), (4096, 2560)]):
+        x, w = make_inputs(rows, hidden, dtype, True, device)
+        r, dy = torch.randn_like(x), torch.randn_like(x)
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        with no_fallback(device_ck, on=x.is_cuda):
+            torch.autograd.backward(device_ck.rms_norm_add(*leaves, EPS, True), dy)
+        l64 = [t.detach().double().requires_grad_() for t in (x, r, w)]
+        torch.autograd.backward(l64[1] + rms_norm64(l64[0], l64[2], EPS, True), dy.double())
+        assert_grads_close([(g.grad, w64.grad) for g, w64 in zip(leaves, l64)], dtype, (rows, hidden, dtype))
+
+
 @pytest.mark.kernels_ci
 def test_sandwich_rms_norm_ci(ck_gpu):
     x, post_w = make_inputs(7, 512, torch.bfloat16, True, CI_DEVICE)
@@ -139,6 +176,28 @@ def test_reference_equals_transformers(ck, norm_cls, dtype):
         out, summed = ck.add_rms_norm(x, residual, norm.weight, EPS, norm_cls is Gemma3RMSNorm)
         assert torch.equal(summed, residual + x)
         assert torch.equal(out, norm(residual + x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_add_reference_equals_transformers(ck, dtype):
+    """Gemma3's `residual + post_feedforward_layernorm(hidden)`, bit for bit."""
+    post = Gemma3RMSNorm(96, eps=EPS).to(dtype)
+    with torch.no_grad():
+        post.weight.copy_(torch.randn(96))
+        x, residual = torch.randn(3, 5, 96, dtype=dtype), torch.randn(3, 5, 96, dtype=dtype)
+        assert torch.equal(ck.rms_norm_add(x, residual, post.weight, EPS, True), residual + post(x))
+
+
+@pytest.mark.parametrize("gemma", FORMS)
+def test_rms_norm_add_registered_backward_equals_autograd_of_the_reference(ck, gemma):
+    leaves = [torch.randn(4, 7, 48, requires_grad=True), torch.randn(4, 7, 48, requires_grad=True),
+              torch.randn(48, requires_grad=True)]
+    grad = torch.randn(4, 7, 48)
+    got = torch.autograd.grad(ck._ops.ops.rms_norm_add(*leaves, EPS, gemma), leaves, grad)
+    want = torch.autograd.grad(ck.rms_norm_add_reference(*leaves, EPS, gemma), leaves, grad)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(ck._ops.ops.rms_norm_add.default, (*leaves, EPS, gemma))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -196,18 +255,19 @@ def test_invalid_weight_raises(ck):
 @pytest.mark.parametrize("layout", ["rows", "batch", "strided"])
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
 def test_launchers_hand_the_kernels_row_views_of_their_outputs(ck, monkeypatch, layout, weight_dtype):
-    """The launchers' glue on CPU (the launch recorded, not run): rms_norm and add_rms_norm return outputs of
-    x's shape, contiguous, in the dtype the norm gives, and the kernels receive (rows, hidden) views of exactly
-    those outputs and of the inputs' values."""
+    """The launchers' glue on CPU (the launch recorded, not run): rms_norm and the fused ops return outputs of
+    x's shape in the dtype the norm gives (contiguous; rms_norm's has a permuted x's strides), and the kernels
+    receive (rows, hidden) views of exactly those outputs and of the inputs' values."""
     plans = recorded_launches(ck, "rms_norm", monkeypatch)
     x = {"rows": torch.randn(5, 64), "batch": torch.randn(2, 3, 64),
          "strided": torch.randn(3, 2, 64).transpose(0, 1)}[layout].bfloat16()
     residual, w = torch.randn_like(x), torch.randn(64, dtype=weight_dtype)
     out = ck.rms_norm_cutile(x, w, EPS)
     (rows, _, out_rows, *_), = plans
-    assert out.shape == x.shape and out.is_contiguous()
+    in_memory_order = x.transpose(0, 1) if layout == "strided" else x  # rms_norm reads a permuted x as it lies
+    assert out.shape == x.shape and (out.stride() == x.stride() if layout == "strided" else out.is_contiguous())
     assert out.dtype == (torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
-    assert torch.equal(rows, x.reshape(-1, 64)) and out_rows.shape == (x.numel() // 64, 64)
+    assert torch.equal(rows, in_memory_order.reshape(-1, 64)) and out_rows.shape == (x.numel() // 64, 64)
     assert out_rows.data_ptr() == out.data_ptr()
     plans.clear()
     normed, summed = ck.add_rms_norm_cutile(x, residual, w, EPS)
@@ -217,6 +277,12 @@ def test_launchers_hand_the_kernels_row_views_of_their_outputs(ck, monkeypatch, 
     assert torch.equal(rows, x.reshape(-1, 64)) and torch.equal(res_rows, residual.reshape(-1, 64))
     assert (normed_rows.data_ptr(), summed_rows.data_ptr()) == (normed.data_ptr(), summed.data_ptr())
     assert normed_rows.shape == summed_rows.shape == (x.numel() // 64, 64)
+    plans.clear()
+    summed = ck.rms_norm_add_cutile(x, residual, w, EPS, True)
+    (rows, res_rows, w_given, summed_rows, *_), = plans
+    assert w_given is w and summed.shape == x.shape and summed.dtype == x.dtype and summed.is_contiguous()
+    assert torch.equal(rows, x.reshape(-1, 64)) and torch.equal(res_rows, residual.reshape(-1, 64))
+    assert summed_rows.data_ptr() == summed.data_ptr() and summed_rows.shape == (x.numel() // 64, 64)
     plans.clear()
     post_w = torch.randn(64, dtype=weight_dtype)
     normed, summed = ck.sandwich_rms_norm_cutile(x, residual, post_w, w, EPS)

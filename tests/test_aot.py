@@ -478,6 +478,7 @@ def _ops(ck, dtype, gen):
         "gemma_rms_norm": lambda: ck.gemma_rms_norm(x, w, 1e-6),
         "add_rms_norm": lambda: ck.add_rms_norm(x, r, w, 1e-6),
         "sandwich_rms_norm": lambda: ck.sandwich_rms_norm(x, r, w, dy[0], 1e-6),
+        "rms_norm_add": lambda: ck.rms_norm_add(x, r, w, 1e-6, True),
         "rms_norm_backward": lambda: ck.rms_norm_backward_cutile(x, w, dy, 1e-6, False),
         "gated_act silu": lambda: ck.gated_act(gu, "silu"),
         "gated_act gelu": lambda: ck.gated_act(gu, "gelu_pytorch_tanh"),

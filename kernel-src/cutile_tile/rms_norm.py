@@ -137,8 +137,9 @@ def _gathered_weight(weight, cols, GEMMA):
     return w + 1.0 if GEMMA else w
 
 
-def _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, TILE_M,
+def _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, OUTER, TILE_M,
                        TILE_N, TMA):
+    # SANDWICH: x is normalized with post_weight before the add; OUTER: the sum's norm is stored to out
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
     w, w_post = _weight_row(weight, TILE_N, GEMMA), _weight_row(post_weight, TILE_N, GEMMA)
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
@@ -148,7 +149,8 @@ def _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, e
             xt = ct.astype(_normalized(xt, w_post, n_cols, eps, x.dtype, GEMMA), x.dtype)
         st = ct.astype(ct.astype(xt, ct.float32) + ct.astype(rt, ct.float32), summed.dtype)
         ct.store(summed, (t, 0), tile=st, allow_tma=False)
-        _normalize_store(st, w, out, t, n_cols, eps, summed.dtype, GEMMA)
+        if OUTER:
+            _normalize_store(st, w, out, t, n_cols, eps, summed.dtype, GEMMA)
 
 
 @ct.kernel
@@ -156,7 +158,8 @@ def add_rms_norm_fwd(x, residual, weight, out, summed, n_cols: int, eps: float, 
                      TILE_M: ct.Constant[int], TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
     """A decoder layer's `residual + hidden` (rounded to the input dtype, as transformers adds them) written to
     `summed`, and its RMSNorm to `out`, from one read of each input."""
-    _add_rms_norm_tiles(x, residual, weight, weight, out, summed, n_cols, eps, GEMMA, False, TILE_M, TILE_N, TMA)
+    _add_rms_norm_tiles(x, residual, weight, weight, out, summed, n_cols, eps, GEMMA, False, True, TILE_M, TILE_N,
+                        TMA)
 
 
 @ct.kernel
@@ -165,11 +168,21 @@ def sandwich_rms_norm_fwd(x, residual, post_weight, weight, out, summed, n_cols:
                           TMA: ct.Constant[bool]):
     """Gemma3's sandwich: `residual + post_attention_layernorm(hidden)` to `summed` and pre_feedforward_layernorm
     of it to `out`, from one read of each input (the norm of `hidden` never goes to memory)."""
-    _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, True, TILE_M, TILE_N,
-                        TMA)
+    _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, True, True, TILE_M,
+                        TILE_N, TMA)
 
 
-def _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, TILE_N):
+@ct.kernel
+def rms_norm_add_fwd(x, residual, weight, summed, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
+                     TILE_M: ct.Constant[int], TILE_N: ct.Constant[int], TMA: ct.Constant[bool]):
+    """`residual + norm(x)` (Gemma3's post_feedforward_layernorm and the layer's last residual add) to `summed`:
+    the norm's output never goes to memory."""
+    _add_rms_norm_tiles(x, residual, weight, weight, summed, summed, n_cols, eps, GEMMA, True, False, TILE_M,
+                        TILE_N, TMA)
+
+
+def _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, OUTER,
+                          TILE_N):
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
     xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
     rf = ct.astype(ct.gather(residual, (row, cols), latency=1), ct.float32)
@@ -178,8 +191,9 @@ def _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols,
         xf = ct.astype(ct.astype(xn, x.dtype), ct.float32)
     st = ct.astype(xf + rf, summed.dtype)
     ct.scatter(summed, (row, cols), st, latency=1)
-    _normalize_scatter(ct.astype(st, ct.float32), _gathered_weight(weight, cols, GEMMA), out, row, cols, n_cols, eps,
-                       summed.dtype, GEMMA)
+    if OUTER:
+        _normalize_scatter(ct.astype(st, ct.float32), _gathered_weight(weight, cols, GEMMA), out, row, cols, n_cols,
+                           eps, summed.dtype, GEMMA)
 
 
 @ct.kernel
@@ -188,14 +202,21 @@ def add_rms_norm_row(x, residual, weight, out, summed, n_cols: int, eps: float, 
     """add_rms_norm_fwd for decode sizes, one row per block through gather/scatter, as rms_norm_row (the
     tiled kernel's tensor views cost the same prologue here: 2.8-3.1 µs at 1-64 rows of 2560 on an H100, where
     rms_norm_row takes 1.6-2.1)."""
-    _add_rms_norm_one_row(x, residual, weight, weight, out, summed, n_cols, eps, GEMMA, False, TILE_N)
+    _add_rms_norm_one_row(x, residual, weight, weight, out, summed, n_cols, eps, GEMMA, False, True, TILE_N)
 
 
 @ct.kernel
 def sandwich_rms_norm_row(x, residual, post_weight, weight, out, summed, n_cols: int, eps: float,
                           GEMMA: ct.Constant[bool], TILE_N: ct.Constant[int]):
     """sandwich_rms_norm_fwd for decode sizes, one row per block (as add_rms_norm_row)."""
-    _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, True, TILE_N)
+    _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, True, True, TILE_N)
+
+
+@ct.kernel
+def rms_norm_add_row(x, residual, weight, summed, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
+                     TILE_N: ct.Constant[int]):
+    """rms_norm_add_fwd for decode sizes, one row per block (as add_rms_norm_row)."""
+    _add_rms_norm_one_row(x, residual, weight, weight, summed, summed, n_cols, eps, GEMMA, True, False, TILE_N)
 
 
 def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool, gpu, post_weight=None):
@@ -209,6 +230,15 @@ def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool
         return kernel, (x.shape[0],), (x, residual, *weights, out, summed, n, float(eps), gemma, tile_n)
     kernel = add_rms_norm_fwd if post_weight is None else sandwich_rms_norm_fwd
     return kernel, (blocks,), (x, residual, *weights, out, summed, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
+
+
+def norm_add_launch(x, residual, weight, summed, eps: float, gemma: bool, gpu):
+    """(kernel, grid, args) of rms_norm_add_fwd (or _row) for rows x, residual (m, n) -> summed (m, n), with the
+    fused add's launch table entries."""
+    blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
+    if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
+        return rms_norm_add_row, (x.shape[0],), (x, residual, weight, summed, n, float(eps), gemma, tile_n)
+    return rms_norm_add_fwd, (blocks,), (x, residual, weight, summed, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
 
 
 def specializations(array):
@@ -236,8 +266,9 @@ def specializations(array):
                 for m in (1, 1 << 20):
                     rows, w = array(dtype, (m, n)), array(dtype, (n,))
                     yield add_forward_launch(rows, rows, w, rows, rows, 1e-6, gemma, gpu)
-                    if gemma:  # Gemma3's sandwich
+                    if gemma:  # Gemma3's sandwich and its last norm + residual add
                         yield add_forward_launch(rows, rows, w, rows, rows, 1e-6, gemma, gpu, post_weight=w)
+                        yield norm_add_launch(rows, rows, w, rows, 1e-6, gemma, gpu)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for gemma in (False, True):
             for n in (128, 4096, 16384):

@@ -7,7 +7,8 @@ from .gated_act import (gated_act, gated_act_backward_cutile, gated_act_backward
 from .isolation import transformers_state_guard
 from .parallel import keep_tp_grad_hooks
 from .rms_norm import (add_rms_norm, add_rms_norm_cutile, add_rms_norm_reference, gemma_rms_norm,
-                       gemma_rms_norm_reference, rms_norm, rms_norm_backward_cutile, rms_norm_backward_reference,
+                       gemma_rms_norm_reference, rms_norm, rms_norm_add, rms_norm_add_cutile, rms_norm_add_reference,
+                       rms_norm_backward_cutile, rms_norm_backward_reference,
                        rms_norm_cutile, rms_norm_reference, sandwich_rms_norm, sandwich_rms_norm_cutile,
                        sandwich_rms_norm_reference)
 from .rope import apply_rotary_pos_emb, rope_cutile, rope_reference
@@ -17,6 +18,7 @@ __all__ = ["layers", "CutileFallbackWarning", "add_rms_norm", "add_rms_norm_cuti
            "apply_rotary_pos_emb", "enable_training", "gated_act", "gated_act_backward_cutile",
            "gated_act_backward_reference", "gated_act_cutile", "gated_act_reference", "gemma_rms_norm",
            "keep_tp_grad_hooks",
-           "gemma_rms_norm_reference", "rms_norm", "rms_norm_backward_cutile", "rms_norm_backward_reference",
+           "gemma_rms_norm_reference", "rms_norm", "rms_norm_add", "rms_norm_add_cutile", "rms_norm_add_reference",
+           "rms_norm_backward_cutile", "rms_norm_backward_reference",
            "rms_norm_cutile", "rms_norm_reference", "recommended_mapping", "rope_cutile", "rope_reference",
            "sandwich_rms_norm", "sandwich_rms_norm_cutile", "sandwich_rms_norm_reference", "transformers_state_guard"]

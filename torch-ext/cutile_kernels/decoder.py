@@ -12,7 +12,8 @@ forward is transformers' (training, fallbacks); the kernel forward replaces
 
 by one `add_rms_norm` (reads both inputs once, writes the sum and the normalized rows); Gemma3's whole sandwich
 (post-attention norm, add, pre-feedforward norm) is one `sandwich_rms_norm`: the post-attention norm's output never
-goes to memory. The MLP's residual add stays a torch add (it feeds the next layer's input norm), or,
+goes to memory, and its post-feedforward norm and last residual add are one `rms_norm_add`. The Llama form's MLP
+residual add stays a torch add (it feeds the next layer's input norm), or,
 with `RESIDUAL_IN_DOWN_PROJ` set (Llama form, a measurement switch), goes into the down_proj GEMM.
 
 The fused norm+MLP keys (RMSNormMLP, GemmaRMSNormMLP) cannot join: transformers makes a `Fused<Family>DecoderLayer`
@@ -28,7 +29,7 @@ from torch import nn
 
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
-from .rms_norm import add_rms_norm, sandwich_rms_norm
+from .rms_norm import add_rms_norm, rms_norm_add, sandwich_rms_norm
 
 try:  # the decoder layers' base: gradient checkpointing in __call__ (kernels alone loads this without transformers)
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -130,7 +131,8 @@ class DecoderLayerLayout(Layout, GradientCheckpointingLayer):
 
 class GemmaDecoderLayer(_DecoderLayerKernel):
     """Gemma3DecoderLayer.forward with post_attention_layernorm(attn_out), the residual add and
-    pre_feedforward_layernorm in one sandwich_rms_norm."""
+    pre_feedforward_layernorm in one sandwich_rms_norm, and post_feedforward_layernorm(mlp_out) + residual in one
+    rms_norm_add."""
 
     input_layernorm: nn.Module
     self_attn: nn.Module
@@ -151,8 +153,8 @@ class GemmaDecoderLayer(_DecoderLayerKernel):
             hidden_states, residual = sandwich_rms_norm(hidden_states, residual, post.weight, pre.weight, pre.eps)
         else:  # one kernel takes one eps (Gemma3's config gives both norms rms_norm_eps)
             hidden_states, residual = add_rms_norm(post(hidden_states), residual, pre.weight, pre.eps, True)
-        hidden_states = self.post_feedforward_layernorm(self.mlp(hidden_states))
-        return residual + hidden_states
+        norm = self.post_feedforward_layernorm
+        return rms_norm_add(self.mlp(hidden_states), residual, norm.weight, norm.eps, True)
 
 
 class GemmaDecoderLayerLayout(Layout, GradientCheckpointingLayer):

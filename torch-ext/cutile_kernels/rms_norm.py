@@ -295,6 +295,59 @@ def sandwich_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torc
     return SANDWICH_RMS_NORM(x, residual, post_weight, weight, float(eps))
 
 
+# --- a norm's output added to the residual: residual + norm(x) (Gemma3's post_feedforward_layernorm) ----------------
+
+def rms_norm_add_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           gemma: bool = False) -> torch.Tensor:
+    """Exactly `residual + norm(x)`, as Gemma3's decoder layer ends."""
+    return residual + _rms_norm_reference(x, weight, eps, gemma)
+
+
+def _norm_add_check(x, residual, weight, eps, gemma):
+    reason = _add_check(x, residual, weight, eps, gemma)
+    if reason is None and not gemma and weight.dtype is not x.dtype:
+        reason = f"the weight is {weight.dtype} and the input {x.dtype} (the sum would be float32)"
+    return reason
+
+
+def rms_norm_add_cutile(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        gemma: bool = False, summed: torch.Tensor | None = None) -> torch.Tensor:
+    """The cuTile path alone (no checks): one kernel; the norm's output never goes to memory. `summed`, if given,
+    is a contiguous buffer of x's shape."""
+    n = x.shape[-1]
+    rows, res = _rows(x, n), _rows(residual, n)
+    summed = _empty_like(x) if summed is None else summed
+    if rows.shape[0] and n:
+        index = x.get_device()
+        launch(index, *_kernels().norm_add_launch(rows, res, weight, _rows(summed, n), eps, gemma, gpu(index)))
+    return summed
+
+
+def _rms_norm_add_setup(ctx, inputs, output):
+    ctx.eps, ctx.gemma = inputs[3], inputs[4]
+    ctx.save_for_backward(inputs[0], inputs[2])
+
+
+def _rms_norm_add_backward(ctx, d_summed):
+    """The residual gets d(summed); x and the weight the norm's gradients of it."""
+    x, weight = ctx.saved_tensors
+    dx, dweight = RMS_NORM_BACKWARD.op(x, weight, d_summed.contiguous(), ctx.eps, ctx.gemma)
+    return dx, d_summed, dweight, None, None
+
+
+RMS_NORM_ADD = CutileOp(
+    "rms_norm_add", launcher=rms_norm_add_cutile, reference=rms_norm_add_reference, check=_norm_add_check,
+    fake=lambda x, residual, weight, eps, gemma: x.new_empty(x.shape),
+    backward=_rms_norm_add_backward, setup_context=_rms_norm_add_setup)
+
+
+def rms_norm_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 gemma: bool = False) -> torch.Tensor:
+    """residual + RMSNorm(x) in one pass (the Gemma form with gemma=True): how Gemma3's decoder layer ends. cuTile
+    on a supported GPU, the exact reference otherwise."""
+    return RMS_NORM_ADD(x, residual, weight, float(eps), bool(gemma))
+
+
 class RMSNorm(nn.Module):
     """Stateless replacement of the `RMSNorm` forward that transformers registers (uses the host's weight)."""
 
