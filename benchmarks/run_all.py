@@ -158,6 +158,24 @@ def cases(ck, tiny: bool) -> list[dict]:
             op=lambda x, r, pw, w: ops.sandwich_rms_norm(x, r, pw, w, EPS), eager_bwd=eager_bwd,
             bwd_nbytes=lambda m, n: 8 * m * n + 8 * n, bwd_widths=[shape.hidden], n_diff=4, n_grads=2)
 
+    def norm_add():  # Gemma3's post-feedforward norm and last residual add; Liger: its norm, then a torch add
+        ref = lambda x, r, w: ck.rms_norm_add_reference(x, r, w, EPS, True)  # noqa: E731
+
+        def eager_bwd(x, r, w, ds):  # the package's backward formula (ops.rms_norm_add's) in PyTorch
+            dx, dw = ck.rms_norm_backward_reference(x, w, ds, EPS, True)
+            return dx, ds, dw
+        liger = lg_norm and (lambda x, r, w: r + lg_norm.LigerRMSNormFunction.apply(x, w, EPS, 1.0, "gemma", False))
+        return pair(
+            "rms_norm_add",
+            lambda m, n, bwd: (rand(m, n), rand(m, n), (0.1 * torch.randn(n, device=h.DEVICE)).bfloat16(),
+                               *[rand(m, n)][:bwd]),
+            lambda x, r, w: r.double() + norm64(x, w, True),
+            dict(cutile=lambda x, r, w: ck.rms_norm_add(x, r, w, EPS, True), eager=ref, compile=h.compiled(ref),
+                 liger=liger),
+            lambda m, n: 6 * m * n + 2 * n, ws("hidden", True),
+            op=lambda x, r, w: ops.rms_norm_add(x, r, w, EPS, True), eager_bwd=eager_bwd,
+            bwd_nbytes=lambda m, n: 6 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=3)
+
     def gated(act: str):
         ref = lambda gu: ck.gated_act_reference(gu, act)  # noqa: E731
         liger = (lg_swiglu and lg_swiglu.LigerFusedGateUpSiLUMulFunction.apply if act == "silu" else
@@ -186,8 +204,8 @@ def cases(ck, tiny: bool) -> list[dict]:
                 op=lambda q, k, c, s: ops.rope(q, k, c, s, 1),
                 eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
                 bwd_nbytes=rope_bytes, bwd_widths=[shape], n_diff=2, n_grads=2)
-    found = [norm(False), norm(True), add_norm(False), add_norm(True), sandwich(), gated("silu"), gated(h.GELU),
-             rope]
+    found = [norm(False), norm(True), add_norm(False), add_norm(True), sandwich(), norm_add(), gated("silu"),
+             gated(h.GELU), rope]
     return [p[0] for p in found] + [p[1] for p in found]
 
 
