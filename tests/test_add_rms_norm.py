@@ -35,12 +35,15 @@ def check_add_rms_norm(ck, x, residual, w, gemma, where=""):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gemma", FORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_add_rms_norm(device_ck, device, dtype, gemma):
+@pytest.mark.parametrize("op", ["add_rms_norm", "rms_norm_add"])
+def test_add_rms_norm(device_ck, device, dtype, gemma, op):
+    """add_rms_norm (the sum's norm) and rms_norm_add (the sum with a norm), over fresh random shapes."""
+    check = check_add_rms_norm if op == "add_rms_norm" else check_rms_norm_add
     seed, rng = fresh_rng()
     shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES + [(rng.randint(1, 20000), rng.randint(64, 8192))]
     for rows, hidden in shapes:
         x, w = make_inputs(rows, hidden, dtype, gemma, device, scale=rng.choice([0.05, 1.0, 20.0]))
-        check_add_rms_norm(device_ck, x, torch.randn_like(x), w, gemma, f"seed {seed}")
+        check(device_ck, x, torch.randn_like(x), w, gemma, f"seed {seed}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -129,17 +132,6 @@ def check_rms_norm_add(ck, x, residual, w, gemma, where=""):
     assert_close_to_float64(summed, residual.double() + rms_norm64(x, w, EPS, gemma), x.dtype, where)
     want = ck.rms_norm_add_reference(x, residual, w, EPS, gemma)
     assert (summed.float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2**-7, where
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("gemma", FORMS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_add(device_ck, device, dtype, gemma):
-    seed, rng = fresh_rng()
-    shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES + [(rng.randint(1, 20000), rng.randint(64, 8192))]
-    for rows, hidden in shapes:
-        x, w = make_inputs(rows, hidden, dtype, gemma, device, scale=rng.choice([0.05, 1.0, 20.0]))
-        check_rms_norm_add(device_ck, x, torch.randn_like(x), w, gemma, f"seed {seed}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
