@@ -1,10 +1,11 @@
 """One 8B-wide decoder layer's decode step in a CUDA graph: the device time a compiled server pays per layer.
 
-    python -m benchmarks.decode_layer [--kv 1024] [--batches 1,32] [--out benchmarks/results/<gpu>/decode_layer.md]
+    python -m benchmarks.decode_layer [--family llama] [--kv 1024] [--batches 1,32]
+                                      [--out benchmarks/results/<gpu>/decode_layer[_<family>].md]
     python -m benchmarks.decode_layer --tiny      (CPU: a tiny layer, KV 16, batches 1 and 4, no graphs)
 
-Layer 0 of a one-layer random Llama checkpoint of 8B widths (hidden 4096, 32 heads, 8 kv heads, head_dim 128,
-intermediate 14336), bf16, forward of one new token per sequence over a StaticCache holding `--kv` tokens. Configs:
+Layer 0 of a one-layer random checkpoint of `--family` (llama, mistral, qwen2, qwen3, gemma3) at 8B widths (hidden
+4096, 32 heads, 8 kv heads, head_dim 128, intermediate 14336), bf16, forward of one new token per sequence over a StaticCache holding `--kv` tokens. Configs:
 plain transformers eager and under torch.compile (Inductor), ours (KernelConfig with the package's
 recommended_mapping: RMSNorm, fused norm + MLP, RoPE) eager and under torch.compile, ours + decoder (the same with
 decoder=True: the DecoderLayer kernel, residual add + post_attention_layernorm in one add_rms_norm, merged MLP; the
@@ -36,7 +37,10 @@ def prefilled(model, batches, kv: int) -> dict:
         for b in batches:
             cache = StaticCache(config=model.config, max_cache_len=kv + 1)
             x = torch.randn(b, kv + 1, model.config.hidden_size, device=h.DEVICE, dtype=model.dtype)
-            cos, sin = model.model.rotary_emb(x, torch.arange(kv + 1, device=h.DEVICE).expand(b, -1))
+            positions = torch.arange(kv + 1, device=h.DEVICE).expand(b, -1)
+            layer_type = getattr(model.config, "layer_types", [None])[0]  # Gemma3: one rotary per layer type
+            cos, sin = model.model.rotary_emb(x, positions, *([layer_type] if model.config.model_type.startswith("gemma3")
+                                                                else []))
             model.model.layers[0](x[:, :kv], past_key_values=cache, position_embeddings=(cos[:, :kv], sin[:, :kv]))
             found[b] = (cache, x[:, kv:].contiguous(), (cos[:, kv:].contiguous(), sin[:, kv:].contiguous()))
     return found
@@ -47,10 +51,12 @@ def measure(layer, inputs: dict, kv: int, want: dict) -> dict:
     found = {}
     with torch.no_grad():
         for b, (cache, x, pos) in inputs.items():
-            counter = cache.layers[0].cumulative_length
+            cached = cache.layers[0]
 
             def step():
-                counter.fill_(kv)
+                cached.cumulative_length.fill_(kv)
+                if hasattr(cached, "cumulative_length_int"):  # a sliding-window layer (Gemma3's layer 0) also counts on the host
+                    cached.cumulative_length_int = kv
                 return layer(x, past_key_values=cache, position_embeddings=pos)
 
             out = step().float()
@@ -69,9 +75,10 @@ def report(results: dict, notes: list[str], args, kv: int) -> str:
             for name, r in results.items()]
     per = " / ".join(f"batch {b}" for b in batches)
     return "\n".join([
-        h.header(f"One decoder layer's decode step (Llama, {size} widths), device time in a CUDA graph", args),
+        h.header(f"One decoder layer's decode step ({args.family}, {size} widths), device time in a CUDA graph",
+                 args),
         f"bf16, KV cache {kv} tokens (StaticCache), one new token per sequence; µs per layer forward (CUDA graph of "
-        "20 calls, median). Ours: KernelConfig(recommended_mapping('llama', repo)); ours + decoder: the same with "
+        f"20 calls, median). Ours: KernelConfig(recommended_mapping('{args.family}', repo)); ours + decoder: the same with "
         "decoder=True.\n",
         *h.table(["config", *(f"batch {b} µs" for b in batches), f"vs plain eager ({per})",
                   f"vs plain compile ({per})", f"rel err vs plain eager ({per})"], rows),
@@ -82,12 +89,13 @@ def main(argv=None) -> None:
     def add(p):
         p.add_argument("--kv", type=int, default=1024, help="tokens in the KV cache")
         p.add_argument("--batches", default="1,32", help="comma list of batch sizes")
+        p.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gemma3"])
 
     args = h.arguments("benchmarks.decode_layer", __doc__, argv, add=add, out="decode_layer.md")
     kv, batches = (16, (1, 4)) if args.tiny else (args.kv, tuple(int(b) for b in args.batches.split(",")))
     torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 64
     dtype = torch.bfloat16
-    path = h.checkpoint("llama", tiny=args.tiny, layers=1, dtype=dtype, cache=args.cache)
+    path = h.checkpoint(args.family, tiny=args.tiny, layers=1, dtype=dtype, cache=args.cache)
     results, want, notes = {}, {}, []
     print(f"[1/3] plain transformers, eager and torch.compile: {path.name}, KV {kv}, batches {batches}", flush=True)
     plain = h.load_model(path, dtype)
@@ -95,10 +103,12 @@ def main(argv=None) -> None:
     results["plain eager"] = measure(plain.model.layers[0], inputs, kv, want)
     results["plain torch.compile"] = measure(h.compiled(plain.model.layers[0]), inputs, kv, want)
     print("[2/3] ours through KernelConfig (and + decoder), eager and torch.compile", flush=True)
-    for name, options, in_down_proj in (("ours", {}, False), ("ours + decoder", {"decoder": True}, False),
-                                        ("ours + decoder, residual in down_proj", {"decoder": True}, True)):
+    configs = [("ours", {}, False), ("ours + decoder", {"decoder": True}, False)]
+    if args.family != "gemma3":  # the switch applies to the Llama form
+        configs.append(("ours + decoder, residual in down_proj", {"decoder": True}, True))
+    for name, options, in_down_proj in configs:
         with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
-            model = h.load_model(path, dtype, ck.recommended_mapping("llama", repo, **options))
+            model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, **options))
             layers = h.kernel_layers(model, ck)
             if options:
                 h.require_decoder_layers("decode_layer", name, layers, 1)
@@ -116,7 +126,7 @@ def main(argv=None) -> None:
     print("[3/3] Liger-Kernel", flush=True)
     try:
         model = h.load_model(path, dtype)
-        h.apply_liger("llama", model)
+        h.apply_liger(args.family, model)
         results["Liger-Kernel"] = measure(model.model.layers[0], inputs, kv, want)
     except ImportError as e:
         notes.append(f"Liger-Kernel skipped: {e}")

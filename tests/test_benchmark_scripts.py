@@ -233,3 +233,15 @@ def test_harness_gpu_folder_and_cpu_check(monkeypatch):
     with harness.cpu_kernel_config():
         assert "cpu" in kc.KERNELS_SUPPORTED_DEVICE_TYPES
     assert kc.KERNELS_SUPPORTED_DEVICE_TYPES == before
+
+
+def test_decode_layer_tiny_gemma3(tmp_path, cache):
+    """Gemma3's layer 0 (sliding-window attention: its cache also counts on the host, reset before every step) and
+    GemmaDecoderLayer (two fused launches) against plain eager on the same cache."""
+    table = rows(run(decode_layer, tmp_path, cache, "--family", "gemma3"))
+    table.pop("config | batch 1 µs")
+    assert [k.split(" | ")[0] for k in table] == ["plain eager", "plain torch.compile", "ours eager",
+                                                  "ours torch.compile", "ours + decoder eager",
+                                                  "ours + decoder torch.compile"]
+    for cells in table.values():
+        assert all(err < 1e-2 for err in finite(cells[5]))
