@@ -25,7 +25,7 @@ from . import harness as h
 # kernel name -> category, first match wins (device kernel names on a GPU, aten operator names on CPU)
 CATEGORIES = [
     ("ours (cuTile)", r"rms_norm_fwd|rms_norm_row|rms_norm_bwd|gated_act_fwd|gated_act_bwd|rope_fwd|rope_row|"
-                      r"add_rms_norm_fwd|"
+                      r"add_rms_norm_fwd|rms_norm_add_fwd|rms_norm_add_row|"
                       r"cutile_kernels"),
     ("GEMM", r"gemm|gemv|nvjet|cutlass|xmma|sm90_|matmul|aten::mm|aten::addmm|aten::linear|aten::bmm"),
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
