@@ -431,7 +431,10 @@ def test_cubins_of_8b_launches_access_memory_as_the_jit_does(tmp_path):
         assert spec in shipped, spec
         ours = _sass_accesses(ca.export(spec, "sm_90"), tmp_path / f"{i}.cubin")
         jit = _sass_accesses(ca.export(spec, "sm_90", jit_sig), tmp_path / f"{i}.jit.cubin")
-        assert ours == jit and not [a for a in ours if a.endswith(".U16")], (spec.kernel, ours, jit)
+        assert ours == jit, (spec.kernel, ours, jit)
+        # rope_row (the H100's choice up to 4096 tokens since 2026-12-07) gathers cos and sin by index: 16-bit loads
+        # by its design, in the JIT's code as well
+        assert spec.kernel == "rope_row" or not [a for a in ours if a.endswith(".U16")], (spec.kernel, ours)
     assert len(checked) >= 5
 
 
