@@ -38,9 +38,8 @@ def prefilled(model, batches, kv: int) -> dict:
             cache = StaticCache(config=model.config, max_cache_len=kv + 1)
             x = torch.randn(b, kv + 1, model.config.hidden_size, device=h.DEVICE, dtype=model.dtype)
             positions = torch.arange(kv + 1, device=h.DEVICE).expand(b, -1)
-            layer_type = getattr(model.config, "layer_types", [None])[0]  # Gemma3: one rotary per layer type
-            cos, sin = model.model.rotary_emb(x, positions, *([layer_type] if model.config.model_type.startswith("gemma3")
-                                                                else []))
+            gemma3 = model.config.model_type.startswith("gemma3")  # one rotary per layer type
+            cos, sin = model.model.rotary_emb(x, positions, *([model.config.layer_types[0]] if gemma3 else []))
             model.model.layers[0](x[:, :kv], past_key_values=cache, position_embeddings=(cos[:, :kv], sin[:, :kv]))
             found[b] = (cache, x[:, kv:].contiguous(), (cos[:, kv:].contiguous(), sin[:, kv:].contiguous()))
     return found
@@ -55,7 +54,7 @@ def measure(layer, inputs: dict, kv: int, want: dict) -> dict:
 
             def step():
                 cached.cumulative_length.fill_(kv)
-                if hasattr(cached, "cumulative_length_int"):  # a sliding-window layer (Gemma3's layer 0) also counts on the host
+                if hasattr(cached, "cumulative_length_int"):  # a sliding-window layer (Gemma3's 0) counts on the host too
                     cached.cumulative_length_int = kv
                 return layer(x, past_key_values=cache, position_embeddings=pos)
 

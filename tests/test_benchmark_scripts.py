@@ -59,8 +59,8 @@ def test_run_all_tiny(tmp_path, cache):
     assert head[2:6] == ["cutile dev / host µs", "cubin dev / host µs", "eager dev / host µs",
                          "compile dev / host µs"] and len(head) == 11
     ops = [f"{op}{d}" for d in ("", " bwd") for op in ("rms_norm", "gemma_rms_norm", "add_rms_norm",
-                                                         "gemma_add_rms_norm", "sandwich_rms_norm", "rms_norm_add", "silu_mul",
-                                                         "gelu_tanh_mul")]
+                                                         "gemma_add_rms_norm", "sandwich_rms_norm", "rms_norm_add",
+                                                         "silu_mul", "gelu_tanh_mul")]
     want = {f"{op} | {m} x {w}" for op in ops for m in (2, 16)
             for w in ([64] if "norm" in op else [160])} | {f"rope{d} | {m} x 4q+2kv x 16" for d in ("", " bwd")
                                                             for m in (2, 16)}

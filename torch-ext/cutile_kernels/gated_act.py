@@ -98,7 +98,8 @@ def gated_act_backward_cutile(gate_up: torch.Tensor, dy: torch.Tensor, act: str,
 
 GATED_ACT_BACKWARD = CutileOp(
     "gated_act_backward", launcher=gated_act_backward_cutile, reference=gated_act_backward_reference,
-    check=lambda gate_up, dy, act: _check(gate_up, act, dy), fake=lambda gate_up, dy, act: gate_up.new_empty(gate_up.shape))
+    check=lambda gate_up, dy, act: _check(gate_up, act, dy),
+    fake=lambda gate_up, dy, act: gate_up.new_empty(gate_up.shape))
 
 
 def _gated_act_setup(ctx, inputs, output):
