@@ -59,6 +59,7 @@ def candidates(op: str, width: int):
     elif op == "rope":
         half = width // 2
         yield (0, 0, 0)  # rope_row: one position per block, all heads, gather/scatter
+        yield (0, 0, 1)  # rope_row with cos/sin tile loads
         # up to 32 heads per tile: one position with all of an 8B model's q heads in one tile (2 chunks per block)
         # is how TileGym's cuTile RoPE works (H100, 2026-12-07: 1.8 / 2.1 / 30.5 µs at 1 / 64 / 4096 tokens against
         # ours 2.6 / 3.0 / 38.2); in our kernel one head per tile still won (results/h100/tune_h100_rope.md)

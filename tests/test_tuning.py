@@ -57,7 +57,9 @@ def test_rope_without_its_own_entry_runs_the_h100_configuration():
     def config(d, tokens, dtype, gpu):
         q, k, cs = T(dtype, (1, 32, tokens, d)), T(dtype, (1, 8, tokens, d)), T(dtype, (1, tokens, d))
         kernel, _, args = rope.forward_launch(q, k, cs, cs, q, k, gpu)
-        return rope.ROW if kernel is rope.rope_row else (args[10], args[11], args[8])  # TILE_S, TILE_H, chunks
+        if kernel is rope.rope_row:
+            return rope.ROW_TILED if args[9] else rope.ROW
+        return args[10], args[11], args[8]  # TILE_S, TILE_H, chunks
 
     for d in (128, 256):
         for tokens in (1, 16, 300, 4096, 32768):
@@ -89,7 +91,7 @@ def test_rope_chunks_cover_every_head_once(kv_heads, monkeypatch):
     the grid's third axis covers every chunk."""
     rope = MODULES["rope"]
     for config in tune.candidates("rope", 128):
-        if config == rope.ROW:
+        if config in (rope.ROW, rope.ROW_TILED):
             continue  # rope_row: every head in one block (test_every_candidate_launch_matches_its_kernel)
         monkeypatch.setitem(TUNED.TABLE, ("test", "rope", 2, 7, 1), config)
         q, k, cs = T(BF16, (1, 32, 1, 128)), T(BF16, (1, kv_heads, 1, 128)), T(BF16, (1, 1, 128))
