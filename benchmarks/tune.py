@@ -61,8 +61,8 @@ def candidates(op: str, width: int):
         yield (0, 0, 0)  # rope_row: one position per block, all heads, gather/scatter
         yield (0, 0, 1)  # rope_row with cos/sin tile loads
         # up to 32 heads per tile: one position with all of an 8B model's q heads in one tile (2 chunks per block)
-        # is how TileGym's cuTile RoPE works (H100, 2026-12-07: 1.8 / 2.1 / 30.5 µs at 1 / 64 / 4096 tokens against
-        # ours 2.6 / 3.0 / 38.2); in our kernel one head per tile still won (results/h100/tune_h100_rope.md)
+        # is how TileGym's cuTile RoPE works; with outputs in q's layout rope_row won from 1 to 4096 tokens on the
+        # H100 and one head per tile at 32768 (results/h100/tune_h100_rope_qlayout.md)
         for tile_s, tile_h in itertools.product((1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32)):
             if tile_s * tile_h * half <= 8192:
                 for per_block in (1, 2, 4, 40):

@@ -18,15 +18,18 @@ GPU_SHAPES = [(1, 4096), (16, 4096), (7, 2560), (250, 5376), (512, 2560), (4096,
               (65536, 128)]
 
 
-def check_add_rms_norm(ck, x, residual, w, gemma, where=""):
-    """Both outputs against float64 (the sum rounded to the dtype first, as transformers adds): on a GPU the cuTile
-    launcher writes into poisoned buffers, elsewhere the public function runs (the reference)."""
-    where = f"{tuple(x.shape)} {x.dtype} gemma={gemma} {where}"
+def run_op(ck, name, x, *args, buffers=("out", "summed")):
+    """ck.<name>(x, *args): on a GPU its cuTile launcher writing into poisoned `buffers` of x's shape, elsewhere the
+    public function (the reference)."""
     if x.is_cuda:
-        out, summed = ck.add_rms_norm_cutile(x, residual, w, EPS, gemma, out=poisoned(x.shape, x),
-                                             summed=poisoned(x.shape, x))
-    else:
-        out, summed = ck.add_rms_norm(x, residual, w, EPS, gemma)
+        return getattr(ck, f"{name}_cutile")(x, *args, **{b: poisoned(x.shape, x) for b in buffers})
+    return getattr(ck, name)(x, *args)
+
+
+def check_add_rms_norm(ck, x, residual, w, gemma, where=""):
+    """Both outputs against float64 (the sum rounded to the dtype first, as transformers adds)."""
+    where = f"{tuple(x.shape)} {x.dtype} gemma={gemma} {where}"
+    out, summed = run_op(ck, "add_rms_norm", x, residual, w, EPS, gemma)
     want_sum = residual + x  # exact in the dtype: one rounding of the float sum
     assert not summed.isnan().any() and torch.equal(summed, want_sum), f"{where}: the sum"
     assert_close_to_float64(out, rms_norm64(want_sum, w, EPS, gemma), x.dtype, where)
@@ -78,13 +81,9 @@ def test_add_rms_norm_ci(ck_gpu, gemma):
 
 def check_sandwich(ck, x, residual, post_w, w, where=""):
     """Both outputs against float64, and the sum against the same-dtype reference's (transformers' roundings) within
-    one rounding step: on a GPU the cuTile launcher writes into poisoned buffers, elsewhere the public function."""
+    one rounding step."""
     where = f"sandwich {tuple(x.shape)} {x.dtype} {where}"
-    if x.is_cuda:
-        out, summed = ck.sandwich_rms_norm_cutile(x, residual, post_w, w, EPS, out=poisoned(x.shape, x),
-                                                  summed=poisoned(x.shape, x))
-    else:
-        out, summed = ck.sandwich_rms_norm(x, residual, post_w, w, EPS)
+    out, summed = run_op(ck, "sandwich_rms_norm", x, residual, post_w, w, EPS)
     s64 = residual.double() + rms_norm64(x, post_w, EPS, True)
     assert_close_to_float64(summed, s64, x.dtype, f"{where}: the sum")
     assert_close_to_float64(out, rms_norm64(summed, w, EPS, True), x.dtype, where)
@@ -125,10 +124,7 @@ def test_sandwich_rms_norm_backward(device_ck, device, dtype):
 def check_rms_norm_add(ck, x, residual, w, gemma, where=""):
     """residual + norm(x) against float64 and, within one rounding step, the same-dtype reference."""
     where = f"rms_norm_add {tuple(x.shape)} {x.dtype} gemma={gemma} {where}"
-    if x.is_cuda:
-        summed = ck.rms_norm_add_cutile(x, residual, w, EPS, gemma, summed=poisoned(x.shape, x))
-    else:
-        summed = ck.rms_norm_add(x, residual, w, EPS, gemma)
+    summed = run_op(ck, "rms_norm_add", x, residual, w, EPS, gemma, buffers=("summed",))
     assert_close_to_float64(summed, residual.double() + rms_norm64(x, w, EPS, gemma), x.dtype, where)
     want = ck.rms_norm_add_reference(x, residual, w, EPS, gemma)
     assert (summed.float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2**-7, where

@@ -219,26 +219,29 @@ def rms_norm_add_row(x, residual, weight, summed, n_cols: int, eps: float, GEMMA
     _add_rms_norm_one_row(x, residual, weight, weight, summed, summed, n_cols, eps, GEMMA, True, False, TILE_N)
 
 
+def _fused_launch(row_kernel, tiled_kernel, x, arrays, eps: float, gemma: bool, gpu):
+    """(kernel, grid, args) of a fused residual add + norm for rows x (m, n): its one-row kernel or its tiled one,
+    from the fused add's launch table entries (the fused forms move the same bytes); `arrays` are its array
+    arguments."""
+    blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
+    if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
+        return row_kernel, (x.shape[0],), (*arrays, n, float(eps), gemma, tile_n)
+    return tiled_kernel, (blocks,), (*arrays, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
+
+
 def add_forward_launch(x, residual, weight, out, summed, eps: float, gemma: bool, gpu, post_weight=None):
     """(kernel, grid, args) of add_rms_norm_fwd (or add_rms_norm_row) for rows x, residual (m, n) -> out,
-    summed (m, n); with `post_weight`, of sandwich_rms_norm_fwd (or _row), which normalizes x with it first. Both
-    take the fused add's launch table entries: the same bytes move."""
-    blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
-    weights = (weight,) if post_weight is None else (post_weight, weight)
-    if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        kernel = add_rms_norm_row if post_weight is None else sandwich_rms_norm_row
-        return kernel, (x.shape[0],), (x, residual, *weights, out, summed, n, float(eps), gemma, tile_n)
-    kernel = add_rms_norm_fwd if post_weight is None else sandwich_rms_norm_fwd
-    return kernel, (blocks,), (x, residual, *weights, out, summed, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
+    summed (m, n); with `post_weight`, of sandwich_rms_norm_fwd (or _row), which normalizes x with it first."""
+    if post_weight is None:
+        return _fused_launch(add_rms_norm_row, add_rms_norm_fwd, x, (x, residual, weight, out, summed), eps, gemma,
+                             gpu)
+    return _fused_launch(sandwich_rms_norm_row, sandwich_rms_norm_fwd, x,
+                         (x, residual, post_weight, weight, out, summed), eps, gemma, gpu)
 
 
 def norm_add_launch(x, residual, weight, summed, eps: float, gemma: bool, gpu):
-    """(kernel, grid, args) of rms_norm_add_fwd (or _row) for rows x, residual (m, n) -> summed (m, n), with the
-    fused add's launch table entries."""
-    blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
-    if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return rms_norm_add_row, (x.shape[0],), (x, residual, weight, summed, n, float(eps), gemma, tile_n)
-    return rms_norm_add_fwd, (blocks,), (x, residual, weight, summed, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
+    """(kernel, grid, args) of rms_norm_add_fwd (or _row) for rows x, residual (m, n) -> summed (m, n)."""
+    return _fused_launch(rms_norm_add_row, rms_norm_add_fwd, x, (x, residual, weight, summed), eps, gemma, gpu)
 
 
 def specializations(array):

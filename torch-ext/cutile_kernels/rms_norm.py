@@ -98,6 +98,7 @@ def _rows_in_memory_order(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _norm_output_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.dtype:
+    """The normalized rows' dtype: x's, or float32 for a float32 weight (Llama form)."""
     return x.dtype if gemma or weight.dtype is x.dtype else torch.float32
 
 
@@ -108,9 +109,8 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 def _norm_output(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
     """The normalized rows' buffer: x's shape, x's dtype, or float32 for a float32 weight (Llama form)."""
-    if gemma or weight.dtype is x.dtype:
-        return _empty_like(x)
-    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    dtype = _norm_output_dtype(x, weight, gemma)
+    return _empty_like(x) if dtype is x.dtype else torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
 def _rms_norm_reference(x, weight, eps, gemma):

@@ -90,8 +90,12 @@ def _rope_backward(ctx, dq, dk):
 
 
 def _laid_out_like(out, x):
-    """`out` in the layout of torch.empty_like(x) (what the launcher allocates and the fake promises)."""
-    return out if out.stride() == x.stride() else torch.empty_like(x).copy_(out)
+    """`out` in the layout of torch.empty_like(x) (what the launcher allocates and the fake promises): x's strides
+    when x is dense, which the first comparison takes without an allocation."""
+    if out.stride() == x.stride():
+        return out
+    like = torch.empty_like(x)
+    return out if out.stride() == like.stride() else like.copy_(out)
 
 
 ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check,
