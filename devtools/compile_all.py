@@ -196,6 +196,9 @@ def aot_plans(modules: dict):
                         for d in dtypes:
                             q, k, cs = T(d, (1, hq, s, hd)), T(d, (1, hk, s, hd)), T(d, (1, s, hd))
                             yield gpu, rope.forward_launch(q, k, cs, cs, q, k, gpu)
+                            for gemma in (False, True):  # q_norm / k_norm + RoPE (Qwen3, Gemma3)
+                                w = T(d, (hd,))
+                                yield gpu, rope.qk_norm_launch(q, k, w, w, cs, cs, q, k, 1e-6, gemma, gpu)
     for stem, module in modules.items():
         if stem not in ("rms_norm", "gated_act", "rope") and hasattr(module, "specializations"):
             yield ("", 132), from_specializations

@@ -122,6 +122,30 @@ def test_sliding_window_is_in_effect(ck, family):
     assert torch.equal(logits(with_our_layers(ck, reference), ids), logits(reference, ids))
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
+    """Qwen3's and Gemma3's layers run their attention through qk_norm_rope (once per layer and forward; the
+    parity above covers its result); with a forward hook on an attention module (output recorders, TP) that
+    layer calls the module itself, and the hook sees it."""
+    reference = plain_model(family, "cpu", torch.float32)
+    ours = with_our_layers(ck, reference)
+    calls = []
+
+    def counted(*args):  # on CPU the op runs its reference: count those calls (args[-1]: the Gemma form)
+        calls.append(args[-1])
+        return ck.rope.qk_norm_rope_reference(*args)
+
+    monkeypatch.setattr(ck.rope.QK_NORM_ROPE, "reference", counted)
+    want = logits(reference)
+    assert torch.equal(logits(ours), want)
+    assert calls == [family == "gemma3"] * len(ours.model.layers)
+    calls.clear()
+    hooked = []
+    ours.model.layers[0].self_attn.register_forward_hook(lambda *_: hooked.append(True))
+    assert torch.equal(logits(ours), want)
+    assert hooked == [True] and len(calls) == len(ours.model.layers) - 1
+
+
 def test_layout_reference_forward_is_transformers(ck):
     """The Layouts' own forward (training without enable_training, kernels' fallbacks) is transformers'."""
     for family in ("qwen3", "gemma3"):

@@ -215,3 +215,129 @@ def test_launcher_hands_the_kernel_full_cos_and_outputs_in_q_layout(ck, monkeypa
     assert (q_out.stride(), k_out.stride()) == (q.stride(), k.stride())
     assert (q_rows.stride(), k_rows.stride()) == (q_in.stride(), k_in.stride())
     assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())
+
+
+# --- qk_norm_rope: Qwen3's / Gemma3's q_norm and k_norm with RoPE in one launch ---------------------------------
+
+def norm64(x, w, eps, gemma):
+    x = x.double()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return normed * ((1.0 + w.double()) if gemma else w.double())
+
+
+def qk_inputs(b, s, hq, hk, d, dtype, device, gen=None):
+    """q, k as (B, H, S, D) views of the projections, random norm weights (Gemma3's start near zero: (1 + w)),
+    cos/sin; eps 1e-6."""
+    q, k, cos, sin = make_inputs(b, s, hq, hk, d, 1, dtype, device)
+    q, k = q * 3, k * 3  # not unit rows, so the norm changes them
+    wq, wk = (torch.randn(d, device=device, dtype=dtype) for _ in range(2))
+    return q, k, wq, wk, cos, sin, 1e-6
+
+
+def check_qk_norm_rope(ck, q, k, wq, wk, cos, sin, eps, gemma, where=""):
+    """One call against float64 (norm, then rotation, in float64): on a GPU the cuTile launcher into poisoned
+    buffers, elsewhere the public function (the reference)."""
+    where = f"q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype} gemma={gemma} {where}"
+    if q.is_cuda:
+        got = ck.qk_norm_rope_cutile(q, k, wq, wk, cos, sin, eps, gemma, poisoned(q.shape, q), poisoned(k.shape, k))
+    else:
+        got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, eps, gemma)
+    for out, x, w in zip(got, (q, k), (wq, wk)):
+        assert_close_to_float64(out, rope64(norm64(x, w, eps, gemma), cos, sin, 1), q.dtype, where)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gemma", [False, True], ids=["qwen3", "gemma3"])
+def test_qk_norm_rope(device_ck, device, dtype, gemma):
+    seed, rng = fresh_rng()
+    for _ in range(6 if device == "cuda" else 2):
+        b, s, d = rng.choice([1, 2]), rng.choice([1, 5, 17, 300]), rng.choice([64, 128, 256])
+        hk = rng.choice([1, 2, 4, 8])
+        inputs = qk_inputs(b, s if device == "cuda" else min(s, 17), hk * rng.choice([1, 2, 4]), hk, d, dtype, device)
+        check_qk_norm_rope(device_ck, *inputs, gemma, f"seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gemma", [False, True], ids=["qwen3", "gemma3"])
+def test_qk_norm_rope_backward(device_ck, device, gemma):
+    """dq, dk and both norm weights' gradients of the public function (on a GPU: the inverse rotation and the
+    norm backward in cuTile, no fallback) against autograd of the reference in float64."""
+    q, k, wq, wk, cos, sin, eps = qk_inputs(2, 300 if device == "cuda" else 7, 8, 2, 128, torch.bfloat16, device)
+    leaves = [t.requires_grad_() for t in (q, k, wq, wk)]
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    with no_fallback(device_ck, on=q.is_cuda):
+        torch.autograd.backward(device_ck.qk_norm_rope(*leaves, cos, sin, eps, gemma), (dq, dk))
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    torch.autograd.backward(device_ck.qk_norm_rope_reference(*leaves64, cos.double(), sin.double(), eps, gemma),
+                            (dq.double(), dk.double()))
+    assert_grads_close([(t.grad, t64.grad) for t, t64 in zip(leaves, leaves64)], q.dtype, f"gemma={gemma}")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_reference_is_transformers_attention(ck, family, dtype):
+    """The reference equals the attention's own q_norm, k_norm (on the (B, S, H, D) projection, as Qwen3 does, or
+    on its transposed view, as Gemma3 does) and apply_rotary_pos_emb, bit for bit and in the same layout."""
+    from devtools.checkpoints import config_for
+
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    attention = getattr(modeling, "Qwen3Attention" if family == "qwen3" else "Gemma3Attention")(config_for(family), 0)
+    attention = attention.to(dtype)
+    for norm in (attention.q_norm, attention.k_norm):
+        torch.nn.init.normal_(norm.weight)
+    q, k, _, _, cos, sin, _ = qk_inputs(2, 5, 4, 2, attention.head_dim, dtype, "cpu")
+    if family == "qwen3":
+        want_q, want_k = (n(x.transpose(1, 2)).transpose(1, 2) for n, x in ((attention.q_norm, q), (attention.k_norm, k)))
+    else:
+        want_q, want_k = attention.q_norm(q), attention.k_norm(k)
+    want = modeling.apply_rotary_pos_emb(want_q, want_k, cos, sin)
+    eps = attention.q_norm.variance_epsilon if family == "qwen3" else attention.q_norm.eps
+    got = ck.qk_norm_rope(q, k, attention.q_norm.weight, attention.k_norm.weight, cos, sin, eps, family == "gemma3")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w) and g.stride() == w.stride()
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_qk_norm_rope_op_backward_formula_and_opcheck(ck, gemma):
+    """The registered backward (inverse rotation, then each norm's backward) in float64 against autograd of the
+    float64 formula (transformers' norms compute in fp32 even for float64, so gradcheck cannot use them), with
+    distinct sin halves so the half-swap is exercised; schema and fake (q's layout) by opcheck, with gradients."""
+    q, k, wq, wk, cos, sin, eps = qk_inputs(2, 4, 3, 1, 8, torch.float64, "cpu")
+    sin = torch.randn_like(sin)
+    leaves = [t.requires_grad_() for t in (q, k, wq, wk)]
+    op = ck._ops.ops.qk_norm_rope
+    grads = [torch.randn_like(q), torch.randn_like(k)]
+    got = torch.autograd.grad(op(*leaves, cos, sin, eps, gemma), leaves, grads)
+    want = torch.autograd.grad([rope64(norm64(x, w, eps, gemma), cos, sin, 1) for x, w in ((q, wq), (k, wk))],
+                               leaves, grads)
+    assert all(torch.allclose(g, w, atol=1e-10) for g, w in zip(got, want))
+    for requires_grad in (False, True):
+        args = [t.detach().float().requires_grad_(requires_grad) for t in leaves]
+        torch.library.opcheck(op.default, (*args, cos.float(), sin.float(), eps, gemma))
+
+
+def test_qk_norm_rope_refuses_a_weight_of_another_size(ck):
+    q, k, wq, wk, cos, sin, eps = qk_inputs(1, 3, 2, 1, 64, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"k_weight has shape \(32,\)"):
+        ck.qk_norm_rope(q, k, wq, wk[:32], cos, sin, eps)
+
+
+def test_qk_norm_rope_launcher_glue(ck, monkeypatch):
+    """On CPU, the launch recorded: q and k reach the kernel as the given (B, H, S, D) views, cos/sin with the
+    batch materialized, both weights, and the outputs (laid out as q and k) are what the kernel writes."""
+    plans = recorded_launches(ck, "rope", monkeypatch)
+    q, k, wq, wk, cos, sin, eps = qk_inputs(2, 3, 4, 2, 64, torch.bfloat16, "cpu")
+    q_out, k_out = ck.qk_norm_rope_cutile(q, k, wq, wk, cos[:1], sin[:1], eps, True)
+    (q_in, k_in, wq_in, wk_in, cos_in, sin_in, q_rows, k_rows, eps_in, gemma, half, tile_h, tile_hk), = plans
+    assert q_in is q and k_in is k and wq_in is wq and wk_in is wk
+    assert cos_in.shape == (2, 3, 64) and cos_in.stride(0) != 0 and torch.equal(sin_in, sin[:1].expand(2, 3, 64))
+    assert (eps_in, gemma, half, tile_h, tile_hk) == (eps, True, 32, 4, 2)
+    assert (q_out.stride(), k_out.stride()) == (q.stride(), k.stride())
+    assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())
+
+
+@pytest.mark.kernels_ci
+def test_qk_norm_rope_ci(ck_gpu):
+    check_qk_norm_rope(ck_gpu, *qk_inputs(1, 7, 4, 2, 128, torch.bfloat16, CI_DEVICE), False)
+    check_qk_norm_rope(ck_gpu, *qk_inputs(1, 7, 4, 2, 256, torch.bfloat16, CI_DEVICE), True)

@@ -98,6 +98,60 @@ def rope_row(q, k, cos, sin, q_out, k_out, HALF: ct.Constant[int], TILE_H: ct.Co
     _rotate_rows(k, k_out, b, s, c1, c2, s1, s2, TILE_HK, HALF)
 
 
+def _normed_half(xh, rstd, w, dtype, GEMMA):
+    """One half of a head's RMSNorm output in x's dtype (as q_norm/k_norm return it), rounded as transformers
+    rounds: Llama form (Qwen3) x̂ rounded before the weight product, Gemma form x̂·(1 + w) rounded once."""
+    normed = xh * rstd
+    if not GEMMA:
+        normed = _round(normed, dtype)
+    return _round(normed * w, dtype)
+
+
+def _weight_half(weight, i, HALF, GEMMA):
+    w = ct.reshape(ct.astype(ct.load(weight, (i,), shape=(HALF,)), ct.float32), (1, HALF))
+    return w + 1.0 if GEMMA else w
+
+
+def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, GEMMA):
+    # as _rotate_rows, with every head row normalized first (its two halves share one sum of squares)
+    h = ct.reshape(ct.arange(TILE_H, dtype=ct.int32), (TILE_H, 1))
+    d = ct.reshape(ct.arange(HALF, dtype=ct.int32), (1, HALF))
+    x1 = ct.astype(ct.gather(x, (b, h, s, d), latency=1), ct.float32)
+    x2 = ct.astype(ct.gather(x, (b, h, s, d + HALF), latency=1), ct.float32)
+    squares = ct.sum(x1 * x1, axis=1, keepdims=True) + ct.sum(x2 * x2, axis=1, keepdims=True)
+    rstd = ct.rsqrt(squares / (2 * HALF) + eps)
+    n1 = _normed_half(x1, rstd, _weight_half(weight, 0, HALF, GEMMA), x.dtype, GEMMA)
+    n2 = _normed_half(x2, rstd, _weight_half(weight, 1, HALF, GEMMA), x.dtype, GEMMA)
+    y1, y2 = _rotated(n1, -n2, c1, s1, x.dtype), _rotated(n2, n1, c2, s2, x.dtype)
+    ct.scatter(out, (b, h, s, d), ct.astype(y1, out.dtype), latency=1)
+    ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
+
+
+@ct.kernel
+def qk_norm_rope_row(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float, GEMMA: ct.Constant[bool],
+                     HALF: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int]):
+    """Qwen3's and Gemma3's q_norm / k_norm (RMSNorm over head_dim) followed by RoPE, as rope_row (cos/sin tile
+    loads): one position per block, every head of q and of k; the normalized heads never go to memory."""
+    s, b = ct.bid(0), ct.bid(1)
+    c1, c2 = _row_half(cos, b, s, 0, HALF, True), _row_half(cos, b, s, 1, HALF, True)
+    s1, s2 = _row_half(sin, b, s, 0, HALF, True), _row_half(sin, b, s, 1, HALF, True)
+    _norm_rotate_rows(q, q_weight, q_out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, GEMMA)
+    _norm_rotate_rows(k, k_weight, k_out, b, s, c1, c2, s1, s2, eps, TILE_HK, HALF, GEMMA)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def qk_norm_launch(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float, gemma: bool, gpu):
+    """(kernel, grid, args) of qk_norm_rope_row for q (B, Hq, S, D), k (B, Hk, S, D), weights (D,), cos/sin
+    (B, S, D); one launch form on every GPU (`gpu` unused: rope_row with tile loads won 1-4096 tokens on the
+    H100, results/h100/tune_h100_rope_tiled.md)."""
+    b, hq, s, d = q.shape
+    return qk_norm_rope_row, (s, b), (q, k, q_weight, k_weight, cos, sin, q_out, k_out, float(eps), bool(gemma),
+                                      d // 2, _pow2(hq), _pow2(k.shape[1]))
+
+
 ROW = (0, 0, 0)  # the configuration that runs rope_row (cos/sin gathered)
 ROW_TILED = (0, 0, 1)  # rope_row with cos/sin tile loads
 
@@ -129,8 +183,7 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
     config = (lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
     if config in (ROW, ROW_TILED):
-        pow2 = lambda n: 1 << (n - 1).bit_length()  # noqa: E731
-        return rope_row, (s, b), (q, k, cos, sin, q_out, k_out, d // 2, pow2(hq), pow2(hk), config == ROW_TILED)
+        return rope_row, (s, b), (q, k, cos, sin, q_out, k_out, d // 2, _pow2(hq), _pow2(hk), config == ROW_TILED)
     tile_s, tile_h, per_block = config
     # k's chunks are no wider than k has heads (8 kv heads beside a 32-head q tile: no padded heads to rotate)
     tile_hk = min(tile_h, 1 << (hk - 1).bit_length())
@@ -142,8 +195,8 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
 
 def specializations(array):
     """Every launch the launcher asks for on an untuned GPU (`array(dtype, shape)` stands for a tensor): per
-    dtype and head_dim (64, 128, 256), decode (one position) and prefill, and rope_row for 32 + 8 heads; then
-    every tuned configuration."""
+    dtype and head_dim (64, 128, 256), decode (one position) and prefill, and rope_row and qk_norm_rope_row for
+    32 + 8 heads; then every tuned configuration."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for d in (64, 128, 256):
             for s in (1, 4096):
@@ -151,6 +204,9 @@ def specializations(array):
                 yield forward_launch(q, k, cs, cs, q, k, ("", 132))
             one, cs = array(dtype, (1, 1, 1, d)), array(dtype, (1, 1, d))  # rope_row (a tuned choice at decode)
             yield rope_row, (1, 1), (one, one, cs, cs, one, one, d // 2, 32, 8, False)
+            w = array(dtype, (d,))
+            for gemma in (False, True):  # q_norm / k_norm + RoPE (Qwen3: Llama form; Gemma3)
+                yield qk_norm_rope_row, (1, 1), (one, one, w, w, cs, cs, one, one, 1e-6, gemma, d // 2, 32, 8)
     seen = set()
     for key, d, tokens in shapes("rope"):  # every tuned configuration (bf16), once
         q, k = array(torch.bfloat16, (1, 32, tokens, d)), array(torch.bfloat16, (1, 8, tokens, d))

@@ -16,6 +16,10 @@ goes to memory, and its post-feedforward norm and last residual add are one `rms
 residual add stays a torch add (it feeds the next layer's input norm), or,
 with `RESIDUAL_IN_DOWN_PROJ` set (Llama form, a measurement switch), goes into the down_proj GEMM.
 
+In Qwen3 and Gemma3 the layer also runs its attention's forward itself (`_attention`, the same code) with
+q_norm, k_norm and RoPE in one `qk_norm_rope` launch instead of three, unless hooks on the attention module
+(output recorders, tensor parallelism) need its own call.
+
 The fused norm+MLP keys (RMSNormMLP, GemmaRMSNormMLP) cannot join: transformers makes a `Fused<Family>DecoderLayer`
 under the decoder layer's exact class name, which wins over this regex key, so the fused Layout refuses the pair
 (checks.py). With a decoder layer, the merged MLP gives the same launches: add_rms_norm is the norm before it.
@@ -23,6 +27,7 @@ under the decoder layer's exact class name, which wins over this regex key, so t
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 from torch import nn
@@ -30,6 +35,7 @@ from torch import nn
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
 from .rms_norm import add_rms_norm, rms_norm_add, sandwich_rms_norm
+from .rope import qk_norm_rope
 
 try:  # the decoder layers' base: gradient checkpointing in __call__ (kernels alone loads this without transformers)
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -70,6 +76,62 @@ def _residual_plus_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) 
     return torch.addmm(residual.reshape(-1, n), h.reshape(-1, h.shape[-1]), down.weight.t()).view(residual.shape)
 
 
+def _norm_eps(norm: nn.Module):
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+
+# The attention classes whose forward `_attention` reproduces (transformers 5.22.2): q_norm / k_norm, then RoPE.
+QK_NORM_ATTENTION = {"Qwen3Attention": False, "Gemma3Attention": True}  # class name -> Gemma-form norms
+
+
+def _fused_attention(attn: nn.Module, position_embeddings) -> bool:
+    """Whether `_attention` may stand in for attn's own forward: a Qwen3/Gemma3 attention (an exact class, not a
+    subclass) with one eps for both norms, and no hooks that calling it would run (output recorders, TP)."""
+    if QK_NORM_ATTENTION.get(type(attn).__name__) is None or position_embeddings is None:
+        return False
+    if attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks \
+            or nn.modules.module._global_forward_pre_hooks:
+        return False
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    eps = _norm_eps(q_norm) if q_norm is not None else None
+    return eps is not None and k_norm is not None and _norm_eps(k_norm) == eps
+
+
+def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs):
+    """Qwen3Attention.forward / Gemma3Attention.forward (transformers 5.22.2) with q_norm, k_norm and RoPE in one
+    qk_norm_rope launch (where `_fused_attention(attn, ...)`); the projections, cache update and attention
+    function are the attention module's own."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    query_states = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key_states = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_states, key_states = qk_norm_rope(query_states, key_states, attn.q_norm.weight, attn.k_norm.weight, cos,
+                                            sin, _norm_eps(attn.q_norm), QK_NORM_ATTENTION[type(attn).__name__])
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, attn.layer_idx)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(attn).__module__].eager_attention_forward
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    attn_output, _ = attention_interface(
+        attn, query_states, key_states, value_states, attention_mask,
+        dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
+        sliding_window=attn.sliding_window, **kwargs)
+    return attn.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+def _self_attention(layer: nn.Module, hidden_states, position_embeddings, attention_mask, position_ids,
+                    past_key_values, **kwargs):
+    """The decoder layer's `self_attn(...)` output: through `_attention` for Qwen3/Gemma3, else the module."""
+    attn = layer.self_attn
+    if _fused_attention(attn, position_embeddings):
+        return _attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+    return attn(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, **kwargs)[0]
+
+
 class _DecoderLayerKernel(nn.Module):
     has_backward = True  # add_rms_norm's custom op has a registered backward; the rest is torch or other kernels
     can_torch_compile = True  # one custom op more, no graph break
@@ -89,9 +151,8 @@ class DecoderLayer(_DecoderLayerKernel):
                 position_embeddings=None, **kwargs):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        hidden_states = _self_attention(self, hidden_states, position_embeddings, attention_mask, position_ids,
+                                        past_key_values, use_cache=use_cache, **kwargs)
         norm = self.post_attention_layernorm
         hidden_states, residual = add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
         return _residual_plus_mlp(self.mlp, hidden_states, residual)
@@ -145,9 +206,8 @@ class GemmaDecoderLayer(_DecoderLayerKernel):
                 past_key_values=None, **kwargs):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, **kwargs)
+        hidden_states = _self_attention(self, hidden_states, position_embeddings, attention_mask, position_ids,
+                                        past_key_values, **kwargs)
         post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
         if post.eps == pre.eps:
             hidden_states, residual = sandwich_rms_norm(hidden_states, residual, post.weight, pre.weight, pre.eps)

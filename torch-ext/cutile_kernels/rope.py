@@ -1,6 +1,7 @@
 """Rotary position embedding (transformers' registered function `rotary_pos_emb`): reference, cuTile launcher,
-op description and the `ApplyRotaryPosEmb` layer. The kernel and its launch plan are `tile/rope.py`
-(kernel-src/cutile_tile/rope.py; q and k in one launch).
+op description and the `ApplyRotaryPosEmb` layer; and `qk_norm_rope`, Qwen3's and Gemma3's q_norm / k_norm with
+the RoPE after them in one launch (the decoder-layer kernels call it). The kernels and their launch plans are
+`tile/rope.py` (kernel-src/cutile_tile/rope.py; q and k in one launch).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from ._op import CutileOp
 from ._runtime import DTYPES, device_unsupported, gpu, launch
+from .rms_norm import RMS_NORM_BACKWARD, gemma_rms_norm_reference, rms_norm_reference
 
 
 @functools.cache
@@ -49,6 +51,16 @@ def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
     return None
 
 
+def _cos_sin_for(q, cos, sin):
+    """cos/sin as the kernels index them: (B, S, D) with the batch materialized."""
+    b, _, s, d = q.shape
+    if cos.shape[0] != b or cos.shape[1] != s:  # (1, S, D) for a batch (an expand costs ~1 µs of host time)
+        cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
+    if cos.stride(0) == 0 or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
 def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
                 q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +72,7 @@ def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
                                        None if q_out is None else q_out.transpose(1, 2),
                                        None if k_out is None else k_out.transpose(1, 2))
         return q_embed.transpose(1, 2), k_embed.transpose(1, 2)
-    b, _, s, d = q.shape
-    if cos.shape[0] != b or cos.shape[1] != s:  # (1, S, D) for a batch (an expand costs ~1 µs of host time)
-        cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
-    if cos.stride(0) == 0 or cos.stride(-1) != 1:
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _cos_sin_for(q, cos, sin)
     q_out = torch.empty_like(q) if q_out is None else q_out
     k_out = torch.empty_like(k) if k_out is None else k_out
     if q.numel() and k.numel():
@@ -82,11 +90,15 @@ def _rope_backward(ctx, dq, dk):
     """RoPE is a rotation, so its backward is the same op with the inverse rotation: with
     sin' = -[sin[half:], sin[:half]], rope(dy, cos, sin') = rope(x, cos, sin)^T dy (for q and k alike)."""
     cos, sin = ctx.saved_tensors
+    dq, dk = _inverse_rope(dq, dk, cos, sin, ctx.unsqueeze_dim)
+    return dq, dk, None, None, None
+
+
+def _inverse_rope(dq, dk, cos, sin, unsqueeze_dim):
     half = sin.shape[-1] // 2
     sin_inverse = -torch.cat([sin[..., half:], sin[..., :half]], dim=-1)
     dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
-    dq, dk = ROPE.op(dq, dk, cos, sin_inverse, ctx.unsqueeze_dim)
-    return dq, dk, None, None, None
+    return ROPE.op(dq, dk, cos, sin_inverse, unsqueeze_dim)
 
 
 def _laid_out_like(out, x):
@@ -98,9 +110,13 @@ def _laid_out_like(out, x):
     return out if out.stride() == like.stride() else like.copy_(out)
 
 
+def _conform_q_k(out, q, k, *_):
+    return _laid_out_like(out[0], q), _laid_out_like(out[1], k)
+
+
 ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check,
                  fake=lambda q, k, cos, sin, unsqueeze_dim: (torch.empty_like(q), torch.empty_like(k)),
-                 conform=lambda out, q, k, *_: (_laid_out_like(out[0], q), _laid_out_like(out[1], k)),
+                 conform=_conform_q_k,
                  backward=_rope_backward, setup_context=_rope_setup)
 
 
@@ -120,3 +136,69 @@ class ApplyRotaryPosEmb(nn.Module):
 
     def forward(self, q, k, cos, sin, unsqueeze_dim=1):
         return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+
+
+# --- q_norm / k_norm + RoPE (Qwen3, Gemma3): the normalized heads never go to memory ------------------------------
+
+def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps: float, gemma: bool = False):
+    """Exactly Qwen3Attention's (gemma=False) or Gemma3Attention's (gemma=True) q_norm, k_norm and
+    apply_rotary_pos_emb, for q (B, Hq, S, D) and k (B, Hk, S, D) (the projections' transposed views)."""
+    norm = gemma_rms_norm_reference if gemma else rms_norm_reference
+    return rope_reference(norm(q, q_weight, eps), norm(k, k_weight, eps), cos, sin)
+
+
+def _qk_check(q, k, q_weight, k_weight, cos, sin, eps, gemma):
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w.dim() != 1 or w.shape[0] != q.shape[-1]:
+            raise ValueError(f"cutile_kernels.qk_norm_rope: {name} has shape {tuple(w.shape)}, q "
+                             f"{tuple(q.shape)}; it must be ({q.shape[-1]},)")
+    reason = _check(q, k, cos, sin, 1)
+    if reason is None and not all(w.dtype is q.dtype and w.get_device() == q.get_device()
+                                  for w in (q_weight, k_weight)):
+        reason = f"the norm weights are {q_weight.dtype}/{k_weight.dtype} on {q_weight.device}, q {q.dtype}"
+    return reason
+
+
+def qk_norm_rope_cutile(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, eps: float, gemma: bool = False,
+                        q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cuTile path alone (no checks); outputs laid out as q and k (as rope_cutile's)."""
+    cos, sin = _cos_sin_for(q, cos, sin)
+    q_out = torch.empty_like(q) if q_out is None else q_out
+    k_out = torch.empty_like(k) if k_out is None else k_out
+    if q.numel() and k.numel():
+        index = q.get_device()
+        launch(index, *_kernels().qk_norm_launch(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps, gemma,
+                                                 gpu(index)))
+    return q_out, k_out
+
+
+def _qk_setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, ctx.eps, ctx.gemma = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+
+
+def _qk_backward(ctx, dq, dk):
+    """The inverse rotation (one rope launch), then each norm's backward; the norms' outputs are not saved (the
+    kernel recomputes x̂ from q and k)."""
+    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    dq, dk = _inverse_rope(dq, dk, cos, sin, 1)
+    dq, dq_weight = RMS_NORM_BACKWARD.op(q, q_weight, dq, ctx.eps, ctx.gemma)
+    dk, dk_weight = RMS_NORM_BACKWARD.op(k, k_weight, dk, ctx.eps, ctx.gemma)
+    return dq, dk, dq_weight, dk_weight, None, None, None, None
+
+
+QK_NORM_ROPE = CutileOp(
+    "qk_norm_rope", launcher=qk_norm_rope_cutile, reference=qk_norm_rope_reference, check=_qk_check,
+    fake=lambda q, k, q_weight, k_weight, cos, sin, eps, gemma: (torch.empty_like(q), torch.empty_like(k)),
+    conform=_conform_q_k,
+    backward=_qk_backward, setup_context=_qk_setup)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float, gemma: bool = False):
+    """(rope(q_norm(q)), rope(k_norm(k))) for q (B, Hq, S, D), k (B, Hk, S, D), per-head norm weights (D,) and
+    cos/sin (B, S, D): one cuTile launch on a supported GPU, the exact reference otherwise."""
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps, gemma)
+    return QK_NORM_ROPE(q, k, q_weight, k_weight, cos, sin, float(eps), bool(gemma))
