@@ -18,7 +18,8 @@ AOTAutograd and Inductor built for the reference. Eager is the package's backwar
 counted for "% of copy": forward norms read x, w and write y; backward norms read x, w, dy and write dx, dw;
 add_rms_norm (residual add + RMSNorm, Liger's fused_add_rms_norm the peer) reads x, residual, w and writes the
 normed and summed rows, its backward reads summed, both output gradients and w and writes one input gradient
-and dw; the gated activation reads gate_up (and dy) and writes its output (d gate_up); RoPE reads and writes q and k.
+and dw; the gated activation reads gate_up (and dy) and writes its output (d gate_up); RoPE and qk_norm_rope (Qwen3's
+q_norm, k_norm and RoPE) read and write q and k (their backwards also read dq and dk).
 """
 from __future__ import annotations
 
@@ -204,8 +205,33 @@ def cases(ck, tiny: bool) -> list[dict]:
                 op=lambda q, k, c, s: ops.rope(q, k, c, s, 1),
                 eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
                 bwd_nbytes=rope_bytes, bwd_widths=[shape], n_diff=2, n_grads=2)
+    def qk_inputs(t, s, bwd):  # rope_inputs with q_norm / k_norm weights
+        q, k, cos, sin, *grads = rope_inputs(t, s, bwd)
+        w = lambda: (1 + 0.1 * torch.randn(s.head_dim, device=h.DEVICE)).bfloat16()  # noqa: E731
+        return q, k, w(), w(), cos, sin, *grads
+
+    def qk_ref(q, k, wq, wk, c, s):
+        return ck.qk_norm_rope_reference(q, k, wq, wk, c, s, EPS)
+
+    def qk_eager_bwd(q, k, wq, wk, c, s, dq, dk):  # the package's backward formula (ops.qk_norm_rope's) in PyTorch
+        dq, dk = ck.rope_reference(dq, dk, c, inverse(s))
+        (dq, dwq), (dk, dwk) = (ck.rms_norm_backward_reference(x, w, d, EPS) for x, w, d in ((q, wq, dq), (k, wk, dk)))
+        return dq, dk, dwq, dwk
+
+    def liger_qk(q, k, wq, wk, c, s):  # Liger's composition: its RMSNorm on q and on k, then its RoPE
+        qn, kn = (lg_norm.LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False) for x, w in ((q, wq), (k, wk)))
+        return lg_rope.liger_rotary_pos_emb(qn, kn, c, s)
+
+    # Qwen3's q_norm, k_norm and RoPE: ours one launch, compile fuses the same, Liger three launches
+    qk = pair("qk_norm_rope", qk_inputs,
+              lambda q, k, wq, wk, c, s: rope64(norm64(q, wq), norm64(k, wk), c, s),
+              dict(cutile=lambda *a: ck.qk_norm_rope(*a, EPS), eager=qk_ref, compile=h.compiled(qk_ref),
+                   liger=lg_norm and lg_rope and liger_qk),
+              rope_bytes, [shape] if tiny else [h.MODELS["qwen3-8b"]],
+              op=lambda q, k, wq, wk, c, s: ops.qk_norm_rope(q, k, wq, wk, c, s, EPS, False), eager_bwd=qk_eager_bwd,
+              bwd_nbytes=lambda t, s: 3 * rope_bytes(t, s) // 2, bwd_widths=[shape], n_diff=4, n_grads=2)
     found = [norm(False), norm(True), add_norm(False), add_norm(True), sandwich(), norm_add(), gated("silu"),
-             gated(h.GELU), rope]
+             gated(h.GELU), rope, qk]
     return [p[0] for p in found] + [p[1] for p in found]
 
 

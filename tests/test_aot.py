@@ -476,6 +476,7 @@ def _ops(ck, dtype, gen):
     s = int(torch.randint(1, 600, (1,), generator=gen))
     q, k = torch.randn(2, 32, s, hd, device=dev, dtype=dtype), torch.randn(2, 8, s, hd, device=dev, dtype=dtype)
     cos, sin = torch.randn(2, s, hd, device=dev, dtype=dtype), torch.randn(2, s, hd, device=dev, dtype=dtype)
+    wq, wk = torch.randn(hd, device=dev, dtype=dtype), torch.randn(hd, device=dev, dtype=dtype)
     return {
         "rms_norm": lambda: ck.rms_norm(x, w, 1e-6),
         "gemma_rms_norm": lambda: ck.gemma_rms_norm(x, w, 1e-6),
@@ -487,6 +488,8 @@ def _ops(ck, dtype, gen):
         "gated_act gelu": lambda: ck.gated_act(gu, "gelu_pytorch_tanh"),
         "gated_act_backward": lambda: ck.gated_act_backward_cutile(gu, gdy, "silu"),
         "rope": lambda: ck.apply_rotary_pos_emb(q, k, cos, sin),
+        "qk_norm_rope": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, False),
+        "qk_norm_rope gemma": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, True),
     }
 
 

@@ -62,8 +62,8 @@ def test_run_all_tiny(tmp_path, cache):
                                                          "gemma_add_rms_norm", "sandwich_rms_norm", "rms_norm_add",
                                                          "silu_mul", "gelu_tanh_mul")]
     want = {f"{op} | {m} x {w}" for op in ops for m in (2, 16)
-            for w in ([64] if "norm" in op else [160])} | {f"rope{d} | {m} x 4q+2kv x 16" for d in ("", " bwd")
-                                                            for m in (2, 16)}
+            for w in ([64] if "norm" in op else [160])} | {f"{op}{d} | {m} x 4q+2kv x 16" for d in ("", " bwd")
+                                                            for m in (2, 16) for op in ("rope", "qk_norm_rope")}
     assert set(table) == want
     for name, cells in table.items():  # every backward too: ours, eager and compile passed the float64 check
         for cell in (cells[2], *cells[4:6]):
