@@ -1,6 +1,7 @@
 """Choose every kernel's launch parameters for this GPU and write them into the per-GPU table.
 
-    python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,silu,gelu_pytorch_tanh,rope] [--quick] [--widths 128]
+    python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,silu,gelu_pytorch_tanh,rope,qk_norm_rope] [--quick]
+                              [--widths 128]
                               [--write kernel-src/cutile_tile/tuned.py] [--out DIR] [--workers 12]
     python -m benchmarks.tune --check     (every table bucket of this GPU against float64, poisoned outputs)
 
@@ -28,7 +29,7 @@ from . import harness as h
 ROWS = [1, 16, 64, 256, 512, 2048, 4096, 32768]
 # one real model width per table bucket ((width - 1).bit_length(): 128, 4096 for 2049..4096, 8192 for 4097..)
 WIDTHS = {"rms_norm": [128, 4096, 5120], "gemma_rms_norm": [256, 2560, 5376], "silu": [14336, 18944],
-          "gelu_pytorch_tanh": [15360, 21504], "rope": [128, 256]}
+          "gelu_pytorch_tanh": [15360, 21504], "rope": [128, 256], "qk_norm_rope": [128, 256]}
 # backward plans (RMSNorm's both forms share one key; the backward kernels take rows per tile and blocks per SM, or
 # the tile shape, of the same tuples)
 BACKWARD = {"rms_norm_backward": [4096, 5120], "silu_backward": [14336], "gelu_pytorch_tanh_backward": [15360]}
@@ -56,15 +57,17 @@ def candidates(op: str, width: int):
                 yield (tile_m, per_sm, tma, False)
                 if per_sm and not tma:  # the prefetching loop loads without TMA (see rms_norm_fwd)
                     yield (tile_m, per_sm, tma, True)
-    elif op == "rope":
+    elif op in ("rope", "qk_norm_rope"):  # qk_norm_rope: the row kernel (always tile loads) or RoPE's tiles
         half = width // 2
-        yield (0, 0, 0)  # rope_row: one position per block, all heads, gather/scatter
-        yield (0, 0, 1)  # rope_row with cos/sin tile loads
+        if op == "rope":
+            yield (0, 0, 0)  # rope_row: one position per block, all heads, gather/scatter
+        yield (0, 0, 1)  # rope_row (qk_norm_rope_row) with cos/sin tile loads
         # up to 32 heads per tile: one position with all of an 8B model's q heads in one tile (2 chunks per block)
         # is how TileGym's cuTile RoPE works; with outputs in q's layout rope_row won from 1 to 4096 tokens on the
         # H100 and one head per tile at 32768 (results/h100/tune_h100_rope_qlayout.md)
+        limit = 8192 if op == "rope" else 4096  # qk_norm_rope spills past 4096 on sm_90 (QK_TILE_ELEMENTS)
         for tile_s, tile_h in itertools.product((1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32)):
-            if tile_s * tile_h * half <= 8192:
+            if tile_s * tile_h * half <= limit:
                 for per_block in (1, 2, 4, 40):
                     yield (tile_s, tile_h, per_block)
     else:  # (rows, columns per tile, TMA loads, blocks per SM: 0 = one block per tile)
@@ -77,16 +80,23 @@ def candidates(op: str, width: int):
 def problem(ck, op: str, rows: int, width: int):
     """(inputs, launcher(inputs, out), float64 reference, output buffer, bytes moved)."""
     dev, bf16 = "cuda", torch.bfloat16
-    if op == "rope":  # rows = tokens of an 8B-style model: 32 q + 8 kv heads, (B, H, S, D) views of (B, S, H, D)
+    if op in ("rope", "qk_norm_rope"):  # rows = tokens of an 8B-style model: 32 q + 8 kv heads, (B, H, S, D)
+        # views of (B, S, H, D); qk_norm_rope: Qwen3's q_norm / k_norm (Llama form) first
         q = torch.randn(1, rows, 32, width, device=dev, dtype=bf16).transpose(1, 2)
         k = torch.randn(1, rows, 8, width, device=dev, dtype=bf16).transpose(1, 2)
         emb = (torch.rand(1, rows, width // 2, device=dev) * 100).repeat(1, 1, 2)
         cos, sin = emb.cos().to(bf16), emb.sin().to(bf16)
         outs = (torch.empty_like(q), torch.empty_like(k))  # laid out as the op allocates them
         rot = lambda x: torch.cat((-x[..., width // 2:], x[..., :width // 2]), -1)  # noqa: E731
-        ref = torch.cat([(x.double() * cos.double()[:, None] + rot(x.double()) * sin.double()[:, None]).flatten()
-                         for x in (q, k)])
-        run = lambda o: ck.rope_cutile(q, k, cos, sin, 1, q_out=o[0], k_out=o[1])  # noqa: E731
+        w = (1 + 0.1 * torch.randn(width, device=dev)).to(bf16)
+        norm64 = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()  # noqa: E731
+        pre = norm64 if op == "qk_norm_rope" else (lambda x: x)
+        ref = torch.cat([(x * cos.double()[:, None] + rot(x) * sin.double()[:, None]).flatten()
+                         for x in (pre(q.double()), pre(k.double()))])
+        if op == "rope":
+            run = lambda o: ck.rope_cutile(q, k, cos, sin, 1, q_out=o[0], k_out=o[1])  # noqa: E731
+        else:
+            run = lambda o: ck.qk_norm_rope_cutile(q, k, w, w, cos, sin, 1e-6, False, o[0], o[1])  # noqa: E731
         return run, ref, outs, 2 * 2 * rows * 40 * width + 2 * 2 * rows * width
     if op == "rms_norm_backward":  # (dx into the poisoned buffer, dweight) against float64
         x = torch.randn(rows, width, device=dev, dtype=bf16)
@@ -200,7 +210,7 @@ def check(ck, tuned, gpu) -> int:
         if not any(k[0] == gpu and k[1] == op for k in tuned.TABLE):
             continue  # nothing tuned for it on this GPU: the defaults, covered by the GPU tests
         for width in widths:
-            for rows in [1, 3, 17, 100, 333, 1000, 3000, 5000, 12000, 20000, 32768, 40000][:11 if op == "rope" else 12]:
+            for rows in [1, 3, 17, 100, 333, 1000, 3000, 5000, 12000, 20000, 32768, 40000][:11 if "rope" in op else 12]:
                 run, ref, outs, _ = problem(ck, op, rows, width)
                 for o in outs:
                     o.fill_(float("nan"))

@@ -36,8 +36,8 @@ def decoder_mapping(ck, family: str, repo: str, **options) -> dict:
     return ck.recommended_mapping(family, repo, decoder=True, **options)
 
 
-def plain_model(family: str, device: str, dtype):
-    config = config_for(family, **SLIDING.get(family, {}))
+def plain_model(family: str, device: str, dtype, **overrides):
+    config = config_for(family, **{**SLIDING.get(family, {}), **overrides})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_norms(model, torch.Generator().manual_seed(1))
@@ -88,8 +88,19 @@ def cache_tensors(cache) -> list:
 def test_decoder_layer_matches_transformers(device_ck, device, family, cache):
     """Left padding in one row, prefill + 3 decode steps: every step's logits and the cache contents equal
     transformers' (CPU fp32: exactly; GPU bf16: the cuTile add_rms_norm, no fallback, within bf16 tolerance)."""
+    check_against_transformers(device_ck, device, family, cache)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_fused_attention_matches_transformers(device_ck, device, family):
+    """The same with head_dim 64, which qk_norm_rope takes (the tiny configs' 16 keeps the attention module)."""
+    check_against_transformers(device_ck, device, family, "static", head_dim=64)
+
+
+def check_against_transformers(device_ck, device, family, cache, **overrides):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    reference = plain_model(family, device, dtype)
+    reference = plain_model(family, device, dtype, **overrides)
     ours = with_our_layers(device_ck, reference)
     ids = torch.randint(0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     ids = ids.to(device)
@@ -126,8 +137,11 @@ def test_sliding_window_is_in_effect(ck, family):
 def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
     """Qwen3's and Gemma3's layers run their attention through qk_norm_rope (once per layer and forward; the
     parity above covers its result); with a forward hook on an attention module (output recorders, TP) that
-    layer calls the module itself, and the hook sees it."""
-    reference = plain_model(family, "cpu", torch.float32)
+    layer calls the module itself, and the hook sees it; a head_dim the kernel does not take (the other tests'
+    16) keeps the module."""
+    assert not ck.decoder._fused_attention(plain_model(family, "cpu", torch.float32).model.layers[0].self_attn,
+                                           (torch.ones(1), torch.ones(1)))
+    reference = plain_model(family, "cpu", torch.float32, head_dim=32)
     ours = with_our_layers(ck, reference)
     calls = []
 

@@ -24,8 +24,10 @@ def plan(op: str, width: int, rows: int, gpu):
     if op == "rms_norm_backward":
         return norm.backward_launch(x, w, x, x, T(torch.float32, (norm.backward_blocks(x, gpu), width)), 1e-6,
                                     False, gpu)
-    if op == "rope":
+    if op in ("rope", "qk_norm_rope"):
         q, k, cs = T(BF16, (1, 32, rows, width)), T(BF16, (1, 8, rows, width)), T(BF16, (1, rows, width))
+        if op == "qk_norm_rope":
+            return rope.qk_norm_launch(q, k, cs, cs, cs, cs, q, k, 1e-6, False, gpu)
         return rope.forward_launch(q, k, cs, cs, q, k, gpu)
     if op.endswith("_backward"):
         return act.backward_launch(x, x, x, x, x, op[:-len("_backward")], gpu)

@@ -37,13 +37,17 @@ def _rotated(a, b, c, s, dtype):
     return _round(_round(a * c, dtype) + _round(b * s, dtype), dtype)
 
 
+def _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF):
+    ct.store(out, (b, c, s, 0), tile=ct.reshape(ct.astype(y1, out.dtype), (1, TILE_H, TILE_S, HALF)))
+    ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)))
+
+
 def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF):
     x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
     x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
     # heads past the end load as zero and their stores are clipped
     y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
-    ct.store(out, (b, c, s, 0), tile=ct.reshape(ct.astype(y1, out.dtype), (1, TILE_H, TILE_S, HALF)))
-    ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)))
+    _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
 def _cos_sin_half(t, b, s, i, TILE_S, HALF):
@@ -127,6 +131,36 @@ def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, G
     ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
 
 
+def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA):
+    # as _rotate, with every head row normalized first; padded heads load as zero (finite: eps > 0), not stored
+    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
+    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
+    squares = ct.sum(x1 * x1, axis=2, keepdims=True) + ct.sum(x2 * x2, axis=2, keepdims=True)
+    rstd = ct.rsqrt(squares / (2 * HALF) + eps)
+    w1 = ct.reshape(_weight_half(weight, 0, HALF, GEMMA), (1, 1, HALF))
+    w2 = ct.reshape(_weight_half(weight, 1, HALF, GEMMA), (1, 1, HALF))
+    n1, n2 = _normed_half(x1, rstd, w1, x.dtype, GEMMA), _normed_half(x2, rstd, w2, x.dtype, GEMMA)
+    y1, y2 = _rotated(n1, -n2, c1, s1, x.dtype), _rotated(n2, n1, c2, s2, x.dtype)
+    _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
+
+
+@ct.kernel
+def qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int,
+                     chunks_per_block: int, eps: float, GEMMA: ct.Constant[bool], HALF: ct.Constant[int],
+                     TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int]):
+    """qk_norm_rope_row's work split as rope_fwd's (tiles of TILE_S positions x TILE_H heads, chunks_per_block
+    chunks per block): for many positions, where one position per block leaves the norms' reductions exposed."""
+    s, b = ct.bid(0), ct.bid(1)
+    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF), _cos_sin_half(cos, b, s, 1, TILE_S, HALF)
+    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF), _cos_sin_half(sin, b, s, 1, TILE_S, HALF)
+    first = ct.bid(2) * chunks_per_block
+    for c in range(first, first + chunks_per_block):
+        if c < q_chunks:
+            _norm_rotate(q, q_weight, q_out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA)
+        elif c < n_chunks:
+            _norm_rotate(k, k_weight, k_out, b, c - q_chunks, s, c1, c2, s1, s2, eps, TILE_HK, TILE_S, HALF, GEMMA)
+
+
 @ct.kernel
 def qk_norm_rope_row(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float, GEMMA: ct.Constant[bool],
                      HALF: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int]):
@@ -144,12 +178,43 @@ def _pow2(n: int) -> int:
 
 
 def qk_norm_launch(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float, gemma: bool, gpu):
-    """(kernel, grid, args) of qk_norm_rope_row for q (B, Hq, S, D), k (B, Hk, S, D), weights (D,), cos/sin
-    (B, S, D); one launch form on every GPU (`gpu` unused: rope_row with tile loads won 1-4096 tokens on the
-    H100, results/h100/tune_h100_rope_tiled.md)."""
+    """(kernel, grid, args) of qk_norm_rope_row or qk_norm_rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), weights
+    (D,), cos/sin (B, S, D): this GPU's `qk_norm_rope` entry (the tuner's candidates are RoPE's), else
+    `qk_default_config`."""
     b, hq, s, d = q.shape
-    return qk_norm_rope_row, (s, b), (q, k, q_weight, k_weight, cos, sin, q_out, k_out, float(eps), bool(gemma),
-                                      d // 2, _pow2(hq), _pow2(k.shape[1]))
+    hk = k.shape[1]
+    config = (lookup(gpu[0], "qk_norm_rope", torch.bfloat16, d, b * s)
+              or qk_default_config(b * s, hq + hk, gpu[1], d // 2))
+    if config in (ROW, ROW_TILED):  # the row kernel always loads cos/sin as tiles
+        return qk_norm_rope_row, (s, b), (q, k, q_weight, k_weight, cos, sin, q_out, k_out, float(eps), bool(gemma),
+                                          d // 2, _pow2(hq), _pow2(hk))
+    grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config)
+    return qk_norm_rope_fwd, grid, (q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, chunks, per_block,
+                                    float(eps), bool(gemma), d // 2, tile_s, tile_h, tile_hk)
+
+
+QK_TILE_ELEMENTS = 4096  # elements per half-tile at most: sm_90 spills past it (the norm keeps more tiles live)
+
+
+def qk_default_config(tokens: int, heads: int, n_sms: int, half: int) -> tuple[int, int, int]:
+    """Untuned GPUs: the row kernel for decode-size batches (one launch, every head), else RoPE's tiles with
+    fewer positions where they would spill."""
+    if tokens <= 64:
+        return ROW_TILED
+    tile_s, tile_h, per_block = default_config(tokens, heads, n_sms)
+    while tile_s > 1 and tile_s * tile_h * half > QK_TILE_ELEMENTS:
+        tile_s //= 2
+    return tile_s, tile_h, per_block
+
+
+def _tiled_plan(s, b, hq, hk, config):
+    """(grid, q chunks, all chunks, TILE_S, TILE_H, TILE_HK, chunks per block) of a (TILE_S, TILE_H, chunks per
+    block) configuration: k's chunks are no wider than k has heads (8 kv heads beside a 32-head q tile: no padded
+    heads to rotate)."""
+    tile_s, tile_h, per_block = config
+    tile_hk = min(tile_h, _pow2(hk))
+    q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_hk)
+    return (-(-s // tile_s), b, -(-chunks // per_block)), q_chunks, chunks, tile_s, tile_h, tile_hk, per_block
 
 
 ROW = (0, 0, 0)  # the configuration that runs rope_row (cos/sin gathered)
@@ -184,11 +249,7 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
     if config in (ROW, ROW_TILED):
         return rope_row, (s, b), (q, k, cos, sin, q_out, k_out, d // 2, _pow2(hq), _pow2(hk), config == ROW_TILED)
-    tile_s, tile_h, per_block = config
-    # k's chunks are no wider than k has heads (8 kv heads beside a 32-head q tile: no padded heads to rotate)
-    tile_hk = min(tile_h, 1 << (hk - 1).bit_length())
-    q_chunks, chunks = -(-hq // tile_h), -(-hq // tile_h) + -(-hk // tile_hk)
-    grid = (-(-s // tile_s), b, -(-chunks // per_block))
+    grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config)
     return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h,
                             tile_hk)
 
@@ -205,14 +266,18 @@ def specializations(array):
             one, cs = array(dtype, (1, 1, 1, d)), array(dtype, (1, 1, d))  # rope_row (a tuned choice at decode)
             yield rope_row, (1, 1), (one, one, cs, cs, one, one, d // 2, 32, 8, False)
             w = array(dtype, (d,))
-            for gemma in (False, True):  # q_norm / k_norm + RoPE (Qwen3: Llama form; Gemma3)
-                yield qk_norm_rope_row, (1, 1), (one, one, w, w, cs, cs, one, one, 1e-6, gemma, d // 2, 32, 8)
+            for gemma in (False, True):  # q_norm / k_norm + RoPE (Qwen3: Llama form; Gemma3), decode and prefill
+                for s in (1, 4096):
+                    q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
+                    yield qk_norm_launch(q, k, w, w, cs, cs, q, k, 1e-6, gemma, ("", 132))
     seen = set()
-    for key, d, tokens in shapes("rope"):  # every tuned configuration (bf16), once
-        q, k = array(torch.bfloat16, (1, 32, tokens, d)), array(torch.bfloat16, (1, 8, tokens, d))
-        cs = array(torch.bfloat16, (1, tokens, d))
-        plan = forward_launch(q, k, cs, cs, q, k, (key, 132))
-        constants = (plan[0], plan[2][9:] if plan[0] is rope_fwd else plan[2][6:])
-        if constants not in seen:
-            seen.add(constants)
-            yield plan
+    for op in ("rope", "qk_norm_rope"):
+        for key, d, tokens in shapes(op):  # every tuned configuration (bf16; qk_norm_rope: Llama form), once
+            q, k = array(torch.bfloat16, (1, 32, tokens, d)), array(torch.bfloat16, (1, 8, tokens, d))
+            cs, w = array(torch.bfloat16, (1, tokens, d)), array(torch.bfloat16, (d,))
+            plan = (forward_launch(q, k, cs, cs, q, k, (key, 132)) if op == "rope" else
+                    qk_norm_launch(q, k, w, w, cs, cs, q, k, 1e-6, False, (key, 132)))
+            constants = (plan[0], tuple(a for a in plan[2] if not hasattr(a, "shape")))
+            if constants not in seen:
+                seen.add(constants)
+                yield plan

@@ -35,7 +35,7 @@ from torch import nn
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
 from .rms_norm import add_rms_norm, rms_norm_add, sandwich_rms_norm
-from .rope import qk_norm_rope
+from .rope import head_dim_supported, qk_norm_rope
 
 try:  # the decoder layers' base: gradient checkpointing in __call__ (kernels alone loads this without transformers)
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -86,8 +86,10 @@ QK_NORM_ATTENTION = {"Qwen3Attention": False, "Gemma3Attention": True}  # class 
 
 def _fused_attention(attn: nn.Module, position_embeddings) -> bool:
     """Whether `_attention` may stand in for attn's own forward: a Qwen3/Gemma3 attention (an exact class, not a
-    subclass) with one eps for both norms, and no hooks that calling it would run (output recorders, TP)."""
-    if QK_NORM_ATTENTION.get(type(attn).__name__) is None or position_embeddings is None:
+    subclass) of a head_dim the kernel takes, with one eps for both norms, and no hooks that calling it would run
+    (output recorders, TP). Otherwise the module runs (its norms and RoPE: their own kernels or transformers')."""
+    if QK_NORM_ATTENTION.get(type(attn).__name__) is None or position_embeddings is None \
+            or not head_dim_supported(getattr(attn, "head_dim", 0)):
         return False
     if attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks \
             or nn.modules.module._global_forward_pre_hooks:

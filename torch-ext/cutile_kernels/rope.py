@@ -34,6 +34,11 @@ def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1):
     return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
 
 
+def head_dim_supported(d: int) -> bool:
+    """The kernels take head dims twice a power of two, from 32 (the halves are tiles)."""
+    return d >= 32 and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0
+
+
 def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
     """None when the cuTile kernel takes these arguments, else why not."""
     reason = device_unsupported(q, DTYPES) or device_unsupported(k, DTYPES)
@@ -42,7 +47,7 @@ def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
     d = q.shape[-1]
     if unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return f"the layout is not (B, H, S, D) with cos (B, S, D) (unsqueeze_dim={unsqueeze_dim})"
-    if d % 2 or (d // 2) & (d // 2 - 1) or d < 32 or k.shape[-1] != d or cos.shape[-1] != d:
+    if not head_dim_supported(d) or k.shape[-1] != d or cos.shape[-1] != d:
         return f"head_dim {d} is not twice a power of two (>= 32) for q, k, cos and sin alike"
     if not (k.dtype is q.dtype and cos.dtype is q.dtype and sin.dtype is q.dtype) or cos.shape != sin.shape:
         return "q, k, cos and sin differ in dtype or cos/sin in shape"
