@@ -258,6 +258,22 @@ def test_qk_norm_rope(device_ck, device, dtype, gemma):
         check_qk_norm_rope(device_ck, *inputs, gemma, f"seed {seed}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(0, 0, 1), (1, 8, 1), (1, 32, 2), (32, 1, 4), (32, 1, 40), (4, 8, 2)])
+def test_every_kind_of_tuned_qk_choice_matches_float64(ck_gpu, config, monkeypatch):
+    """qk_norm_rope's table choices (the row kernel; tiles of positions x heads, several chunks per block) at
+    every bucket, real head counts (padded head tiles included), both forms, before the tuner may pick them."""
+    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
+    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    seed, rng = fresh_rng()
+    for hq, hk, d in [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]:
+        for bucket in range(1, 18):
+            monkeypatch.setitem(tuned.TABLE, (gpu, "qk_norm_rope", 2, (d - 1).bit_length(), bucket), config)
+        for gemma in (False, True):
+            inputs = qk_inputs(rng.choice([1, 2]), rng.choice([1, 3, 17, 300]), hq, hk, d, torch.bfloat16, "cuda")
+            check_qk_norm_rope(ck_gpu, *inputs, gemma, f"config {config} seed {seed}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gemma", [False, True], ids=["qwen3", "gemma3"])
 def test_qk_norm_rope_backward(device_ck, device, gemma):
