@@ -123,7 +123,7 @@ def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, G
     x1 = ct.astype(ct.gather(x, (b, h, s, d), latency=1), ct.float32)
     x2 = ct.astype(ct.gather(x, (b, h, s, d + HALF), latency=1), ct.float32)
     squares = ct.sum(x1 * x1, axis=1, keepdims=True) + ct.sum(x2 * x2, axis=1, keepdims=True)
-    rstd = ct.rsqrt(squares / (2 * HALF) + eps)
+    rstd = ct.rsqrt(squares * (1.0 / (2 * HALF)) + eps)  # an exact power of two: no IEEE division
     n1 = _normed_half(x1, rstd, _weight_half(weight, 0, HALF, GEMMA), x.dtype, GEMMA)
     n2 = _normed_half(x2, rstd, _weight_half(weight, 1, HALF, GEMMA), x.dtype, GEMMA)
     y1, y2 = _rotated(n1, -n2, c1, s1, x.dtype), _rotated(n2, n1, c2, s2, x.dtype)
@@ -136,7 +136,7 @@ def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, H
     x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
     x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
     squares = ct.sum(x1 * x1, axis=2, keepdims=True) + ct.sum(x2 * x2, axis=2, keepdims=True)
-    rstd = ct.rsqrt(squares / (2 * HALF) + eps)
+    rstd = ct.rsqrt(squares * (1.0 / (2 * HALF)) + eps)  # an exact power of two: no IEEE division
     w1 = ct.reshape(_weight_half(weight, 0, HALF, GEMMA), (1, 1, HALF))
     w2 = ct.reshape(_weight_half(weight, 1, HALF, GEMMA), (1, 1, HALF))
     n1, n2 = _normed_half(x1, rstd, w1, x.dtype, GEMMA), _normed_half(x2, rstd, w2, x.dtype, GEMMA)
