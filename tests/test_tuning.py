@@ -60,7 +60,7 @@ def test_rope_without_its_own_entry_runs_the_h100_configuration():
         q, k, cs = T(dtype, (1, 32, tokens, d)), T(dtype, (1, 8, tokens, d)), T(dtype, (1, tokens, d))
         kernel, _, args = rope.forward_launch(q, k, cs, cs, q, k, gpu)
         if kernel is rope.rope_row:
-            return rope.ROW_TILED if args[9] else rope.ROW
+            return rope.ROW_NATIVE if args[10] else rope.ROW_TILED if args[9] else rope.ROW
         return args[10], args[11], args[8]  # TILE_S, TILE_H, chunks
 
     for d in (128, 256):
@@ -93,7 +93,7 @@ def test_rope_chunks_cover_every_head_once(kv_heads, monkeypatch):
     the grid's third axis covers every chunk."""
     rope = MODULES["rope"]
     for config in tune.candidates("rope", 128):
-        if config in (rope.ROW, rope.ROW_TILED):
+        if config in (rope.ROW, rope.ROW_TILED, rope.ROW_NATIVE):
             continue  # rope_row: every head in one block (test_every_candidate_launch_matches_its_kernel)
         monkeypatch.setitem(TUNED.TABLE, ("test", "rope", 2, 7, 1), config)
         q, k, cs = T(BF16, (1, 32, 1, 128)), T(BF16, (1, kv_heads, 1, 128)), T(BF16, (1, 1, 128))
