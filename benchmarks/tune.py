@@ -62,8 +62,7 @@ def candidates(op: str, width: int):
         if op == "rope":
             yield (0, 0, 0)  # rope_row: one position per block, all heads, gather/scatter
         yield (0, 0, 1)  # rope_row (qk_norm_rope_row) with cos/sin tile loads
-        if op == "rope":
-            yield (0, 0, 2)  # rope_row with tile loads, rotating in the inputs' dtype (bf16: packed HMUL2/HADD2)
+        yield (0, 0, 2)  # the same rotating in the inputs' dtype (bf16: packed HMUL2/HADD2; `_summed_products`)
         # up to 32 heads per tile: one position with all of an 8B model's q heads in one tile (2 chunks per block)
         # is how TileGym's cuTile RoPE works; with outputs in q's layout rope_row won from 1 to 4096 tokens on the
         # H100 and one head per tile at 32768 (results/h100/tune_h100_rope_qlayout.md)
@@ -72,6 +71,8 @@ def candidates(op: str, width: int):
             if tile_s * tile_h * half <= limit:
                 for per_block in (1, 2, 4, 40):
                     yield (tile_s, tile_h, per_block)
+                    if op == "qk_norm_rope":  # NATIVE: after the norm's statistics, in the inputs' dtype
+                        yield (tile_s, tile_h, per_block, 1)
     else:  # (rows, columns per tile, TMA loads, blocks per SM: 0 = one block per tile)
         for tile_m, tile_n, tma, per_sm in itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (True, False),
                                                              (0, 4, 8)):

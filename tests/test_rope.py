@@ -260,10 +260,11 @@ def test_qk_norm_rope(device_ck, device, dtype, gemma):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(0, 0, 1), (1, 8, 1), (1, 32, 2), (32, 1, 4), (32, 1, 40), (4, 8, 2)])
+@pytest.mark.parametrize("config", [(0, 0, 1), (0, 0, 2), (1, 8, 1), (1, 32, 2), (32, 1, 4), (32, 1, 40), (4, 8, 2),
+                                    (1, 32, 2, 1), (32, 1, 40, 1)])
 def test_every_kind_of_tuned_qk_choice_matches_float64(ck_gpu, config, monkeypatch):
-    """qk_norm_rope's table choices (the row kernel; tiles of positions x heads, several chunks per block) at
-    every bucket, real head counts (padded head tiles included), both forms, before the tuner may pick them."""
+    """qk_norm_rope's table choices (the row kernel; tiles of positions x heads, several chunks per block; a
+    fourth element or (0, 0, 2): in the inputs' dtype after the norm's statistics) at every bucket, real head counts (padded head tiles included), both forms, before the tuner may pick them."""
     tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
     gpu = tuned.gpu_key(torch.cuda.get_device_name())
     seed, rng = fresh_rng()
@@ -346,10 +347,10 @@ def test_qk_norm_rope_launcher_glue(ck, monkeypatch):
     plans = recorded_launches(ck, "rope", monkeypatch)
     q, k, wq, wk, cos, sin, eps = qk_inputs(2, 3, 4, 2, 64, torch.bfloat16, "cpu")
     q_out, k_out = ck.qk_norm_rope_cutile(q, k, wq, wk, cos[:1], sin[:1], eps, True)
-    (q_in, k_in, wq_in, wk_in, cos_in, sin_in, q_rows, k_rows, eps_in, gemma, half, tile_h, tile_hk), = plans
+    (q_in, k_in, wq_in, wk_in, cos_in, sin_in, q_rows, k_rows, eps_in, gemma, half, tile_h, tile_hk, native), = plans
     assert q_in is q and k_in is k and wq_in is wq and wk_in is wk
     assert cos_in.shape == (2, 3, 64) and cos_in.stride(0) != 0 and torch.equal(sin_in, sin[:1].expand(2, 3, 64))
-    assert (eps_in, gemma, half, tile_h, tile_hk) == (eps, True, 32, 4, 2)
+    assert (eps_in, gemma, half, tile_h, tile_hk, native) == (eps, True, 32, 4, 2, False)
     assert (q_out.stride(), k_out.stride()) == (q.stride(), k.stride())
     assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())
 

@@ -50,9 +50,9 @@ def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF):
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
-def _cos_sin_half(t, b, s, i, TILE_S, HALF):
+def _cos_sin_half(t, b, s, i, TILE_S, HALF, NATIVE=False):
     tile = ct.load(t, (b, s, i), shape=(1, TILE_S, HALF), padding_mode=_ZERO)
-    return ct.astype(tile, ct.float32)  # (1, TILE_S, HALF) broadcasts over the TILE_H heads
+    return tile if NATIVE else ct.astype(tile, ct.float32)  # (1, TILE_S, HALF) broadcasts over the TILE_H heads
 
 
 @ct.kernel
@@ -118,21 +118,34 @@ def rope_row(q, k, cos, sin, q_out, k_out, HALF: ct.Constant[int], TILE_H: ct.Co
     _rotate_rows(k, k_out, b, s, c1, c2, s1, s2, TILE_HK, HALF, NATIVE)
 
 
-def _normed_half(xh, rstd, w, dtype, GEMMA):
-    """One half of a head's RMSNorm output in x's dtype (as q_norm/k_norm return it), rounded as transformers
-    rounds: Llama form (Qwen3) x̂ rounded before the weight product, Gemma form x̂·(1 + w) rounded once."""
+def _normed_half(xh, rstd, w, dtype, GEMMA, NATIVE):
+    """One half of a head's RMSNorm output rounded to x's dtype (as q_norm/k_norm return it) as transformers
+    rounds: Llama form (Qwen3) x̂ rounded before the weight product, Gemma form x̂·(1 + w) rounded once. In fp32
+    tiles, or NATIVE in x's dtype (the Llama form's weight product then too: w in x's dtype)."""
     normed = xh * rstd
+    if NATIVE:
+        return ct.astype(normed, dtype) * w if not GEMMA else ct.astype(normed * w, dtype)
     if not GEMMA:
         normed = _round(normed, dtype)
     return _round(normed * w, dtype)
 
 
-def _weight_half(weight, i, HALF, GEMMA):
-    w = ct.reshape(ct.astype(ct.load(weight, (i,), shape=(HALF,)), ct.float32), (1, HALF))
+def _weight_half(weight, i, HALF, GEMMA, NATIVE):
+    # (1, HALF) in fp32 (Gemma: 1 + w), or NATIVE Llama form in the weight's dtype
+    w = ct.reshape(ct.load(weight, (i,), shape=(HALF,)), (1, HALF))
+    if NATIVE and not GEMMA:
+        return w
+    w = ct.astype(w, ct.float32)
     return w + 1.0 if GEMMA else w
 
 
-def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, GEMMA):
+def _rope_pair(n1, n2, c1, c2, s1, s2, dtype, NATIVE):
+    if NATIVE:
+        return _summed_products(n1, c1, -n2, s1), _summed_products(n2, c2, n1, s2)
+    return _rotated(n1, -n2, c1, s1, dtype), _rotated(n2, n1, c2, s2, dtype)
+
+
+def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, GEMMA, NATIVE):
     # as _rotate_rows, with every head row normalized first (its two halves share one sum of squares)
     h = ct.reshape(ct.arange(TILE_H, dtype=ct.int32), (TILE_H, 1))
     d = ct.reshape(ct.arange(HALF, dtype=ct.int32), (1, HALF))
@@ -140,53 +153,59 @@ def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, G
     x2 = ct.astype(ct.gather(x, (b, h, s, d + HALF), latency=1), ct.float32)
     squares = ct.sum(x1 * x1, axis=1, keepdims=True) + ct.sum(x2 * x2, axis=1, keepdims=True)
     rstd = ct.rsqrt(squares * (1.0 / (2 * HALF)) + eps)  # an exact power of two: no IEEE division
-    n1 = _normed_half(x1, rstd, _weight_half(weight, 0, HALF, GEMMA), x.dtype, GEMMA)
-    n2 = _normed_half(x2, rstd, _weight_half(weight, 1, HALF, GEMMA), x.dtype, GEMMA)
-    y1, y2 = _rotated(n1, -n2, c1, s1, x.dtype), _rotated(n2, n1, c2, s2, x.dtype)
+    n1 = _normed_half(x1, rstd, _weight_half(weight, 0, HALF, GEMMA, NATIVE), x.dtype, GEMMA, NATIVE)
+    n2 = _normed_half(x2, rstd, _weight_half(weight, 1, HALF, GEMMA, NATIVE), x.dtype, GEMMA, NATIVE)
+    y1, y2 = _rope_pair(n1, n2, c1, c2, s1, s2, x.dtype, NATIVE)
     ct.scatter(out, (b, h, s, d), ct.astype(y1, out.dtype), latency=1)
     ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
 
 
-def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA):
+def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE):
     # as _rotate, with every head row normalized first; padded heads load as zero (finite: eps > 0), not stored
     x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
     x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
     squares = ct.sum(x1 * x1, axis=2, keepdims=True) + ct.sum(x2 * x2, axis=2, keepdims=True)
     rstd = ct.rsqrt(squares * (1.0 / (2 * HALF)) + eps)  # an exact power of two: no IEEE division
-    w1 = ct.reshape(_weight_half(weight, 0, HALF, GEMMA), (1, 1, HALF))
-    w2 = ct.reshape(_weight_half(weight, 1, HALF, GEMMA), (1, 1, HALF))
-    n1, n2 = _normed_half(x1, rstd, w1, x.dtype, GEMMA), _normed_half(x2, rstd, w2, x.dtype, GEMMA)
-    y1, y2 = _rotated(n1, -n2, c1, s1, x.dtype), _rotated(n2, n1, c2, s2, x.dtype)
+    w1 = ct.reshape(_weight_half(weight, 0, HALF, GEMMA, NATIVE), (1, 1, HALF))
+    w2 = ct.reshape(_weight_half(weight, 1, HALF, GEMMA, NATIVE), (1, 1, HALF))
+    n1 = _normed_half(x1, rstd, w1, x.dtype, GEMMA, NATIVE)
+    n2 = _normed_half(x2, rstd, w2, x.dtype, GEMMA, NATIVE)
+    y1, y2 = _rope_pair(n1, n2, c1, c2, s1, s2, x.dtype, NATIVE)
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
 @ct.kernel
 def qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int,
                      chunks_per_block: int, eps: float, GEMMA: ct.Constant[bool], HALF: ct.Constant[int],
-                     TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int]):
+                     TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int],
+                     NATIVE: ct.Constant[bool]):
     """qk_norm_rope_row's work split as rope_fwd's (tiles of TILE_S positions x TILE_H heads, chunks_per_block
-    chunks per block): for many positions, where one position per block leaves the norms' reductions exposed."""
+    chunks per block): for many positions, where one position per block leaves the norms' reductions exposed.
+    NATIVE: after the norm's statistics, the rest in the inputs' dtype (`_summed_products`)."""
     s, b = ct.bid(0), ct.bid(1)
-    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF), _cos_sin_half(cos, b, s, 1, TILE_S, HALF)
-    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF), _cos_sin_half(sin, b, s, 1, TILE_S, HALF)
+    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
+    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
     first = ct.bid(2) * chunks_per_block
     for c in range(first, first + chunks_per_block):
         if c < q_chunks:
-            _norm_rotate(q, q_weight, q_out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA)
+            _norm_rotate(q, q_weight, q_out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE)
         elif c < n_chunks:
-            _norm_rotate(k, k_weight, k_out, b, c - q_chunks, s, c1, c2, s1, s2, eps, TILE_HK, TILE_S, HALF, GEMMA)
+            _norm_rotate(k, k_weight, k_out, b, c - q_chunks, s, c1, c2, s1, s2, eps, TILE_HK, TILE_S, HALF, GEMMA,
+                         NATIVE)
 
 
 @ct.kernel
 def qk_norm_rope_row(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float, GEMMA: ct.Constant[bool],
-                     HALF: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int]):
+                     HALF: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int],
+                     NATIVE: ct.Constant[bool]):
     """Qwen3's and Gemma3's q_norm / k_norm (RMSNorm over head_dim) followed by RoPE, as rope_row (cos/sin tile
-    loads): one position per block, every head of q and of k; the normalized heads never go to memory."""
+    loads): one position per block, every head of q and of k; the normalized heads never go to memory. NATIVE:
+    as in qk_norm_rope_fwd."""
     s, b = ct.bid(0), ct.bid(1)
-    c1, c2 = _row_half(cos, b, s, 0, HALF, True), _row_half(cos, b, s, 1, HALF, True)
-    s1, s2 = _row_half(sin, b, s, 0, HALF, True), _row_half(sin, b, s, 1, HALF, True)
-    _norm_rotate_rows(q, q_weight, q_out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, GEMMA)
-    _norm_rotate_rows(k, k_weight, k_out, b, s, c1, c2, s1, s2, eps, TILE_HK, HALF, GEMMA)
+    c1, c2 = _row_half(cos, b, s, 0, HALF, True, NATIVE), _row_half(cos, b, s, 1, HALF, True, NATIVE)
+    s1, s2 = _row_half(sin, b, s, 0, HALF, True, NATIVE), _row_half(sin, b, s, 1, HALF, True, NATIVE)
+    _norm_rotate_rows(q, q_weight, q_out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, GEMMA, NATIVE)
+    _norm_rotate_rows(k, k_weight, k_out, b, s, c1, c2, s1, s2, eps, TILE_HK, HALF, GEMMA, NATIVE)
 
 
 def _pow2(n: int) -> int:
@@ -195,18 +214,19 @@ def _pow2(n: int) -> int:
 
 def qk_norm_launch(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of qk_norm_rope_row or qk_norm_rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), weights
-    (D,), cos/sin (B, S, D): this GPU's `qk_norm_rope` entry (the tuner's candidates are RoPE's), else
-    `qk_default_config`."""
+    (D,), cos/sin (B, S, D): this GPU's `qk_norm_rope` entry (RoPE's candidates, each also with a fourth element 1:
+    NATIVE), else `qk_default_config`."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     config = (lookup(gpu[0], "qk_norm_rope", torch.bfloat16, d, b * s)
               or qk_default_config(b * s, hq + hk, gpu[1], d // 2))
-    if config in (ROW, ROW_TILED):  # the row kernel always loads cos/sin as tiles
+    native = config == ROW_NATIVE or len(config) == 4 and bool(config[3])
+    if config in (ROW, ROW_TILED, ROW_NATIVE):  # the row kernel always loads cos/sin as tiles
         return qk_norm_rope_row, (s, b), (q, k, q_weight, k_weight, cos, sin, q_out, k_out, float(eps), bool(gemma),
-                                          d // 2, _pow2(hq), _pow2(hk))
-    grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config)
+                                          d // 2, _pow2(hq), _pow2(hk), native)
+    grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
     return qk_norm_rope_fwd, grid, (q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, chunks, per_block,
-                                    float(eps), bool(gemma), d // 2, tile_s, tile_h, tile_hk)
+                                    float(eps), bool(gemma), d // 2, tile_s, tile_h, tile_hk, native)
 
 
 QK_TILE_ELEMENTS = 4096  # elements per half-tile at most: sm_90 spills past it (the norm keeps more tiles live)
@@ -290,6 +310,12 @@ def specializations(array):
                 for s in (1, 4096):
                     q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
                     yield qk_norm_launch(q, k, w, w, cs, cs, q, k, 1e-6, gemma, ("", 132))
+                if d == 128 and dtype is not torch.float16:  # the tuner's native-dtype candidates compile
+                    one, cs = array(dtype, (1, 32, 1, d)), array(dtype, (1, 1, d))
+                    kv = array(dtype, (1, 8, 1, d))
+                    yield qk_norm_rope_row, (1, 1), (one, kv, w, w, cs, cs, one, kv, 1e-6, gemma, d // 2, 32, 8, True)
+                    yield qk_norm_rope_fwd, (1, 1, 1), (one, kv, w, w, cs, cs, one, kv, 1, 2, 2, 1e-6, gemma, d // 2,
+                                                        32, 1, 1, True)
     seen = set()
     for op in ("rope", "qk_norm_rope"):
         for key, d, tokens in shapes(op):  # every tuned configuration (bf16; qk_norm_rope: Llama form), once
