@@ -438,6 +438,22 @@ def test_cubins_of_8b_launches_access_memory_as_the_jit_does(tmp_path):
     assert len(checked) >= 5
 
 
+def test_native_rotation_is_not_contracted(tmp_path):
+    """rope_row's NATIVE form (tuner candidate (0, 0, 2)) rounds each product and the sum as transformers does:
+    in its sm_90 SASS no fused multiply-add takes a register addend (bf16: HFMA2 only as a product, x*1 + y or a
+    negation; fp32: no FFMA), which cuTile's front end would emit for a product feeding an add."""
+    rope, T = ca.planning_modules()["rope"], ca.Tensor
+    contracted = re.compile(r"\b[HF]FMA2?[.A-Z0-9_]* R\d+, -?\|?R\d+[.A-Z0-9_]*\|?, -?\|?R\d+[.A-Z0-9_]*\|?, -?R\d+")
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, cs = T(dtype, (1, 32, 1, 128)), T(dtype, (1, 8, 1, 128)), T(dtype, (1, 1, 128))
+        path = tmp_path / f"{dtype}.cubin"
+        path.write_bytes(ca.export(ca.spec_of((rope.rope_row, (1, 1), (q, k, cs, cs, q, k, 64, 32, 8, True, True))),
+                                   "sm_90"))
+        sass = subprocess.run([_nvdisasm(), str(path)], capture_output=True, text=True, check=True).stdout
+        assert "MUL2" in sass or "FMUL" in sass, dtype
+        assert not contracted.findall(sass), (dtype, contracted.findall(sass)[:4])
+
+
 def test_a_partial_cache_packs_no_arch(tmp_path):
     spec, archs = next(iter(ca.aot_specs().items()))
     path = ca.cubin_path(spec, archs[0], ca.source_digests(), ca.compiler_version(), tmp_path / "cache")
