@@ -160,6 +160,33 @@ def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
     assert hooked == [True] and len(calls) == len(ours.model.layers) - 1
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_fused_attention_passes_the_attention_function_what_the_module_passes(ck, family):
+    """The attention function (here a registered one that records its keyword arguments, then runs sdpa) sees
+    the same arguments from our layer's fused attention as from the attention module's own forward
+    (position_ids included: flash attention reads it for packed sequences)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append({k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)} | {
+            k: v.shape for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("cutile_test_recording", recording)
+    reference = plain_model(family, "cpu", torch.float32, head_dim=32)
+    ours = with_our_layers(ck, reference)
+    for model in (reference, ours):
+        model.config._attn_implementation = "cutile_test_recording"
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    want = logits(reference, ids)
+    from_module, seen[:] = list(seen), []
+    assert torch.equal(logits(ours, ids), want)
+    assert seen == from_module and "position_ids" in seen[0]
+
+
 def test_layout_reference_forward_is_transformers(ck):
     """The Layouts' own forward (training without enable_training, kernels' fallbacks) is transformers'."""
     for family in ("qwen3", "gemma3"):

@@ -77,19 +77,28 @@ def test_rope(device_ck, device, dtype):
         check_rope(device_ck, *inputs, unsqueeze_dim, f"seed {seed}")
 
 
+REAL_HEADS = [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]  # q heads, kv heads, head_dim
+
+
+def table_everywhere(ck_gpu, op: str, d: int, config, monkeypatch) -> None:
+    """This GPU's table gives `config` for `op` at head_dim d in every token bucket (undone after the test)."""
+    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
+    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    for bucket in range(1, 18):
+        monkeypatch.setitem(tuned.TABLE, (gpu, op, 2, (d - 1).bit_length(), bucket), config)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(0, 0, 0), (0, 0, 1), (0, 0, 2), (1, 32, 1), (1, 32, 2), (2, 8, 3), (16, 1, 4),
                                     (8, 1, 40)])
 def test_every_kind_of_tuned_choice_matches_float64(ck_gpu, config, monkeypatch):
     """What the tuner may write into this GPU's table, run before it is chosen: rope_row ((0, 0, 0); (0, 0, 1) with
-    cos/sin tile loads; (0, 0, 2) also rotating in the inputs' dtype), q tiles of 32 heads beside k's narrower ones, several chunks per block, position tiles;
-    real head counts, both layouts, two dtypes (every dtype takes the 16-bit entries)."""
-    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
-    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    cos/sin tile loads; (0, 0, 2) also rotating in the inputs' dtype), q tiles of 32 heads beside k's narrower
+    ones, several chunks per block, position tiles; real head counts, both layouts, two dtypes (every dtype takes
+    the 16-bit entries)."""
     seed, rng = fresh_rng()
-    for hq, hk, d in [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]:
-        for bucket in range(1, 18):
-            monkeypatch.setitem(tuned.TABLE, (gpu, "rope", 2, (d - 1).bit_length(), bucket), config)
+    for hq, hk, d in REAL_HEADS:
+        table_everywhere(ck_gpu, "rope", d, config, monkeypatch)
         for dtype in (torch.bfloat16, torch.float32):
             b, s, unsqueeze_dim = rng.choice([1, 2]), rng.choice([1, 3, 17, 300]), rng.choice([1, 2])
             inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, "cuda")
@@ -264,13 +273,11 @@ def test_qk_norm_rope(device_ck, device, dtype, gemma):
                                     (1, 32, 2, 1), (32, 1, 40, 1)])
 def test_every_kind_of_tuned_qk_choice_matches_float64(ck_gpu, config, monkeypatch):
     """qk_norm_rope's table choices (the row kernel; tiles of positions x heads, several chunks per block; a
-    fourth element or (0, 0, 2): in the inputs' dtype after the norm's statistics) at every bucket, real head counts (padded head tiles included), both forms, before the tuner may pick them."""
-    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
-    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    fourth element or (0, 0, 2): in the inputs' dtype after the norm's statistics) at every bucket, real head
+    counts (padded head tiles included), both forms, before the tuner may pick them."""
     seed, rng = fresh_rng()
-    for hq, hk, d in [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]:
-        for bucket in range(1, 18):
-            monkeypatch.setitem(tuned.TABLE, (gpu, "qk_norm_rope", 2, (d - 1).bit_length(), bucket), config)
+    for hq, hk, d in REAL_HEADS:
+        table_everywhere(ck_gpu, "qk_norm_rope", d, config, monkeypatch)
         for gemma in (False, True):
             inputs = qk_inputs(rng.choice([1, 2]), rng.choice([1, 3, 17, 300]), hq, hk, d, torch.bfloat16, "cuda")
             check_qk_norm_rope(ck_gpu, *inputs, gemma, f"config {config} seed {seed}")
@@ -306,7 +313,8 @@ def test_qk_norm_rope_reference_is_transformers_attention(ck, family, dtype):
         torch.nn.init.normal_(norm.weight)
     q, k, _, _, cos, sin, _ = qk_inputs(2, 5, 4, 2, attention.head_dim, dtype, "cpu")
     if family == "qwen3":
-        want_q, want_k = (n(x.transpose(1, 2)).transpose(1, 2) for n, x in ((attention.q_norm, q), (attention.k_norm, k)))
+        pairs = ((attention.q_norm, q), (attention.k_norm, k))
+        want_q, want_k = (n(x.transpose(1, 2)).transpose(1, 2) for n, x in pairs)
     else:
         want_q, want_k = attention.q_norm(q), attention.k_norm(k)
     want = modeling.apply_rotary_pos_emb(want_q, want_k, cos, sin)

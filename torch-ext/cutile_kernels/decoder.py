@@ -129,7 +129,9 @@ def _self_attention(layer: nn.Module, hidden_states, position_embeddings, attent
     """The decoder layer's `self_attn(...)` output: through `_attention` for Qwen3/Gemma3, else the module."""
     attn = layer.self_attn
     if _fused_attention(attn, position_embeddings):
-        return _attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        # position_ids goes on to the attention function, as the module's call passes it (flash attention reads it)
+        return _attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values,
+                          position_ids=position_ids, **kwargs)
     return attn(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past_key_values, **kwargs)[0]
 
