@@ -215,10 +215,11 @@ def _pow2(n: int) -> int:
 def qk_norm_launch(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of qk_norm_rope_row or qk_norm_rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), weights
     (D,), cos/sin (B, S, D): this GPU's `qk_norm_rope` entry (RoPE's candidates, each also with a fourth element 1:
-    NATIVE), else `qk_default_config`."""
+    NATIVE), else the H100's (any dtype, as RoPE), else `qk_default_config` (head dims no table holds)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     config = (lookup(gpu[0], "qk_norm_rope", torch.bfloat16, d, b * s)
+              or lookup(REFERENCE_GPU, "qk_norm_rope", torch.bfloat16, d, b * s)  # as RoPE (see REFERENCE_GPU)
               or qk_default_config(b * s, hq + hk, gpu[1], d // 2))
     native = config == ROW_NATIVE or len(config) == 4 and bool(config[3])
     if config in (ROW, ROW_TILED, ROW_NATIVE):  # the row kernel always loads cos/sin as tiles
