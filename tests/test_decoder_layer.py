@@ -187,6 +187,29 @@ def test_fused_attention_passes_the_attention_function_what_the_module_passes(ck
     assert seen == from_module and "position_ids" in seen[0]
 
 
+def test_fused_attention_compiles_with_fullgraph(ck, monkeypatch):
+    """Qwen3's and Gemma3's layers through qk_norm_rope (head_dim 64) compile with fullgraph=True (a graph break
+    raises: the hook checks and the op are traceable), run the op once per layer and equal the eager forward."""
+    calls = []
+
+    def counted(*args):  # the custom op's body on CPU: its reference
+        calls.append(args[-1])
+        return ck.rope.qk_norm_rope_reference(*args)
+
+    monkeypatch.setattr(ck.rope.QK_NORM_ROPE, "reference", counted)
+    for family in ("qwen3", "gemma3"):
+        reference = plain_model(family, "cpu", torch.float32, head_dim=64)
+        ours = with_our_layers(ck, reference)
+        ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(5))
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = logits(ours, ids)
+            calls.clear()
+            got = torch.compile(ours, backend="aot_eager", fullgraph=True)(ids).logits
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), family
+        assert len(calls) == len(ours.model.layers), family
+
+
 def test_layout_reference_forward_is_transformers(ck):
     """The Layouts' own forward (training without enable_training, kernels' fallbacks) is transformers'."""
     for family in ("qwen3", "gemma3"):
