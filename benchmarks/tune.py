@@ -1,6 +1,7 @@
 """Choose every kernel's launch parameters for this GPU and write them into the per-GPU table.
 
-    python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,silu,gelu_pytorch_tanh,rope,qk_norm_rope] [--quick]
+    python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,add_rms_norm,gemma_add_rms_norm,silu,gelu_pytorch_tanh,
+                               rope,qk_norm_rope] [--quick]
                               [--widths 128]
                               [--write kernel-src/cutile_tile/tuned.py] [--out DIR] [--workers 12]
     python -m benchmarks.tune --check     (every table bucket of this GPU against float64, poisoned outputs)
@@ -29,7 +30,9 @@ from . import harness as h
 ROWS = [1, 16, 64, 256, 512, 2048, 4096, 32768]
 # one real model width per table bucket ((width - 1).bit_length(): 128, 4096 for 2049..4096, 8192 for 4097..)
 WIDTHS = {"rms_norm": [128, 4096, 5120], "gemma_rms_norm": [256, 2560, 5376], "silu": [14336, 18944],
-          "gelu_pytorch_tanh": [15360, 21504], "rope": [128, 256], "qk_norm_rope": [128, 256]}
+          "gelu_pytorch_tanh": [15360, 21504], "rope": [128, 256], "qk_norm_rope": [128, 256],
+          # the fused residual add + norm (also what sandwich_rms_norm and rms_norm_add launch with)
+          "add_rms_norm": [4096, 5120], "gemma_add_rms_norm": [2560, 5376]}
 # backward plans (RMSNorm's both forms share one key; the backward kernels take rows per tile and blocks per SM, or
 # the tile shape, of the same tuples)
 BACKWARD = {"rms_norm_backward": [4096, 5120], "silu_backward": [14336], "gelu_pytorch_tanh_backward": [15360]}
@@ -48,14 +51,15 @@ def candidates(op: str, width: int):
         for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
             if tile_m * tile_n <= 4096:
                 yield (tile_m, tile_n, True)
-    elif op in ("rms_norm", "gemma_rms_norm"):
+    elif op in ("rms_norm", "gemma_rms_norm", "add_rms_norm", "gemma_add_rms_norm"):
         tile_n = max(64, 1 << (width - 1).bit_length())
+        fused = "add" in op  # no prefetching form (sm_90: 4 x 4096 tiles of two inputs still do not spill)
         if tile_n <= 8192:
-            yield (0, 0, False, False)  # rms_norm_row: one row per block, gather/scatter
+            yield (0, 0, False, False)  # the one-row kernel (rms_norm_row, add_rms_norm_row): gather/scatter
         for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
             for per_sm, tma in itertools.product((1, 2, 4, 8, 0), (True, False)):
                 yield (tile_m, per_sm, tma, False)
-                if per_sm and not tma:  # the prefetching loop loads without TMA (see rms_norm_fwd)
+                if per_sm and not tma and not fused:  # the prefetching loop loads without TMA (see rms_norm_fwd)
                     yield (tile_m, per_sm, tma, True)
     elif op in ("rope", "qk_norm_rope"):  # qk_norm_rope: the row kernel (always tile loads) or RoPE's tiles
         half = width // 2
@@ -115,6 +119,15 @@ def problem(ck, op: str, rows: int, width: int):
         ref = ck.gated_act_backward_reference(gu.double(), dy.double(), act)
         run = lambda o: ck.gated_act_backward_cutile(gu, dy, act, grad=o[0])  # noqa: E731
         return run, ref, (torch.empty_like(gu),), 10 * rows * width
+    if op in ("add_rms_norm", "gemma_add_rms_norm"):  # (normed, summed) into the poisoned buffers
+        gemma = op == "gemma_add_rms_norm"
+        x, r = torch.randn(rows, width, device=dev, dtype=bf16), torch.randn(rows, width, device=dev, dtype=bf16)
+        w = (1 + 0.1 * torch.randn(width, device=dev)).to(bf16)
+        s64 = x.double() + r.double()
+        h = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ref = torch.cat([(h * (1 + w.double()) if gemma else h * w.double()).flatten(), s64.flatten()])
+        run = lambda o: ck.add_rms_norm_cutile(x, r, w, 1e-6, gemma, out=o[0], summed=o[1])  # noqa: E731
+        return run, ref, (torch.empty_like(x), torch.empty_like(x)), 8 * rows * width
     if op in ("rms_norm", "gemma_rms_norm"):
         gemma = op == "gemma_rms_norm"
         x = torch.randn(rows, width, device=dev, dtype=bf16)

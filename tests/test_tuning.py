@@ -21,6 +21,8 @@ def plan(op: str, width: int, rows: int, gpu):
     x, w = T(BF16, (rows, width)), T(BF16, (width,))
     if op in ("rms_norm", "gemma_rms_norm"):
         return norm.forward_launch(x, w, x, 1e-6, op == "gemma_rms_norm", gpu)
+    if op in ("add_rms_norm", "gemma_add_rms_norm"):
+        return norm.add_forward_launch(x, x, w, x, x, 1e-6, op == "gemma_add_rms_norm", gpu)
     if op == "rms_norm_backward":
         return norm.backward_launch(x, w, x, x, T(torch.float32, (norm.backward_blocks(x, gpu), width)), 1e-6,
                                     False, gpu)
