@@ -25,11 +25,13 @@ from . import harness as h
 # kernel name -> category, first match wins (device kernel names on a GPU, aten operator names on CPU)
 CATEGORIES = [
     ("ours (cuTile)", r"rms_norm_fwd|rms_norm_row|rms_norm_bwd|gated_act_fwd|gated_act_bwd|rope_fwd|rope_row|"
-                      r"add_rms_norm_fwd|rms_norm_add_fwd|rms_norm_add_row|"
+                      r"add_rms_norm_fwd|rms_norm_add_fwd|rms_norm_add_row|qk_norm_rope|"
                       r"cutile_kernels"),
-    # attention before GEMM: cuDNN's attention kernels carry 'sm90_' in their names
-    ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
-    ("GEMM", r"gemm|gemv|nvjet|cutlass|xmma|sm90_|matmul|aten::mm|aten::addmm|aten::linear|aten::bmm"),
+    # attention before GEMM: cuDNN's attention kernels carry 'sm90_' in their names; its decode attention ends in
+    # a `cudnn::fusion::lean_reduction_kernel`
+    ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product|cudnn::fusion::lean_reduction"),
+    # cuBLASLt's split-K GEMMs (decode) finish in a splitKreduce_kernel launch of their own
+    ("GEMM", r"gemm|gemv|nvjet|cutlass|xmma|sm90_|matmul|splitKreduce|aten::mm|aten::addmm|aten::linear|aten::bmm"),
     ("copies, casts", r"copy|cat|CatArray|cast|aten::to$|contiguous|transpose|clone"),
     ("elementwise", r"elementwise|vectorized|add|mul|silu|gelu|rsqrt|pow|mean|reduce|neg|where|embedding|index"),
 ]

@@ -190,6 +190,9 @@ def test_category_names_gpu_kernels():
     assert coverage.category("pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert coverage.category("void at::native::elementwise_kernel<128, 2, ...>") == "elementwise"
     assert coverage.category("CatArrayBatchedCopy") == "copies, casts"
+    assert coverage.category("qk_norm_rope_row_Kt1_A4bf16") == "ours (cuTile)"
+    assert coverage.category("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>") == "GEMM"
+    assert coverage.category("void cudnn::fusion::lean_reduction_kernel<false, false, false>(...)") == "attention"
 
 
 def test_compiled_decode_tiny(tmp_path, cache):
