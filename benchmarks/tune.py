@@ -315,7 +315,8 @@ def main() -> None:
     table.update(new)
     if args.write:
         write_table(args.write, table)
-        print(f"tune: wrote {len(new)} entries for {gpu} into {args.write}")
+        build(ROOT / "build")  # later benchmarks in the same session load build/: let them see the new entries
+        print(f"tune: wrote {len(new)} entries for {gpu} into {args.write} and rebuilt build/")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"tune_{gpu}.md").write_text("\n".join(lines) + "\n")
