@@ -78,10 +78,19 @@ def _summed_products(a, c, b, s):
     return -((-(a * c)) + (-(b * s)))
 
 
+def _row_indices(TILE_H, HALF):
+    # (TILE_H, 1) heads and (1, HALF) columns: heads past x's last load as zero and are not stored (bounds-checked)
+    return ct.reshape(ct.arange(TILE_H, dtype=ct.int32), (TILE_H, 1)), ct.reshape(ct.arange(HALF, dtype=ct.int32),
+                                                                                  (1, HALF))
+
+
+def _scatter_halves(out, b, h, s, d, y1, y2, HALF):
+    ct.scatter(out, (b, h, s, d), ct.astype(y1, out.dtype), latency=1)
+    ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
+
+
 def _rotate_rows(x, out, b, s, c1, c2, s1, s2, TILE_H, HALF, NATIVE):
-    # (TILE_H, HALF) index tiles: heads past x's last load as zero and are not stored (bounds-checked)
-    h = ct.reshape(ct.arange(TILE_H, dtype=ct.int32), (TILE_H, 1))
-    d = ct.reshape(ct.arange(HALF, dtype=ct.int32), (1, HALF))
+    h, d = _row_indices(TILE_H, HALF)
     x1 = ct.gather(x, (b, h, s, d), latency=1)
     x2 = ct.gather(x, (b, h, s, d + HALF), latency=1)
     if NATIVE:  # in x's dtype (cos/sin too)
@@ -89,8 +98,7 @@ def _rotate_rows(x, out, b, s, c1, c2, s1, s2, TILE_H, HALF, NATIVE):
     else:
         x1, x2 = ct.astype(x1, ct.float32), ct.astype(x2, ct.float32)
         y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
-    ct.scatter(out, (b, h, s, d), ct.astype(y1, out.dtype), latency=1)
-    ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
+    _scatter_halves(out, b, h, s, d, y1, y2, HALF)
 
 
 def _row_half(t, b, s, i, HALF, TILED, NATIVE=False):
@@ -139,38 +147,34 @@ def _weight_half(weight, i, HALF, GEMMA, NATIVE):
     return w + 1.0 if GEMMA else w
 
 
-def _rope_pair(n1, n2, c1, c2, s1, s2, dtype, NATIVE):
+def _norm_rope_halves(x1, x2, weight, c1, c2, s1, s2, eps, axis, shape, dtype, HALF, GEMMA, NATIVE):
+    """Both rotated halves of RMSNorm(x) (x1, x2: fp32 halves of head rows along `axis`, which share one sum of
+    squares; `shape`: the weight halves' broadcast shape)."""
+    squares = ct.sum(x1 * x1, axis=axis, keepdims=True) + ct.sum(x2 * x2, axis=axis, keepdims=True)
+    rstd = ct.rsqrt(squares * (1.0 / (2 * HALF)) + eps)  # an exact power of two: no IEEE division
+    w1 = ct.reshape(_weight_half(weight, 0, HALF, GEMMA, NATIVE), shape)
+    w2 = ct.reshape(_weight_half(weight, 1, HALF, GEMMA, NATIVE), shape)
+    n1 = _normed_half(x1, rstd, w1, dtype, GEMMA, NATIVE)
+    n2 = _normed_half(x2, rstd, w2, dtype, GEMMA, NATIVE)
     if NATIVE:
         return _summed_products(n1, c1, -n2, s1), _summed_products(n2, c2, n1, s2)
     return _rotated(n1, -n2, c1, s1, dtype), _rotated(n2, n1, c2, s2, dtype)
 
 
 def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, GEMMA, NATIVE):
-    # as _rotate_rows, with every head row normalized first (its two halves share one sum of squares)
-    h = ct.reshape(ct.arange(TILE_H, dtype=ct.int32), (TILE_H, 1))
-    d = ct.reshape(ct.arange(HALF, dtype=ct.int32), (1, HALF))
+    # as _rotate_rows, with every head row normalized first
+    h, d = _row_indices(TILE_H, HALF)
     x1 = ct.astype(ct.gather(x, (b, h, s, d), latency=1), ct.float32)
     x2 = ct.astype(ct.gather(x, (b, h, s, d + HALF), latency=1), ct.float32)
-    squares = ct.sum(x1 * x1, axis=1, keepdims=True) + ct.sum(x2 * x2, axis=1, keepdims=True)
-    rstd = ct.rsqrt(squares * (1.0 / (2 * HALF)) + eps)  # an exact power of two: no IEEE division
-    n1 = _normed_half(x1, rstd, _weight_half(weight, 0, HALF, GEMMA, NATIVE), x.dtype, GEMMA, NATIVE)
-    n2 = _normed_half(x2, rstd, _weight_half(weight, 1, HALF, GEMMA, NATIVE), x.dtype, GEMMA, NATIVE)
-    y1, y2 = _rope_pair(n1, n2, c1, c2, s1, s2, x.dtype, NATIVE)
-    ct.scatter(out, (b, h, s, d), ct.astype(y1, out.dtype), latency=1)
-    ct.scatter(out, (b, h, s, d + HALF), ct.astype(y2, out.dtype), latency=1)
+    y1, y2 = _norm_rope_halves(x1, x2, weight, c1, c2, s1, s2, eps, 1, (1, HALF), x.dtype, HALF, GEMMA, NATIVE)
+    _scatter_halves(out, b, h, s, d, y1, y2, HALF)
 
 
 def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE):
     # as _rotate, with every head row normalized first; padded heads load as zero (finite: eps > 0), not stored
     x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
     x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
-    squares = ct.sum(x1 * x1, axis=2, keepdims=True) + ct.sum(x2 * x2, axis=2, keepdims=True)
-    rstd = ct.rsqrt(squares * (1.0 / (2 * HALF)) + eps)  # an exact power of two: no IEEE division
-    w1 = ct.reshape(_weight_half(weight, 0, HALF, GEMMA, NATIVE), (1, 1, HALF))
-    w2 = ct.reshape(_weight_half(weight, 1, HALF, GEMMA, NATIVE), (1, 1, HALF))
-    n1 = _normed_half(x1, rstd, w1, x.dtype, GEMMA, NATIVE)
-    n2 = _normed_half(x2, rstd, w2, x.dtype, GEMMA, NATIVE)
-    y1, y2 = _rope_pair(n1, n2, c1, c2, s1, s2, x.dtype, NATIVE)
+    y1, y2 = _norm_rope_halves(x1, x2, weight, c1, c2, s1, s2, eps, 2, (1, 1, HALF), x.dtype, HALF, GEMMA, NATIVE)
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
