@@ -139,8 +139,8 @@ def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
     parity above covers its result); with a forward hook on an attention module (output recorders, TP) that
     layer calls the module itself, and the hook sees it; a head_dim the kernel does not take (the other tests'
     16) keeps the module."""
-    assert not ck.decoder._fused_attention(plain_model(family, "cpu", torch.float32).model.layers[0].self_attn,
-                                           (torch.ones(1), torch.ones(1)))
+    assert ck.decoder._fused_norm_form(plain_model(family, "cpu", torch.float32).model.layers[0].self_attn,
+                                       (torch.ones(1), torch.ones(1))) is None
     reference = plain_model(family, "cpu", torch.float32, head_dim=32)
     ours = with_our_layers(ck, reference)
     calls = []

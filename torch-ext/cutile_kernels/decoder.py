@@ -84,24 +84,26 @@ def _norm_eps(norm: nn.Module):
 QK_NORM_ATTENTION = {"Qwen3Attention": False, "Gemma3Attention": True}  # class name -> Gemma-form norms
 
 
-def _fused_attention(attn: nn.Module, position_embeddings) -> bool:
-    """Whether `_attention` may stand in for attn's own forward: a Qwen3/Gemma3 attention (an exact class, not a
-    subclass) of a head_dim the kernel takes, with one eps for both norms, and no hooks that calling it would run
-    (output recorders, TP). Otherwise the module runs (its norms and RoPE: their own kernels or transformers')."""
-    if QK_NORM_ATTENTION.get(type(attn).__name__) is None or position_embeddings is None \
-            or not head_dim_supported(getattr(attn, "head_dim", 0)):
-        return False
+def _fused_norm_form(attn: nn.Module, position_embeddings) -> tuple[float, bool] | None:
+    """(eps, Gemma form) when `_attention` may stand in for attn's own forward: a Qwen3/Gemma3 attention (an exact
+    class, not a subclass) of a head_dim the kernel takes, with one eps for both norms, and no hooks that calling
+    it would run (output recorders, TP); else None, and the module runs (its norms and RoPE: their own kernels or
+    transformers')."""
+    gemma = QK_NORM_ATTENTION.get(type(attn).__name__)
+    if gemma is None or position_embeddings is None or not head_dim_supported(getattr(attn, "head_dim", 0)):
+        return None
     if attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks \
             or nn.modules.module._global_forward_pre_hooks:
-        return False
+        return None
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     eps = _norm_eps(q_norm) if q_norm is not None else None
-    return eps is not None and k_norm is not None and _norm_eps(k_norm) == eps
+    return (eps, gemma) if eps is not None and k_norm is not None and _norm_eps(k_norm) == eps else None
 
 
-def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs):
+def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_mask, past_key_values, eps: float,
+               gemma: bool, **kwargs):
     """Qwen3Attention.forward / Gemma3Attention.forward (transformers 5.22.2) with q_norm, k_norm and RoPE in one
-    qk_norm_rope launch (where `_fused_attention(attn, ...)`); the projections, cache update and attention
+    qk_norm_rope launch (eps and form from `_fused_norm_form`); the projections, cache update and attention
     function are the attention module's own."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
@@ -110,7 +112,7 @@ def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_ma
     value_states = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query_states, key_states = qk_norm_rope(query_states, key_states, attn.q_norm.weight, attn.k_norm.weight, cos,
-                                            sin, _norm_eps(attn.q_norm), QK_NORM_ATTENTION[type(attn).__name__])
+                                            sin, eps, gemma)
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, attn.layer_idx)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -128,9 +130,10 @@ def _self_attention(layer: nn.Module, hidden_states, position_embeddings, attent
                     past_key_values, **kwargs):
     """The decoder layer's `self_attn(...)` output: through `_attention` for Qwen3/Gemma3, else the module."""
     attn = layer.self_attn
-    if _fused_attention(attn, position_embeddings):
+    form = _fused_norm_form(attn, position_embeddings)
+    if form is not None:
         # position_ids goes on to the attention function, as the module's call passes it (flash attention reads it)
-        return _attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values,
+        return _attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values, *form,
                           position_ids=position_ids, **kwargs)
     return attn(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past_key_values, **kwargs)[0]
