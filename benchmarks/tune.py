@@ -75,8 +75,8 @@ def candidates(op: str, width: int):
             if tile_s * tile_h * half <= limit:
                 for per_block in (1, 2, 4, 40):
                     yield (tile_s, tile_h, per_block)
-                    if op == "qk_norm_rope":  # NATIVE: after the norm's statistics, in the inputs' dtype
-                        yield (tile_s, tile_h, per_block, 1)
+                    # NATIVE: the rotation in the inputs' dtype (qk_norm_rope: after the norm's statistics)
+                    yield (tile_s, tile_h, per_block, 1)
     else:  # (rows, columns per tile, TMA loads, blocks per SM: 0 = one block per tile)
         for tile_m, tile_n, tma, per_sm in itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (True, False),
                                                              (0, 4, 8)):

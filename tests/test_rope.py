@@ -90,12 +90,12 @@ def table_everywhere(ck_gpu, op: str, d: int, config, monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(0, 0, 0), (0, 0, 1), (0, 0, 2), (1, 32, 1), (1, 32, 2), (2, 8, 3), (16, 1, 4),
-                                    (8, 1, 40)])
+                                    (8, 1, 40), (8, 1, 40, 1), (1, 32, 2, 1)])
 def test_every_kind_of_tuned_choice_matches_float64(ck_gpu, config, monkeypatch):
     """What the tuner may write into this GPU's table, run before it is chosen: rope_row ((0, 0, 0); (0, 0, 1) with
     cos/sin tile loads; (0, 0, 2) also rotating in the inputs' dtype), q tiles of 32 heads beside k's narrower
-    ones, several chunks per block, position tiles; real head counts, both layouts, two dtypes (every dtype takes
-    the 16-bit entries)."""
+    ones, several chunks per block, position tiles, a fourth element 1 (in the inputs' dtype); real head counts,
+    both layouts, two dtypes (every dtype takes the 16-bit entries)."""
     seed, rng = fresh_rng()
     for hq, hk, d in REAL_HEADS:
         table_everywhere(ck_gpu, "rope", d, config, monkeypatch)

@@ -27,9 +27,10 @@ def _round(v, dtype):
     return ct.astype(ct.astype(v, dtype), ct.float32)
 
 
-def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF):
-    tile = ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO)
-    return ct.astype(ct.reshape(tile, (TILE_H, TILE_S, HALF)), ct.float32)
+def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF, NATIVE=False):
+    tile = ct.reshape(ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO),
+                      (TILE_H, TILE_S, HALF))
+    return tile if NATIVE else ct.astype(tile, ct.float32)
 
 
 def _rotated(a, b, c, s, dtype):
@@ -42,11 +43,14 @@ def _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF):
     ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)))
 
 
-def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF):
-    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
-    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
-    # heads past the end load as zero and their stores are clipped
-    y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
+def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE):
+    # heads past the end load as zero and their stores are clipped; NATIVE: in x's dtype (cos/sin too)
+    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF, NATIVE)
+    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF, NATIVE)
+    if NATIVE:
+        y1, y2 = _summed_products(x1, c1, -x2, s1), _summed_products(x2, c2, x1, s2)
+    else:
+        y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
@@ -57,16 +61,18 @@ def _cos_sin_half(t, b, s, i, TILE_S, HALF, NATIVE=False):
 
 @ct.kernel
 def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_per_block: int,
-             HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int]):
+             HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int],
+             NATIVE: ct.Constant[bool]):
+    """NATIVE: the rotation in the inputs' dtype (`_summed_products`), as rope_row's."""
     s, b = ct.bid(0), ct.bid(1)
-    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF), _cos_sin_half(cos, b, s, 1, TILE_S, HALF)
-    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF), _cos_sin_half(sin, b, s, 1, TILE_S, HALF)
+    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
+    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
     first = ct.bid(2) * chunks_per_block
     for c in range(first, first + chunks_per_block):
         if c < q_chunks:
-            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF)
+            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE)
         elif c < n_chunks:
-            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF)
+            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF, NATIVE)
 
 
 def _summed_products(a, c, b, s):
@@ -282,19 +288,20 @@ def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int]:
     return tile_s, tile_h, per_block
 
 
-def forward_launch(q, k, cos, sin, q_out, k_out, gpu):
-    """(kernel, grid, args) of rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D); `gpu` is
-    the device's (name, SM count)."""
+def forward_launch(q, k, cos, sin, q_out, k_out, gpu, config=None):
+    """(kernel, grid, args) of rope_row or rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D);
+    `gpu` is the device's (name, SM count). `config` (else this GPU's table, the H100's, `default_config`):
+    ROW, ROW_TILED, ROW_NATIVE, or (TILE_S, TILE_H, chunks per block[, 1: NATIVE])."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    config = (lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
+    config = (config or lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
     if config in (ROW, ROW_TILED, ROW_NATIVE):
         return rope_row, (s, b), (q, k, cos, sin, q_out, k_out, d // 2, _pow2(hq), _pow2(hk), config != ROW,
                                   config == ROW_NATIVE)
-    grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config)
+    grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
     return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h,
-                            tile_hk)
+                            tile_hk, len(config) == 4 and bool(config[3]))
 
 
 def specializations(array):
@@ -308,8 +315,10 @@ def specializations(array):
                 yield forward_launch(q, k, cs, cs, q, k, ("", 132))
             one, cs = array(dtype, (1, 1, 1, d)), array(dtype, (1, 1, d))  # rope_row (a tuned choice at decode)
             yield rope_row, (1, 1), (one, one, cs, cs, one, one, d // 2, 32, 8, False, False)
-            if d == 128 and dtype is not torch.float16:  # the tuner's native-dtype candidate compiles
+            if d == 128 and dtype is not torch.float16:  # the tuner's native-dtype candidates compile
                 yield rope_row, (1, 1), (one, one, cs, cs, one, one, d // 2, 32, 8, True, True)
+                q, k, cs = array(dtype, (1, 32, 4096, d)), array(dtype, (1, 8, 4096, d)), array(dtype, (1, 4096, d))
+                yield forward_launch(q, k, cs, cs, q, k, ("", 132), (8, 1, 40, 1))
             w = array(dtype, (d,))
             for gemma in (False, True):  # q_norm / k_norm + RoPE (Qwen3: Llama form; Gemma3), decode and prefill
                 for s in (1, 4096):
