@@ -67,7 +67,8 @@ def forward_launch(gate, up, out, act: str, gpu):
 def backward_launch(gate, up, dy, dgate, dup, act: str, gpu):
     """(kernel, grid, args) of gated_act_bwd."""
     grid, tile_m, tile_n, _, _ = _tiles(*dy.shape, act + "_backward", dy.dtype, gpu, (TILE_M, TILE_N, True))
-    return gated_act_bwd, grid, (gate, up, dy, dgate, dup, ACTIVATIONS[act], tile_m, tile_n)
+    return gated_act_bwd, grid, (gate, up, dy, dgate, dup, ACTIVATIONS[act], dy.dtype != torch.float32, tile_m,
+                                 tile_n)
 
 
 def specializations(array):
@@ -89,21 +90,27 @@ def specializations(array):
 
 
 @ct.kernel
-def gated_act_bwd(gate, up, dy, dgate, dup, ACT: ct.Constant[int], TILE_M: ct.Constant[int],
-                  TILE_N: ct.Constant[int]):
+def gated_act_bwd(gate, up, dy, dgate, dup, ACT: ct.Constant[int], APPROX: ct.Constant[bool],
+                  TILE_M: ct.Constant[int], TILE_N: ct.Constant[int]):
     """d/dgate = dy * up * act'(gate), d/dup = dy * act(gate); dgate and dup are the halves of one
-    (rows, 2 * intermediate) gradient, like the forward's input."""
+    (rows, 2 * intermediate) gradient, like the forward's input. APPROX (bf16/fp16 gradients): SiLU's sigmoid
+    through the hardware's exp2 and divide, as the forward (an IEEE division per element otherwise); GELU's tanh
+    stays exact, since its derivative's 1 - tanh^2 would magnify the approximation's error."""
     m, n = ct.bid(0), ct.bid(1)
     g = ct.astype(ct.load(gate, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
     u = ct.astype(ct.load(up, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
     d = ct.astype(ct.load(dy, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
     if ACT == SILU:
-        s = 1.0 / (1.0 + ct.exp(-g))
+        if APPROX:
+            s = ct.truediv(1.0, 1.0 + ct.exp2(g * -_LOG2E, flush_to_zero=True), rounding_mode=_APPROX,
+                           flush_to_zero=True)
+        else:
+            s = 1.0 / (1.0 + ct.exp(-g))
         a = g * s
         da = s * (1.0 + g * (1.0 - s))
     else:
         k0 = 0.7978845608028654
-        th = ct.tanh(k0 * (g + 0.044715 * g * g * g))
+        th = ct.tanh(k0 * (g + 0.044715 * g * g * g))  # exact: 1 - th^2 cancels where |th| nears 1
         a = 0.5 * g * (1.0 + th)
         da = 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * k0 * (1.0 + 3.0 * 0.044715 * g * g)
     ct.store(dgate, (m, n), tile=ct.astype(d * u * da, dgate.dtype))
