@@ -66,13 +66,22 @@ def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
 
 
 def _normalized(xt, w, n_cols, eps, dtype, GEMMA):
-    # The norm of a (TILE_M, TILE_N) tile times w, in fp32. Padded columns load as zero, so they add nothing to
-    # the sum of squares; the mean divides by n_cols.
+    # The norm of a (TILE_M, TILE_N) tile times w (from _weight_row). Padded columns load as zero, so they add
+    # nothing to the sum of squares; the mean divides by n_cols.
     xf = ct.astype(xt, ct.float32)
-    normed = xf * ct.rsqrt(ct.sum(xf * xf, axis=1, keepdims=True) / n_cols + eps)
-    if not GEMMA:
-        normed = ct.astype(ct.astype(normed, dtype), ct.float32)
-    return normed * w
+    return _times_weight(xf * ct.rsqrt(ct.sum(xf * xf, axis=1, keepdims=True) / n_cols + eps), w, dtype, GEMMA)
+
+
+def _times_weight(normed, w, dtype, GEMMA):
+    """transformers' weight product of the fp32 normalized rows: Gemma form normed * (1 + w) in fp32; Llama form
+    w * normed rounded to the input dtype, in that dtype when w has it (a product of two bf16/fp16 values rounded
+    once is what PyTorch's fp32 product rounded to the dtype gives; packed HMUL2, no unpacking: sm_90 rms_norm_row
+    at 2560 columns 600 -> 448 instructions), else in fp32."""
+    if GEMMA:
+        return normed * w
+    if w.dtype == dtype:
+        return ct.astype(normed, dtype) * w
+    return ct.astype(ct.astype(normed, dtype), ct.float32) * w
 
 
 def _normalize_store(xt, w, out, t, n_cols, eps, dtype, GEMMA):
@@ -81,10 +90,17 @@ def _normalize_store(xt, w, out, t, n_cols, eps, dtype, GEMMA):
     ct.store(out, (t, 0), tile=ct.astype(_normalized(xt, w, n_cols, eps, dtype, GEMMA), out.dtype), allow_tma=False)
 
 
-def _weight_row(weight, TILE_N, GEMMA):
-    w = ct.reshape(ct.astype(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
-                             ct.float32), (1, TILE_N))
-    return w + 1.0 if GEMMA else w
+def _weight_row(weight, TILE_N, GEMMA, dtype):
+    # (1, TILE_N): 1 + w in fp32 (Gemma form), w in `dtype` where it has it (see _times_weight), else in fp32
+    return _weight(ct.reshape(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
+                              (1, TILE_N)), GEMMA, dtype)
+
+
+def _weight(w, GEMMA, dtype):
+    if not GEMMA and w.dtype == dtype:
+        return w
+    wf = ct.astype(w, ct.float32)
+    return wf + 1.0 if GEMMA else wf
 
 
 @ct.kernel
@@ -94,7 +110,7 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
     # PREFETCH loads a block's next tile before normalizing the current one (two tiles in flight per block),
     # always without TMA: TMA loads carried to the next iteration gave wrong rows on an H200 (benchmarks/NOTES.md).
     n_row_tiles, step = ct.cdiv(x.shape[0], TILE_M), ct.num_blocks(0)
-    w = _weight_row(weight, TILE_N, GEMMA)
+    w = _weight_row(weight, TILE_N, GEMMA, x.dtype)
     if PREFETCH:
         xt = ct.load(x, (ct.bid(0), 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=False)
         for t in range(ct.bid(0), n_row_tiles, step):
@@ -116,15 +132,13 @@ def rms_norm_row(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
     tiled kernel takes 2.34)."""
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
     xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
-    _normalize_scatter(xf, _gathered_weight(weight, cols, GEMMA), out, row, cols, n_cols, eps, x.dtype, GEMMA)
+    _normalize_scatter(xf, _gathered_weight(weight, cols, GEMMA, x.dtype), out, row, cols, n_cols, eps, x.dtype,
+                       GEMMA)
 
 
 def _normalized_row(xf, w, n_cols, eps, dtype, GEMMA):
     # the one-row kernels' _normalized (xf in fp32): columns past n_cols are zero
-    normed = xf * ct.rsqrt(ct.sum(xf * xf, axis=0, keepdims=False) / n_cols + eps)
-    if not GEMMA:
-        normed = ct.astype(ct.astype(normed, dtype), ct.float32)
-    return normed * w
+    return _times_weight(xf * ct.rsqrt(ct.sum(xf * xf, axis=0, keepdims=False) / n_cols + eps), w, dtype, GEMMA)
 
 
 def _normalize_scatter(xf, w, out, row, cols, n_cols, eps, dtype, GEMMA):
@@ -132,16 +146,15 @@ def _normalize_scatter(xf, w, out, row, cols, n_cols, eps, dtype, GEMMA):
     ct.scatter(out, (row, cols), ct.astype(_normalized_row(xf, w, n_cols, eps, dtype, GEMMA), out.dtype), latency=1)
 
 
-def _gathered_weight(weight, cols, GEMMA):
-    w = ct.astype(ct.gather(weight, cols, latency=1), ct.float32)
-    return w + 1.0 if GEMMA else w
+def _gathered_weight(weight, cols, GEMMA, dtype):
+    return _weight(ct.gather(weight, cols, latency=1), GEMMA, dtype)
 
 
 def _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, OUTER, TILE_M,
                        TILE_N, TMA):
     # SANDWICH: x is normalized with post_weight before the add; OUTER: the sum's norm is stored to out
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
-    w, w_post = _weight_row(weight, TILE_N, GEMMA), _weight_row(post_weight, TILE_N, GEMMA)
+    w, w_post = _weight_row(weight, TILE_N, GEMMA, x.dtype), _weight_row(post_weight, TILE_N, GEMMA, x.dtype)
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
         xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
         rt = ct.load(residual, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
@@ -187,13 +200,13 @@ def _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols,
     xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
     rf = ct.astype(ct.gather(residual, (row, cols), latency=1), ct.float32)
     if SANDWICH:
-        xn = _normalized_row(xf, _gathered_weight(post_weight, cols, GEMMA), n_cols, eps, x.dtype, GEMMA)
+        xn = _normalized_row(xf, _gathered_weight(post_weight, cols, GEMMA, x.dtype), n_cols, eps, x.dtype, GEMMA)
         xf = ct.astype(ct.astype(xn, x.dtype), ct.float32)
     st = ct.astype(xf + rf, summed.dtype)
     ct.scatter(summed, (row, cols), st, latency=1)
     if OUTER:
-        _normalize_scatter(ct.astype(st, ct.float32), _gathered_weight(weight, cols, GEMMA), out, row, cols, n_cols,
-                           eps, summed.dtype, GEMMA)
+        _normalize_scatter(ct.astype(st, ct.float32), _gathered_weight(weight, cols, GEMMA, x.dtype), out, row, cols,
+                           n_cols, eps, summed.dtype, GEMMA)
 
 
 @ct.kernel
@@ -315,7 +328,7 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
     through transformers' forward does.
     LATENCY: the loads' DRAM latency hint (0: none)."""
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
-    w = _weight_row(weight, TILE_N, GEMMA)
+    w = _weight_row(weight, TILE_N, GEMMA, ct.float32)  # fp32 either way
     acc = ct.full((1, TILE_N), 0.0, dtype=ct.float32)
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
         if LATENCY:
