@@ -454,6 +454,20 @@ def test_native_rotation_is_not_contracted(tmp_path):
         assert not contracted.findall(sass), (dtype, contracted.findall(sass)[:4])
 
 
+def test_llama_norm_multiplies_by_its_weight_in_the_input_dtype(tmp_path):
+    """RMSNorm's Llama form rounds the normalized rows to the input dtype and multiplies by a weight of that dtype
+    there (packed HMUL2 in the sm_90 SASS: one rounding, as PyTorch's fp32 product rounded to bf16); with an fp32
+    weight the product stays in fp32 (transformers promotes the output to fp32)."""
+    norm, T = ca.planning_modules()["rms_norm"], ca.Tensor
+    for w_dtype, packed in ((torch.bfloat16, True), (torch.float32, False)):
+        x, w = T(torch.bfloat16, (1, 4096)), T(w_dtype, (4096,))
+        plan = norm.forward_launch(x, w, T(torch.promote_types(w_dtype, x.dtype), (1, 4096)), 1e-6, False, ("", 132))
+        path = tmp_path / f"{w_dtype}.cubin"
+        path.write_bytes(ca.export(ca.spec_of(plan), "sm_90"))
+        sass = subprocess.run([_nvdisasm(), str(path)], capture_output=True, text=True, check=True).stdout
+        assert ("HMUL2.BF16" in sass) is packed, w_dtype
+
+
 def test_a_partial_cache_packs_no_arch(tmp_path):
     spec, archs = next(iter(ca.aot_specs().items()))
     path = ca.cubin_path(spec, archs[0], ca.source_digests(), ca.compiler_version(), tmp_path / "cache")
