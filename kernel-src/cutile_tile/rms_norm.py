@@ -150,6 +150,14 @@ def _gathered_weight(weight, cols, GEMMA, dtype):
     return _weight(ct.gather(weight, cols, latency=1), GEMMA, dtype)
 
 
+def _summed(x, r, dtype):
+    """transformers' `residual + hidden` rounded to `dtype`: in that dtype when both have it (a sum of two bf16 or
+    fp16 values rounded once is what PyTorch's fp32 sum rounded to the dtype gives), else through fp32."""
+    if x.dtype == dtype and r.dtype == dtype:
+        return x + r
+    return ct.astype(ct.astype(x, ct.float32) + ct.astype(r, ct.float32), dtype)
+
+
 def _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, OUTER, TILE_M,
                        TILE_N, TMA):
     # SANDWICH: x is normalized with post_weight before the add; OUTER: the sum's norm is stored to out
@@ -160,7 +168,7 @@ def _add_rms_norm_tiles(x, residual, post_weight, weight, out, summed, n_cols, e
         rt = ct.load(residual, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
         if SANDWICH:  # the post-attention norm's output, in x's dtype as its module returns it
             xt = ct.astype(_normalized(xt, w_post, n_cols, eps, x.dtype, GEMMA), x.dtype)
-        st = ct.astype(ct.astype(xt, ct.float32) + ct.astype(rt, ct.float32), summed.dtype)
+        st = _summed(xt, rt, summed.dtype)
         ct.store(summed, (t, 0), tile=st, allow_tma=False)
         if OUTER:
             _normalize_store(st, w, out, t, n_cols, eps, summed.dtype, GEMMA)
@@ -197,12 +205,11 @@ def rms_norm_add_fwd(x, residual, weight, summed, n_cols: int, eps: float, GEMMA
 def _add_rms_norm_one_row(x, residual, post_weight, weight, out, summed, n_cols, eps, GEMMA, SANDWICH, OUTER,
                           TILE_N):
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
-    xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
-    rf = ct.astype(ct.gather(residual, (row, cols), latency=1), ct.float32)
-    if SANDWICH:
-        xn = _normalized_row(xf, _gathered_weight(post_weight, cols, GEMMA, x.dtype), n_cols, eps, x.dtype, GEMMA)
-        xf = ct.astype(ct.astype(xn, x.dtype), ct.float32)
-    st = ct.astype(xf + rf, summed.dtype)
+    xt, rt = ct.gather(x, (row, cols), latency=1), ct.gather(residual, (row, cols), latency=1)
+    if SANDWICH:  # the post-attention norm's output, in x's dtype as its module returns it
+        xt = ct.astype(_normalized_row(ct.astype(xt, ct.float32), _gathered_weight(post_weight, cols, GEMMA, x.dtype),
+                                       n_cols, eps, x.dtype, GEMMA), x.dtype)
+    st = _summed(xt, rt, summed.dtype)
     ct.scatter(summed, (row, cols), st, latency=1)
     if OUTER:
         _normalize_scatter(ct.astype(st, ct.float32), _gathered_weight(weight, cols, GEMMA, x.dtype), out, row, cols,
