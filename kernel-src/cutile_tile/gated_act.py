@@ -45,8 +45,15 @@ def gated_act_fwd(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool
                 a = 0.5 * g * (1.0 + ct.tanh(inner, rounding_mode=_APPROX))
             else:
                 a = 0.5 * g * (1.0 + ct.tanh(inner))
-        a = ct.astype(ct.astype(a, out.dtype), ct.float32)
-        ct.store(out, (m, n), tile=ct.astype(a * ct.astype(u, ct.float32), out.dtype), allow_tma=False)
+        ct.store(out, (m, n), tile=_times_up(a, u, out.dtype), allow_tma=False)
+
+
+def _times_up(a, u, dtype):
+    """act(gate) rounded to `dtype`, times up, rounded again (transformers' rounding): the product in `dtype` when up
+    has it (bf16/fp16 x bf16/fp16 rounded once = PyTorch's fp32 product rounded; packed HMUL2), else in fp32."""
+    if u.dtype == dtype:
+        return ct.astype(a, dtype) * u
+    return ct.astype(ct.astype(ct.astype(a, dtype), ct.float32) * ct.astype(u, ct.float32), dtype)
 
 
 def _tiles(m, n, op, dtype, gpu, default):
