@@ -242,10 +242,14 @@ def check(ck, tuned, gpu) -> int:
     return failures
 
 
-def fill_buckets(best: dict[int, tuple]) -> dict[int, tuple]:
-    """Measured row counts -> every bucket 1..17, each taking the nearest measured bucket."""
+def fill_buckets(best: dict[int, tuple], planned=None) -> dict[int, tuple]:
+    """Measured row counts -> the buckets 1..17, each taking the nearest of the `planned` row counts' buckets (default:
+    the measured ones); a bucket nearest to a planned count that was not measured (a run stopped early, or no
+    candidate passed) is left out, so that the table keeps its entry."""
     measured = {rows.bit_length(): config for rows, config in best.items()}
-    return {b: measured[min(measured, key=lambda m: (abs(m - b), m))] for b in range(1, 18)}
+    buckets = {rows.bit_length() for rows in planned} if planned else set(measured)
+    nearest = {b: min(buckets, key=lambda m: (abs(m - b), m)) for b in range(1, 18)} if measured else {}
+    return {b: measured[m] for b, m in nearest.items() if m in measured}
 
 
 def write_table(path: Path, table: dict) -> None:
@@ -309,17 +313,17 @@ def main() -> None:
                       f"{len(failed)} failed; {time.perf_counter() - t0:.0f} s)", flush=True)
                 for f in failed[:3]:
                     print(f"      failed {f}")
-            for bucket, config in fill_buckets(best).items():
+            for bucket, config in fill_buckets(best, rows_list).items():
                 new[(gpu, op, 2, (width - 1).bit_length(), bucket)] = config
-    table = {k: v for k, v in tuned.TABLE.items() if k[0] != gpu or (k[1], k[3]) not in {(o, w) for _, o, _, w, _ in new}}
-    table.update(new)
+            # after every width, so that a run stopped by a time limit keeps what it measured
+            if args.write:
+                write_table(args.write, {**tuned.TABLE, **new})
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / f"tune_{gpu}.md").write_text("\n".join(lines) + "\n")
     if args.write:
-        write_table(args.write, table)
         build(ROOT / "build")  # later benchmarks in the same session load build/: let them see the new entries
         print(f"tune: wrote {len(new)} entries for {gpu} into {args.write} and rebuilt build/")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"tune_{gpu}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -131,3 +131,17 @@ def test_rope_chunks_cover_every_head_once(kv_heads, monkeypatch):
         assert (q_chunks - 1) * tile_h < 32 <= q_chunks * tile_h
         assert ((chunks - q_chunks) - 1) * tile_hk < kv_heads <= (chunks - q_chunks) * tile_hk
         assert (grid[2] - 1) * per_block < chunks <= grid[2] * per_block
+
+
+def test_a_stopped_tune_leaves_the_buckets_it_did_not_measure():
+    """fill_buckets: every bucket takes the nearest planned row count's best configuration; buckets nearest to a
+    planned count that was never measured (a run stopped by its time limit) are left out, so the table keeps them."""
+    planned = tune.ROWS  # 1 ... 4096, 32768
+    complete = {rows: ("config", rows) for rows in planned}
+    assert set(tune.fill_buckets(complete, planned)) == set(range(1, 18))
+    assert tune.fill_buckets(complete, planned) == tune.fill_buckets(complete)
+    stopped = {rows: ("config", rows) for rows in planned if rows < 32768}
+    filled = tune.fill_buckets(stopped, planned)
+    assert filled[13] == ("config", 4096) and filled[14] == ("config", 4096)  # 4096 and its nearer neighbours
+    assert not {15, 16, 17} & set(filled)  # 32768's bucket and those nearer to it than to 4096's
+    assert tune.fill_buckets({}, planned) == {}
