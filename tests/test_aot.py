@@ -468,6 +468,22 @@ def test_llama_norm_multiplies_by_its_weight_in_the_input_dtype(tmp_path):
         assert ("HMUL2.BF16" in sass) is packed, w_dtype
 
 
+def test_residual_add_after_a_llama_norm_is_not_contracted(tmp_path):
+    """rms_norm_add's Llama form (`residual + w * normed`, both in bf16) rounds the weight product before the add,
+    as transformers does: in its sm_90 SASS no bf16 FMA takes a register addend (cuTile contracts a product that
+    feeds an add)."""
+    norm, T = ca.planning_modules()["rms_norm"], ca.Tensor
+    contracted = re.compile(r"\bHFMA2[.A-Z0-9_]* R\d+, -?\|?R\d+[.A-Z0-9_]*\|?, -?\|?R\d+[.A-Z0-9_]*\|?, -?R\d+")
+    for rows in (1, 4096):  # the one-row kernel and the tiled one
+        x, w = T(torch.bfloat16, (rows, 2560)), T(torch.bfloat16, (2560,))
+        kernel, grid, args = norm.norm_add_launch(x, x, w, x, 1e-6, False, ("", 132))
+        path = tmp_path / f"{rows}.cubin"
+        path.write_bytes(ca.export(ca.spec_of((kernel, grid, args)), "sm_90"))
+        sass = subprocess.run([_nvdisasm(), str(path)], capture_output=True, text=True, check=True).stdout
+        assert "HMUL2.BF16" in sass or "HFMA2.MMA.BF16" in sass, rows
+        assert not contracted.findall(sass), (rows, contracted.findall(sass)[:4])
+
+
 def test_a_partial_cache_packs_no_arch(tmp_path):
     spec, archs = next(iter(ca.aot_specs().items()))
     path = ca.cubin_path(spec, archs[0], ca.source_digests(), ca.compiler_version(), tmp_path / "cache")

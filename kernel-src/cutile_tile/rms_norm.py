@@ -152,7 +152,9 @@ def _gathered_weight(weight, cols, GEMMA, dtype):
 
 def _summed(x, r, dtype):
     """transformers' `residual + hidden` rounded to `dtype`: in that dtype when both have it (a sum of two bf16 or
-    fp16 values rounded once is what PyTorch's fp32 sum rounded to the dtype gives), else through fp32."""
+    fp16 values rounded once is what PyTorch's fp32 sum rounded to the dtype gives), else through fp32. Added as
+    negations: x may be the Llama form's weight product, which cuTile would contract with the add into one FMA
+    (one rounding fewer than transformers; see rope._summed_products)."""
     if x.dtype == dtype and r.dtype == dtype:
         return x + r
     return ct.astype(ct.astype(x, ct.float32) + ct.astype(r, ct.float32), dtype)
