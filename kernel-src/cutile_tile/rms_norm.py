@@ -152,9 +152,9 @@ def _gathered_weight(weight, cols, GEMMA, dtype):
 
 def _summed(x, r, dtype):
     """transformers' `residual + hidden` rounded to `dtype`: in that dtype when both have it (a sum of two bf16 or
-    fp16 values rounded once is what PyTorch's fp32 sum rounded to the dtype gives), else through fp32. Added as
-    negations: x may be the Llama form's weight product, which cuTile would contract with the add into one FMA
-    (one rounding fewer than transformers; see rope._summed_products)."""
+    fp16 values rounded once is what PyTorch's fp32 sum rounded to the dtype gives), else through fp32. Where x is
+    the Llama form's weight product, the cast between them keeps cuTile from contracting the two into one FMA
+    (tests/test_aot.py reads the SASS; rope._summed_products blocks it where no cast stands between)."""
     if x.dtype == dtype and r.dtype == dtype:
         return x + r
     return ct.astype(ct.astype(x, ct.float32) + ct.astype(r, ct.float32), dtype)
