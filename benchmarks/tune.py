@@ -56,6 +56,8 @@ def candidates(op: str, width: int):
         fused = "add" in op  # no prefetching form (sm_90: 4 x 4096 tiles of two inputs still do not spill)
         if tile_n <= 8192:
             yield (0, 0, False, False)  # the one-row kernel (rms_norm_row, add_rms_norm_row): gather/scatter
+            if tile_n >= 2048:  # with 8 warps (cuTile's own choice is 4 there): half the row per thread
+                yield (0, 0, False, False, 8)
         for tile_m in (m for m in (1, 2, 4, 8, 16, 32) if m * tile_n <= 16384):
             for per_sm, tma in itertools.product((1, 2, 4, 8, 0), (True, False)):
                 yield (tile_m, per_sm, tma, False)
@@ -82,6 +84,8 @@ def candidates(op: str, width: int):
                                                              (0, 4, 8)):
             if tile_m * tile_n <= 4096:
                 yield (tile_m, tile_n, tma, per_sm)
+                if tile_m * tile_n >= 2048:  # with 8 warps per block (cuTile's choice: 4)
+                    yield (tile_m, tile_n, tma, per_sm, 8)
 
 
 def problem(ck, op: str, rows: int, width: int):

@@ -484,6 +484,22 @@ def test_residual_add_after_a_llama_norm_is_not_contracted(tmp_path):
         assert not contracted.findall(sass), (rows, contracted.findall(sass)[:4])
 
 
+def test_a_warps_entry_compiles_its_block_size(monkeypatch):
+    """A table entry's warps element (the one-row norms, the gated activation) reaches the compiler: its cubin asks
+    for 8 warps (REQNTID 256, which the cubin launcher uses) where cuTile's own choice is 4."""
+    mods = ca.planning_modules()
+    norm, act = mods["rms_norm"], mods["gated_act"]
+    tuned, T = sys.modules[norm.lookup.__module__], ca.Tensor
+    x, w, g = T(torch.bfloat16, (16, 4096)), T(torch.bfloat16, (4096,)), T(torch.bfloat16, (16, 14336))
+    for warps, threads in ((0, 128), (8, 256)):
+        monkeypatch.setitem(tuned.TABLE, ("h100", "rms_norm", 2, 12, 5), (0, 0, False, False, warps))
+        monkeypatch.setitem(tuned.TABLE, ("h100", "silu", 2, 14, 5), (1, 2048, False, 0, warps))
+        for plan in (norm.forward_launch(x, w, x, 1e-6, False, ("h100", 132)),
+                     act.forward_launch(g, g, g, "silu", ("h100", 132))):
+            spec = ca.spec_of(plan)
+            assert aot.required_threads(ca.export(spec, "sm_90"), ca.signature_of(spec).symbol) == threads, spec
+
+
 def test_a_partial_cache_packs_no_arch(tmp_path):
     spec, archs = next(iter(ca.aot_specs().items()))
     path = ca.cubin_path(spec, archs[0], ca.source_digests(), ca.compiler_version(), tmp_path / "cache")

@@ -9,6 +9,8 @@ Design (benchmarks/sweep_gated_act.py, H100): one 1 x 1024 tile per block beat 2
 grids; the hardware's approximate exp2/divide/tanh are worth ~5 % at large shapes and cost < 1e-3 relative
 error, well under one bf16/fp16 rounding (2^-8 / 2^-11), so they are used for those dtypes and not for fp32.
 """
+import functools
+
 import cuda.tile as ct
 import torch
 
@@ -57,23 +59,31 @@ def _times_up(a, u, dtype):
 
 
 def _tiles(m, n, op, dtype, gpu, default):
-    tile_m, tile_n, tma, *per_sm = lookup(gpu[0], op, dtype, n, m) or default
-    return (-(-m // tile_m), -(-n // tile_n)), tile_m, tile_n, tma, (per_sm or [0])[0]
+    tile_m, tile_n, tma, *rest = lookup(gpu[0], op, dtype, n, m) or default
+    per_sm, warps = (*rest, 0, 0)[:2]
+    return (-(-m // tile_m), -(-n // tile_n)), tile_m, tile_n, tma, per_sm, warps
+
+
+@functools.cache
+def _with_warps(kernel, warps: int):
+    """`kernel` compiled for `warps` warps per block (num_worker_warps; 0: cuTile's choice). Cached: each variant
+    has its own compile cache."""
+    return kernel.replace_hints(num_worker_warps=warps) if warps else kernel
 
 
 def forward_launch(gate, up, out, act: str, gpu):
     """(kernel, grid, args) of gated_act_fwd for gate, up (rows, I) -> out (rows, I); the hardware's
-    approximate exp2/divide/tanh below fp32 (see the module docstring). Tiles and blocks per SM (0: one block
-    per tile) from the per-GPU table."""
-    (tm, tn), tile_m, tile_n, tma, per_sm = _tiles(*out.shape, act, out.dtype, gpu, (TILE_M, TILE_N, True, 0))
+    approximate exp2/divide/tanh below fp32 (see the module docstring). Tiles, blocks per SM (0: one block per
+    tile) and warps per block (0: cuTile's choice) from the per-GPU table."""
+    (tm, tn), tile_m, tile_n, tma, per_sm, warps = _tiles(*out.shape, act, out.dtype, gpu, (TILE_M, TILE_N, True, 0))
     blocks = min(tm * tn, per_sm * gpu[1]) if per_sm else tm * tn
-    return (gated_act_fwd, (blocks,),
+    return (_with_warps(gated_act_fwd, warps), (blocks,),
             (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n, tma))
 
 
 def backward_launch(gate, up, dy, dgate, dup, act: str, gpu):
     """(kernel, grid, args) of gated_act_bwd."""
-    grid, tile_m, tile_n, _, _ = _tiles(*dy.shape, act + "_backward", dy.dtype, gpu, (TILE_M, TILE_N, True))
+    grid, tile_m, tile_n, *_ = _tiles(*dy.shape, act + "_backward", dy.dtype, gpu, (TILE_M, TILE_N, True))
     return gated_act_bwd, grid, (gate, up, dy, dgate, dup, ACTIVATIONS[act], dy.dtype != torch.float32, tile_m,
                                  tile_n)
 
@@ -91,8 +101,8 @@ def specializations(array):
         for key, n, m in shapes(act):
             t = array(torch.bfloat16, (m, n))
             plan = forward_launch(t, t, t, act, (key, 132))
-            if plan[2][3:] not in seen:
-                seen.add(plan[2][3:])
+            if (plan[0], plan[2][3:]) not in seen:  # the kernel carries its hints (warps)
+                seen.add((plan[0], plan[2][3:]))
                 yield plan
 
 

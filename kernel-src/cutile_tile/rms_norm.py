@@ -28,15 +28,19 @@ ROW_GATHER_MAX = 8192  # widest row rms_norm_row holds in one tile
 
 
 @functools.cache
-def with_occupancy(kernel, occupancy: int):
-    """`kernel` compiled for `occupancy` resident blocks per SM (0: cuTile's choice). The hint sets the
-    register budget: the RMSNorm backward at 32768 x 4096 ran 2.5x faster with occupancy 2 on an H200 than
-    without (benchmarks/NOTES.md). Cached: each variant has its own compile cache."""
-    return kernel.replace_hints(occupancy=occupancy) if occupancy else kernel
+def with_occupancy(kernel, occupancy: int = 0, warps: int = 0):
+    """`kernel` compiled for `occupancy` resident blocks per SM and `warps` warps per block (0: cuTile's choice).
+    The occupancy hint sets the register budget: the RMSNorm backward at 32768 x 4096 ran 2.5x faster with
+    occupancy 2 on an H200 than without (benchmarks/NOTES.md). `warps` (num_worker_warps, 4 or 8 with CTK 13.4):
+    a row of 4096 bf16 in the one-row kernel takes 128 threads by cuTile's choice, 256 with 8 (Liger's RMSNorm runs
+    8 warps from 2048 columns): half the loads per thread. Cached: each variant has its own compile cache."""
+    hints = {k: v for k, v in (("occupancy", occupancy), ("num_worker_warps", warps)) if v}
+    return kernel.replace_hints(**hints) if hints else kernel
 
 
 def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool, bool]:
-    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch) for GPUs without a tuned entry: up to
+    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch[, warps per block: tuned entries of the
+    one-row kernels only]) for GPUs without a tuned entry: up to
     two rows per SM, rms_norm_row; otherwise rows per tile shrink until every SM has a tile; persistent blocks,
     2 per SM."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
@@ -59,9 +63,9 @@ def _plan(x, gpu, op, default=None):
 def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_fwd (or rms_norm_row) for rows x (m, n) -> out (m, n); `gpu` is the
     device's (name key, SM count). What the launcher runs and `specializations` enumerates."""
-    blocks, (n, tile_m, tile_n, tma, prefetch) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
+    blocks, (n, tile_m, tile_n, tma, prefetch, *warps) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return rms_norm_row, (x.shape[0],), (x, weight, out, n, float(eps), gemma, tile_n)
+        return with_occupancy(rms_norm_row, 0, *warps), (x.shape[0],), (x, weight, out, n, float(eps), gemma, tile_n)
     return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, max(1, tile_m), tile_n, tma, prefetch)
 
 
@@ -245,9 +249,9 @@ def _fused_launch(row_kernel, tiled_kernel, x, arrays, eps: float, gemma: bool, 
     """(kernel, grid, args) of a fused residual add + norm for rows x (m, n): its one-row kernel or its tiled one,
     from the fused add's launch table entries (the fused forms move the same bytes); `arrays` are its array
     arguments."""
-    blocks, (n, tile_m, tile_n, tma, _) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
+    blocks, (n, tile_m, tile_n, tma, _, *warps) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return row_kernel, (x.shape[0],), (*arrays, n, float(eps), gemma, tile_n)
+        return with_occupancy(row_kernel, 0, *warps), (x.shape[0],), (*arrays, n, float(eps), gemma, tile_n)
     return tiled_kernel, (blocks,), (*arrays, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
 
 
@@ -282,8 +286,8 @@ def specializations(array):
         for key, n, m in shapes("gemma_rms_norm" if gemma else "rms_norm"):
             plan = forward_launch(array(torch.bfloat16, (m, n)), array(torch.bfloat16, (n,)),
                                   array(torch.bfloat16, (m, n)), 1e-6, gemma, (key, 132))
-            if plan[2][5:] not in seen:
-                seen.add(plan[2][5:])
+            if (plan[0], plan[2][5:]) not in seen:  # the kernel carries its hints (warps)
+                seen.add((plan[0], plan[2][5:]))
                 yield plan
     for dtype in (torch.bfloat16, torch.float16, torch.float32):  # fused residual add + norm
         for gemma in (False, True):
