@@ -69,6 +69,7 @@ def candidates(op: str, width: int):
             yield (0, 0, 0)  # rope_row: one position per block, all heads, gather/scatter
         yield (0, 0, 1)  # rope_row (qk_norm_rope_row) with cos/sin tile loads
         yield (0, 0, 2)  # the same rotating in the inputs' dtype (bf16: packed HMUL2/HADD2; `_summed_products`)
+        yield (0, 0, 2, 8)  # with 8 warps per block (cuTile's choice: 4)
         # up to 32 heads per tile: one position with all of an 8B model's q heads in one tile (2 chunks per block)
         # is how TileGym's cuTile RoPE works; with outputs in q's layout rope_row won from 1 to 4096 tokens on the
         # H100 and one head per tile at 32768 (results/h100/tune_h100_rope_qlayout.md)

@@ -74,8 +74,8 @@ def test_kernel_identity_is_the_same_for_planned_and_cuda_tile_kernels():
             k = getattr(real[stem], name)
             if isinstance(k, ct.kernel):
                 assert aot.kernel_identity(getattr(planned[stem], name)) == aot.kernel_identity(k)
-    bwd = real["rms_norm"].with_occupancy(real["rms_norm"].rms_norm_bwd, 2)
-    planned_bwd = planned["rms_norm"].with_occupancy(planned["rms_norm"].rms_norm_bwd, 2)
+    bwd = real["rms_norm"].with_hints(real["rms_norm"].rms_norm_bwd, 2)
+    planned_bwd = planned["rms_norm"].with_hints(planned["rms_norm"].rms_norm_bwd, 2)
     assert aot.kernel_identity(bwd) == aot.kernel_identity(planned_bwd) == ("rms_norm", "rms_norm_bwd",
                                                                             '{"occupancy": 2}')
 
@@ -485,17 +485,19 @@ def test_residual_add_after_a_llama_norm_is_not_contracted(tmp_path):
 
 
 def test_a_warps_entry_compiles_its_block_size(monkeypatch):
-    """A table entry's warps element (the one-row norms, the gated activation) reaches the compiler: its cubin asks
-    for 8 warps (REQNTID 256, which the cubin launcher uses) where cuTile's own choice is 4."""
+    """A table entry's warps element (the one-row norms, the gated activation, rope_row) reaches the compiler: its
+    cubin asks for 8 warps (REQNTID 256, which the cubin launcher uses) where cuTile's own choice is 4."""
     mods = ca.planning_modules()
-    norm, act = mods["rms_norm"], mods["gated_act"]
+    norm, act, rope = mods["rms_norm"], mods["gated_act"], mods["rope"]
     tuned, T = sys.modules[norm.lookup.__module__], ca.Tensor
     x, w, g = T(torch.bfloat16, (16, 4096)), T(torch.bfloat16, (4096,)), T(torch.bfloat16, (16, 14336))
+    q, k, cs = T(torch.bfloat16, (1, 32, 16, 128)), T(torch.bfloat16, (1, 8, 16, 128)), T(torch.bfloat16, (1, 16, 128))
     for warps, threads in ((0, 128), (8, 256)):
         monkeypatch.setitem(tuned.TABLE, ("h100", "rms_norm", 2, 12, 5), (0, 0, False, False, warps))
         monkeypatch.setitem(tuned.TABLE, ("h100", "silu", 2, 14, 5), (1, 2048, False, 0, warps))
         for plan in (norm.forward_launch(x, w, x, 1e-6, False, ("h100", 132)),
-                     act.forward_launch(g, g, g, "silu", ("h100", 132))):
+                     act.forward_launch(g, g, g, "silu", ("h100", 132)),
+                     rope.forward_launch(q, k, cs, cs, q, k, ("h100", 132), (0, 0, 2, warps))):
             spec = ca.spec_of(plan)
             assert aot.required_threads(ca.export(spec, "sm_90"), ca.signature_of(spec).symbol) == threads, spec
 

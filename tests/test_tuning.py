@@ -121,7 +121,7 @@ def test_rope_chunks_cover_every_head_once(kv_heads, monkeypatch):
     the grid's third axis covers every chunk."""
     rope = MODULES["rope"]
     for config in tune.candidates("rope", 128):
-        if config in (rope.ROW, rope.ROW_TILED, rope.ROW_NATIVE):
+        if config[:3] in (rope.ROW, rope.ROW_TILED, rope.ROW_NATIVE):
             continue  # rope_row: every head in one block (test_every_candidate_launch_matches_its_kernel)
         monkeypatch.setitem(TUNED.TABLE, ("test", "rope", 2, 7, 1), config)
         q, k, cs = T(BF16, (1, 32, 1, 128)), T(BF16, (1, kv_heads, 1, 128)), T(BF16, (1, 1, 128))

@@ -9,12 +9,10 @@ Design (benchmarks/sweep_gated_act.py, H100): one 1 x 1024 tile per block beat 2
 grids; the hardware's approximate exp2/divide/tanh are worth ~5 % at large shapes and cost < 1e-3 relative
 error, well under one bf16/fp16 rounding (2^-8 / 2^-11), so they are used for those dtypes and not for fp32.
 """
-import functools
-
 import cuda.tile as ct
 import torch
 
-from . import ACTIVATIONS
+from . import ACTIVATIONS, with_hints
 from .tuned import lookup, shapes
 SILU, GELU_TANH = ACTIVATIONS["silu"], ACTIVATIONS["gelu_pytorch_tanh"]
 TILE_M = 1  # the default tile, for GPUs (and shapes) without a tuned entry
@@ -64,20 +62,13 @@ def _tiles(m, n, op, dtype, gpu, default):
     return (-(-m // tile_m), -(-n // tile_n)), tile_m, tile_n, tma, per_sm, warps
 
 
-@functools.cache
-def _with_warps(kernel, warps: int):
-    """`kernel` compiled for `warps` warps per block (num_worker_warps; 0: cuTile's choice). Cached: each variant
-    has its own compile cache."""
-    return kernel.replace_hints(num_worker_warps=warps) if warps else kernel
-
-
 def forward_launch(gate, up, out, act: str, gpu):
     """(kernel, grid, args) of gated_act_fwd for gate, up (rows, I) -> out (rows, I); the hardware's
     approximate exp2/divide/tanh below fp32 (see the module docstring). Tiles, blocks per SM (0: one block per
     tile) and warps per block (0: cuTile's choice) from the per-GPU table."""
     (tm, tn), tile_m, tile_n, tma, per_sm, warps = _tiles(*out.shape, act, out.dtype, gpu, (TILE_M, TILE_N, True, 0))
     blocks = min(tm * tn, per_sm * gpu[1]) if per_sm else tm * tn
-    return (_with_warps(gated_act_fwd, warps), (blocks,),
+    return (with_hints(gated_act_fwd, 0, warps), (blocks,),
             (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n, tma))
 
 

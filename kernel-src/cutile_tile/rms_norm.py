@@ -14,28 +14,16 @@ Design (benchmarks/sweep_rms_norm.py, H100): persistent blocks (2 per SM), tiles
 stores without TMA reach the copy bandwidth at 8192+ rows; with few rows, one row per block spreads the work, and
 for decode sizes `rms_norm_row` (gather/scatter, no tensor views) has the shortest prologue.
 """
-import functools
-
 import cuda.tile as ct
 import torch
 
+from . import with_hints
 from .tuned import lookup, shapes
 
 TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within one block)
 BLOCKS_PER_SM = 2
 ROW_GATHER = 0  # TILE_M of a configuration that runs rms_norm_row (one row per block, gather/scatter)
 ROW_GATHER_MAX = 8192  # widest row rms_norm_row holds in one tile
-
-
-@functools.cache
-def with_occupancy(kernel, occupancy: int = 0, warps: int = 0):
-    """`kernel` compiled for `occupancy` resident blocks per SM and `warps` warps per block (0: cuTile's choice).
-    The occupancy hint sets the register budget: the RMSNorm backward at 32768 x 4096 ran 2.5x faster with
-    occupancy 2 on an H200 than without (benchmarks/NOTES.md). `warps` (num_worker_warps, 4 or 8 with CTK 13.4):
-    a row of 4096 bf16 in the one-row kernel takes 128 threads by cuTile's choice, 256 with 8 (Liger's RMSNorm runs
-    8 warps from 2048 columns): half the loads per thread. Cached: each variant has its own compile cache."""
-    hints = {k: v for k, v in (("occupancy", occupancy), ("num_worker_warps", warps)) if v}
-    return kernel.replace_hints(**hints) if hints else kernel
 
 
 def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool, bool]:
@@ -65,7 +53,7 @@ def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
     device's (name key, SM count). What the launcher runs and `specializations` enumerates."""
     blocks, (n, tile_m, tile_n, tma, prefetch, *warps) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return with_occupancy(rms_norm_row, 0, *warps), (x.shape[0],), (x, weight, out, n, float(eps), gemma, tile_n)
+        return with_hints(rms_norm_row, 0, *warps), (x.shape[0],), (x, weight, out, n, float(eps), gemma, tile_n)
     return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, max(1, tile_m), tile_n, tma, prefetch)
 
 
@@ -251,7 +239,7 @@ def _fused_launch(row_kernel, tiled_kernel, x, arrays, eps: float, gemma: bool, 
     arguments."""
     blocks, (n, tile_m, tile_n, tma, _, *warps) = _plan(x, gpu, "gemma_add_rms_norm" if gemma else "add_rms_norm")
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return with_occupancy(row_kernel, 0, *warps), (x.shape[0],), (*arrays, n, float(eps), gemma, tile_n)
+        return with_hints(row_kernel, 0, *warps), (x.shape[0],), (*arrays, n, float(eps), gemma, tile_n)
     return tiled_kernel, (blocks,), (*arrays, n, float(eps), gemma, max(1, tile_m), tile_n, tma)
 
 
@@ -327,7 +315,7 @@ def backward_blocks(x, gpu) -> int:
 def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
     blocks, (n, tile_m, tile_n, occupancy, latency) = _plan(x, gpu, "rms_norm_backward", backward_config)
-    return (with_occupancy(rms_norm_bwd, occupancy), (blocks,),
+    return (with_hints(rms_norm_bwd, occupancy), (blocks,),
             (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n, latency))
 
 

@@ -18,6 +18,7 @@ tokens failed among those candidates; benchmarks/NOTES.md.)
 import cuda.tile as ct
 import torch
 
+from . import with_hints
 from .tuned import lookup, shapes
 
 _ZERO = ct.PaddingMode.ZERO
@@ -231,10 +232,11 @@ def qk_norm_launch(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float,
     config = (lookup(gpu[0], "qk_norm_rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "qk_norm_rope", torch.bfloat16, d, b * s)  # as RoPE (see REFERENCE_GPU)
               or qk_default_config(b * s, hq + hk, gpu[1], d // 2))
-    native = config == ROW_NATIVE or len(config) == 4 and bool(config[3])
-    if config in (ROW, ROW_TILED, ROW_NATIVE):  # the row kernel always loads cos/sin as tiles
-        return qk_norm_rope_row, (s, b), (q, k, q_weight, k_weight, cos, sin, q_out, k_out, float(eps), bool(gemma),
-                                          d // 2, _pow2(hq), _pow2(hk), native)
+    if config[:3] in (ROW, ROW_TILED, ROW_NATIVE):  # the row kernel always loads cos/sin as tiles
+        return _row_kernel(qk_norm_rope_row, config), (s, b), (
+            q, k, q_weight, k_weight, cos, sin, q_out, k_out, float(eps), bool(gemma), d // 2, _pow2(hq), _pow2(hk),
+            config[:3] == ROW_NATIVE)
+    native = len(config) == 4 and bool(config[3])
     grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
     return qk_norm_rope_fwd, grid, (q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, chunks, per_block,
                                     float(eps), bool(gemma), d // 2, tile_s, tile_h, tile_hk, native)
@@ -267,6 +269,12 @@ def _tiled_plan(s, b, hq, hk, config):
 ROW = (0, 0, 0)  # the configuration that runs rope_row (cos/sin gathered)
 ROW_TILED = (0, 0, 1)  # rope_row with cos/sin tile loads
 ROW_NATIVE = (0, 0, 2)  # rope_row with cos/sin tile loads and the rotation in the inputs' dtype
+# A fourth element of a row configuration: warps per block (num_worker_warps, 8; cuTile's own choice is 4 for 32 +
+# 8 heads of 128). Of a tile configuration: 1 for NATIVE.
+
+
+def _row_kernel(kernel, config):
+    return with_hints(kernel, 0, config[3] if len(config) == 4 else 0)
 
 
 # Every dtype looks up the 16-bit entries (the tables hold bf16 measurements), and GPUs without RoPE entries take
@@ -291,14 +299,14 @@ def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int]:
 def forward_launch(q, k, cos, sin, q_out, k_out, gpu, config=None):
     """(kernel, grid, args) of rope_row or rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D);
     `gpu` is the device's (name, SM count). `config` (else this GPU's table, the H100's, `default_config`):
-    ROW, ROW_TILED, ROW_NATIVE, or (TILE_S, TILE_H, chunks per block[, 1: NATIVE])."""
+    ROW, ROW_TILED, ROW_NATIVE (each[, warps per block]), or (TILE_S, TILE_H, chunks per block[, 1: NATIVE])."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     config = (config or lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
-    if config in (ROW, ROW_TILED, ROW_NATIVE):
-        return rope_row, (s, b), (q, k, cos, sin, q_out, k_out, d // 2, _pow2(hq), _pow2(hk), config != ROW,
-                                  config == ROW_NATIVE)
+    if config[:3] in (ROW, ROW_TILED, ROW_NATIVE):
+        return _row_kernel(rope_row, config), (s, b), (q, k, cos, sin, q_out, k_out, d // 2, _pow2(hq), _pow2(hk),
+                                                       config[:3] != ROW, config[:3] == ROW_NATIVE)
     grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
     return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h,
                             tile_hk, len(config) == 4 and bool(config[3]))
