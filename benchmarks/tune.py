@@ -80,6 +80,8 @@ def candidates(op: str, width: int):
                     yield (tile_s, tile_h, per_block)
                     # NATIVE: the rotation in the inputs' dtype (qk_norm_rope: after the norm's statistics)
                     yield (tile_s, tile_h, per_block, 1)
+                    if per_block == 40 and tile_s >= 8:  # a block looping over every head: latency hint 10
+                        yield (tile_s, tile_h, per_block, 1, 10)
     else:  # (rows, columns per tile, TMA loads, blocks per SM: 0 = one block per tile)
         for tile_m, tile_n, tma, per_sm in itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (True, False),
                                                              (0, 4, 8)):

@@ -90,7 +90,7 @@ def table_everywhere(ck_gpu, op: str, d: int, config, monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 2, 8), (1, 32, 1), (1, 32, 2), (2, 8, 3),
-                                    (16, 1, 4), (8, 1, 40), (8, 1, 40, 1), (1, 32, 2, 1)])
+                                    (16, 1, 4), (8, 1, 40), (8, 1, 40, 1), (1, 32, 2, 1), (8, 1, 40, 1, 10)])
 def test_every_kind_of_tuned_choice_matches_float64(ck_gpu, config, monkeypatch):
     """What the tuner may write into this GPU's table, run before it is chosen: rope_row ((0, 0, 0); (0, 0, 1) with
     cos/sin tile loads; (0, 0, 2) also rotating in the inputs' dtype), q tiles of 32 heads beside k's narrower
@@ -270,7 +270,7 @@ def test_qk_norm_rope(device_ck, device, dtype, gemma):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(0, 0, 1), (0, 0, 2), (0, 0, 2, 8), (1, 8, 1), (1, 32, 2), (32, 1, 4), (32, 1, 40),
-                                    (4, 8, 2), (1, 32, 2, 1), (32, 1, 40, 1)])
+                                    (4, 8, 2), (1, 32, 2, 1), (32, 1, 40, 1), (32, 1, 40, 1, 10)])
 def test_every_kind_of_tuned_qk_choice_matches_float64(ck_gpu, config, monkeypatch):
     """qk_norm_rope's table choices (the row kernel; tiles of positions x heads, several chunks per block; a
     fourth element or (0, 0, 2): in the inputs' dtype after the norm's statistics) at every bucket, real head

@@ -28,9 +28,13 @@ def _round(v, dtype):
     return ct.astype(ct.astype(v, dtype), ct.float32)
 
 
-def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF, NATIVE=False):
-    tile = ct.reshape(ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO),
-                      (TILE_H, TILE_S, HALF))
+def _load_half(x, b, c, s, i, TILE_H, TILE_S, HALF, NATIVE, LATENCY):
+    # LATENCY: the load's DRAM latency hint (0: none), for blocks that loop over many head chunks
+    if LATENCY:
+        tile = ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO, latency=LATENCY)
+    else:
+        tile = ct.load(x, (b, c, s, i), shape=(1, TILE_H, TILE_S, HALF), padding_mode=_ZERO)
+    tile = ct.reshape(tile, (TILE_H, TILE_S, HALF))
     return tile if NATIVE else ct.astype(tile, ct.float32)
 
 
@@ -44,10 +48,10 @@ def _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF):
     ct.store(out, (b, c, s, 1), tile=ct.reshape(ct.astype(y2, out.dtype), (1, TILE_H, TILE_S, HALF)))
 
 
-def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE):
+def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE, LATENCY):
     # heads past the end load as zero and their stores are clipped; NATIVE: in x's dtype (cos/sin too)
-    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF, NATIVE)
-    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF, NATIVE)
+    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF, NATIVE, LATENCY)
+    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF, NATIVE, LATENCY)
     if NATIVE:
         y1, y2 = _summed_products(x1, c1, -x2, s1), _summed_products(x2, c2, x1, s2)
     else:
@@ -63,17 +67,18 @@ def _cos_sin_half(t, b, s, i, TILE_S, HALF, NATIVE=False):
 @ct.kernel
 def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_per_block: int,
              HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int],
-             NATIVE: ct.Constant[bool]):
-    """NATIVE: the rotation in the inputs' dtype (`_summed_products`), as rope_row's."""
+             NATIVE: ct.Constant[bool], LATENCY: ct.Constant[int]):
+    """NATIVE: the rotation in the inputs' dtype (`_summed_products`), as rope_row's. LATENCY: the loads' DRAM
+    latency hint (0: none; a block looping over many chunks)."""
     s, b = ct.bid(0), ct.bid(1)
     c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
     s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
     first = ct.bid(2) * chunks_per_block
     for c in range(first, first + chunks_per_block):
         if c < q_chunks:
-            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE)
+            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE, LATENCY)
         elif c < n_chunks:
-            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF, NATIVE)
+            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF, NATIVE, LATENCY)
 
 
 def _summed_products(a, c, b, s):
@@ -177,10 +182,10 @@ def _norm_rotate_rows(x, weight, out, b, s, c1, c2, s1, s2, eps, TILE_H, HALF, G
     _scatter_halves(out, b, h, s, d, y1, y2, HALF)
 
 
-def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE):
+def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE, LATENCY):
     # as _rotate, with every head row normalized first; padded heads load as zero (finite: eps > 0), not stored
-    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF)
-    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF)
+    x1 = _load_half(x, b, c, s, 0, TILE_H, TILE_S, HALF, False, LATENCY)
+    x2 = _load_half(x, b, c, s, 1, TILE_H, TILE_S, HALF, False, LATENCY)
     y1, y2 = _norm_rope_halves(x1, x2, weight, c1, c2, s1, s2, eps, 2, (1, 1, HALF), x.dtype, HALF, GEMMA, NATIVE)
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
@@ -189,20 +194,22 @@ def _norm_rotate(x, weight, out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, H
 def qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int,
                      chunks_per_block: int, eps: float, GEMMA: ct.Constant[bool], HALF: ct.Constant[int],
                      TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int],
-                     NATIVE: ct.Constant[bool]):
+                     NATIVE: ct.Constant[bool], LATENCY: ct.Constant[int]):
     """qk_norm_rope_row's work split as rope_fwd's (tiles of TILE_S positions x TILE_H heads, chunks_per_block
     chunks per block): for many positions, where one position per block leaves the norms' reductions exposed.
-    NATIVE: after the norm's statistics, the rest in the inputs' dtype (`_summed_products`)."""
+    NATIVE: after the norm's statistics, the rest in the inputs' dtype (`_summed_products`). LATENCY: as
+    rope_fwd's."""
     s, b = ct.bid(0), ct.bid(1)
     c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
     s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
     first = ct.bid(2) * chunks_per_block
     for c in range(first, first + chunks_per_block):
         if c < q_chunks:
-            _norm_rotate(q, q_weight, q_out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE)
+            _norm_rotate(q, q_weight, q_out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE,
+                         LATENCY)
         elif c < n_chunks:
             _norm_rotate(k, k_weight, k_out, b, c - q_chunks, s, c1, c2, s1, s2, eps, TILE_HK, TILE_S, HALF, GEMMA,
-                         NATIVE)
+                         NATIVE, LATENCY)
 
 
 @ct.kernel
@@ -236,10 +243,10 @@ def qk_norm_launch(q, k, q_weight, k_weight, cos, sin, q_out, k_out, eps: float,
         return _row_kernel(qk_norm_rope_row, config), (s, b), (
             q, k, q_weight, k_weight, cos, sin, q_out, k_out, float(eps), bool(gemma), d // 2, _pow2(hq), _pow2(hk),
             config[:3] == ROW_NATIVE)
-    native = len(config) == 4 and bool(config[3])
+    native, latency = _tile_knobs(config)
     grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
     return qk_norm_rope_fwd, grid, (q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, chunks, per_block,
-                                    float(eps), bool(gemma), d // 2, tile_s, tile_h, tile_hk, native)
+                                    float(eps), bool(gemma), d // 2, tile_s, tile_h, tile_hk, native, latency)
 
 
 QK_TILE_ELEMENTS = 4096  # elements per half-tile at most: sm_90 spills past it (the norm keeps more tiles live)
@@ -270,7 +277,13 @@ ROW = (0, 0, 0)  # the configuration that runs rope_row (cos/sin gathered)
 ROW_TILED = (0, 0, 1)  # rope_row with cos/sin tile loads
 ROW_NATIVE = (0, 0, 2)  # rope_row with cos/sin tile loads and the rotation in the inputs' dtype
 # A fourth element of a row configuration: warps per block (num_worker_warps, 8; cuTile's own choice is 4 for 32 +
-# 8 heads of 128). Of a tile configuration: 1 for NATIVE.
+# 8 heads of 128). Of a tile configuration: 1 for NATIVE, and a fifth the loads' latency hint (`_tile_knobs`).
+
+
+def _tile_knobs(config) -> tuple[bool, int]:
+    """(NATIVE, LATENCY) of a tile configuration (TILE_S, TILE_H, chunks per block[, native[, latency]])."""
+    native, latency = (*config[3:], 0, 0)[:2]
+    return bool(native), int(latency)
 
 
 def _row_kernel(kernel, config):
@@ -299,7 +312,8 @@ def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int]:
 def forward_launch(q, k, cos, sin, q_out, k_out, gpu, config=None):
     """(kernel, grid, args) of rope_row or rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D);
     `gpu` is the device's (name, SM count). `config` (else this GPU's table, the H100's, `default_config`):
-    ROW, ROW_TILED, ROW_NATIVE (each[, warps per block]), or (TILE_S, TILE_H, chunks per block[, 1: NATIVE])."""
+    ROW, ROW_TILED, ROW_NATIVE (each[, warps per block]), or (TILE_S, TILE_H, chunks per block[, 1: NATIVE[,
+    latency hint]])."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     config = (config or lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
@@ -307,9 +321,10 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu, config=None):
     if config[:3] in (ROW, ROW_TILED, ROW_NATIVE):
         return _row_kernel(rope_row, config), (s, b), (q, k, cos, sin, q_out, k_out, d // 2, _pow2(hq), _pow2(hk),
                                                        config[:3] != ROW, config[:3] == ROW_NATIVE)
+    native, latency = _tile_knobs(config)
     grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
     return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h,
-                            tile_hk, len(config) == 4 and bool(config[3]))
+                            tile_hk, native, latency)
 
 
 def specializations(array):
@@ -337,7 +352,7 @@ def specializations(array):
                     kv = array(dtype, (1, 8, 1, d))
                     yield qk_norm_rope_row, (1, 1), (one, kv, w, w, cs, cs, one, kv, 1e-6, gemma, d // 2, 32, 8, True)
                     yield qk_norm_rope_fwd, (1, 1, 1), (one, kv, w, w, cs, cs, one, kv, 1, 2, 2, 1e-6, gemma, d // 2,
-                                                        32, 1, 1, True)
+                                                        32, 1, 1, True, 0)
     seen = set()
     for op in ("rope", "qk_norm_rope"):
         for key, d, tokens in shapes(op):  # every tuned configuration (bf16; qk_norm_rope: Llama form), once
