@@ -2,7 +2,7 @@
 
     python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,add_rms_norm,gemma_add_rms_norm,silu,gelu_pytorch_tanh,
                                rope,qk_norm_rope] [--quick]
-                              [--widths 128]
+                              [--widths 128] [--rows 1,16,64]
                               [--write kernel-src/cutile_tile/tuned.py] [--out DIR] [--workers 12]
     python -m benchmarks.tune --check     (every table bucket of this GPU against float64, poisoned outputs)
 
@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--ops", default=",".join(WIDTHS), help=f"any of {', '.join(ALL)}")
     parser.add_argument("--quick", action="store_true", help="3 row counts, first width: a smoke run")
     parser.add_argument("--widths", help="comma list of widths to tune (default: the op's real model widths)")
+    parser.add_argument("--rows", help=f"comma list of row counts to tune (default {','.join(map(str, ROWS))}); the "
+                                       "table keeps its entries for the buckets nearer to the others")
     parser.add_argument("--write", type=Path, help="rewrite this tuned.py with the new entries")
     parser.add_argument("--out", type=Path, help="directory for tune_<gpu>.md")
     parser.add_argument("--workers", type=int, default=12, help="processes compiling in parallel first (0: none)")
@@ -288,7 +290,8 @@ def main() -> None:
     ops = args.ops.split(",")
     widths = {op: [int(w) for w in args.widths.split(",")] if args.widths else ALL[op][:1] if args.quick else ALL[op]
               for op in ops}
-    rows_list = [1, 512, 32768] if args.quick else ROWS
+    rows_list = [int(r) for r in args.rows.split(",")] if args.rows else [1, 512, 32768] if args.quick else ROWS
+    planned = sorted(set(ROWS) | set(rows_list)) if args.rows else rows_list  # the buckets a partial run leaves
     if args.workers:
         warm(sorted({(op, w, min(r, 4096)) for op in ops for w in widths[op] for r in rows_list}), args.workers)
     ck, tuned, gpu = _load()
@@ -320,7 +323,7 @@ def main() -> None:
                       f"{len(failed)} failed; {time.perf_counter() - t0:.0f} s)", flush=True)
                 for f in failed[:3]:
                     print(f"      failed {f}")
-            for bucket, config in fill_buckets(best, rows_list).items():
+            for bucket, config in fill_buckets(best, planned).items():
                 new[(gpu, op, 2, (width - 1).bit_length(), bucket)] = config
             # after every width, so that a run stopped by a time limit keeps what it measured
             if args.write:

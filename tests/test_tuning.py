@@ -145,3 +145,5 @@ def test_a_stopped_tune_leaves_the_buckets_it_did_not_measure():
     assert filled[13] == ("config", 4096) and filled[14] == ("config", 4096)  # 4096 and its nearer neighbours
     assert not {15, 16, 17} & set(filled)  # 32768's bucket and those nearer to it than to 4096's
     assert tune.fill_buckets({}, planned) == {}
+    # `--rows 32768` alone: only the buckets nearer to 32768 than to any other default row count
+    assert set(tune.fill_buckets({32768: ("config", 32768)}, planned)) == {15, 16, 17}
