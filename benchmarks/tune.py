@@ -47,6 +47,8 @@ def candidates(op: str, width: int):
             # (rows per tile, blocks per SM, occupancy hint: none or that many, load latency hint: none or 10)
             for per_sm, occupancy, latency in itertools.product((1, 2, 4), (False, True), (0, 10)):
                 yield (tile_m, per_sm, per_sm if occupancy else 0, latency)
+                if tile_m * tile_n >= 4096 and not occupancy:  # 8 warps per block (cuTile's choice: 4)
+                    yield (tile_m, per_sm, 0, latency, 8)
     elif op.endswith("_backward"):
         for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
             if tile_m * tile_n <= 4096:

@@ -500,6 +500,14 @@ def test_a_warps_entry_compiles_its_block_size(monkeypatch):
                      rope.forward_launch(q, k, cs, cs, q, k, ("h100", 132), (0, 0, 2, warps))):
             spec = ca.spec_of(plan)
             assert aot.required_threads(ca.export(spec, "sm_90"), ca.signature_of(spec).symbol) == threads, spec
+    # the backward is warp-specialized (256 threads by cuTile's choice): 8 worker warps are 384 with its producers
+    rows = T(torch.bfloat16, (4096, 4096))
+    for warps, threads in ((0, 256), (8, 384)):
+        monkeypatch.setitem(tuned.TABLE, ("h100", "rms_norm_backward", 2, 12, 13), (2, 2, 0, 10, warps))
+        blocks = norm.backward_blocks(rows, ("h100", 132))
+        spec = ca.spec_of(norm.backward_launch(rows, w, rows, rows, T(torch.float32, (blocks, 4096)), 1e-6, False,
+                                               ("h100", 132)))
+        assert aot.required_threads(ca.export(spec, "sm_90"), ca.signature_of(spec).symbol) == threads, spec
 
 
 def test_a_partial_cache_packs_no_arch(tmp_path):

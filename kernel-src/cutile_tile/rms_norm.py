@@ -297,8 +297,8 @@ def specializations(array):
 
 
 def backward_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, int, int]:
-    """(TILE_M, blocks per SM, occupancy hint, load latency hint) of rms_norm_bwd for GPUs without a tuned
-    entry: two rows per tile (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096:
+    """(TILE_M, blocks per SM, occupancy hint, load latency hint[, warps per block: tuned entries only]) of
+    rms_norm_bwd for GPUs without a tuned entry: two rows per tile (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096:
     217 µs, 88 % of copy, where the untuned kernel took 539). Rows narrower than 2048 keep the untuned form
     (16K-element tiles, no hints): 2 x 128 tiles with the latency hint compiled to a 2.2 MB cubin in 20 s."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
@@ -314,8 +314,8 @@ def backward_blocks(x, gpu) -> int:
 
 def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
-    blocks, (n, tile_m, tile_n, occupancy, latency) = _plan(x, gpu, "rms_norm_backward", backward_config)
-    return (with_hints(rms_norm_bwd, occupancy), (blocks,),
+    blocks, (n, tile_m, tile_n, occupancy, latency, *warps) = _plan(x, gpu, "rms_norm_backward", backward_config)
+    return (with_hints(rms_norm_bwd, occupancy, *warps), (blocks,),
             (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n, latency))
 
 
