@@ -59,9 +59,32 @@ def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE, LATEN
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
-def _cos_sin_half(t, b, s, i, TILE_S, HALF, NATIVE=False):
+def _cos_sin_half(t, b, s, i, TILE_S, HALF, NATIVE):
     tile = ct.load(t, (b, s, i), shape=(1, TILE_S, HALF), padding_mode=_ZERO)
     return tile if NATIVE else ct.astype(tile, ct.float32)  # (1, TILE_S, HALF) broadcasts over the TILE_H heads
+
+
+def _tiled(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, eps, NORM, GEMMA,
+           HALF, TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY):
+    """The tiled kernels' body: this block's TILE_S positions, cos/sin loaded once, and its chunks of heads (q's
+    first, then k's), each rotated, or normalized (NORM: with the weights) and rotated."""
+    s, b = ct.bid(0), ct.bid(1)
+    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
+    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
+    first = ct.bid(2) * chunks_per_block
+    for c in range(first, first + chunks_per_block):
+        if c < q_chunks:
+            if NORM:
+                _norm_rotate(q, q_weight, q_out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE,
+                             LATENCY)
+            else:
+                _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE, LATENCY)
+        elif c < n_chunks:
+            if NORM:
+                _norm_rotate(k, k_weight, k_out, b, c - q_chunks, s, c1, c2, s1, s2, eps, TILE_HK, TILE_S, HALF,
+                             GEMMA, NATIVE, LATENCY)
+            else:
+                _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF, NATIVE, LATENCY)
 
 
 @ct.kernel
@@ -70,15 +93,8 @@ def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_
              NATIVE: ct.Constant[bool], LATENCY: ct.Constant[int]):
     """NATIVE: the rotation in the inputs' dtype (`_summed_products`), as rope_row's. LATENCY: the loads' DRAM
     latency hint (0: none; a block looping over many chunks)."""
-    s, b = ct.bid(0), ct.bid(1)
-    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
-    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
-    first = ct.bid(2) * chunks_per_block
-    for c in range(first, first + chunks_per_block):
-        if c < q_chunks:
-            _rotate(q, q_out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE, LATENCY)
-        elif c < n_chunks:
-            _rotate(k, k_out, b, c - q_chunks, s, c1, c2, s1, s2, TILE_HK, TILE_S, HALF, NATIVE, LATENCY)
+    _tiled(q, k, q, k, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, 0.0, False, False, HALF,
+           TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY)
 
 
 def _summed_products(a, c, b, s):
@@ -199,17 +215,8 @@ def qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks:
     chunks per block): for many positions, where one position per block leaves the norms' reductions exposed.
     NATIVE: after the norm's statistics, the rest in the inputs' dtype (`_summed_products`). LATENCY: as
     rope_fwd's."""
-    s, b = ct.bid(0), ct.bid(1)
-    c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
-    s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
-    first = ct.bid(2) * chunks_per_block
-    for c in range(first, first + chunks_per_block):
-        if c < q_chunks:
-            _norm_rotate(q, q_weight, q_out, b, c, s, c1, c2, s1, s2, eps, TILE_H, TILE_S, HALF, GEMMA, NATIVE,
-                         LATENCY)
-        elif c < n_chunks:
-            _norm_rotate(k, k_weight, k_out, b, c - q_chunks, s, c1, c2, s1, s2, eps, TILE_HK, TILE_S, HALF, GEMMA,
-                         NATIVE, LATENCY)
+    _tiled(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, eps, True, GEMMA,
+           HALF, TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY)
 
 
 @ct.kernel
