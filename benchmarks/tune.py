@@ -41,8 +41,12 @@ TOL = 1e-2  # bf16: two roundings (see tests/conftest.py GPU_REL_TOL)
 
 
 def candidates(op: str, width: int):
-    if op == "rms_norm_backward":  # one dw partial row per block: persistent grids only
+    if op == "rms_norm_backward":  # the row kernel, or persistent grids with one dw partial row per block
         tile_n = max(64, 1 << (width - 1).bit_length())
+        if tile_n <= 8192:  # rms_norm_bwd_row: one row per block, fp32 dw rows summed by the launcher
+            yield (0, 0, 0, 0)
+            if tile_n >= 2048:
+                yield (0, 0, 0, 0, 8)
         for tile_m in (m for m in (1, 2, 4) if m * tile_n <= 16384):
             # (rows per tile, blocks per SM, occupancy hint: none or that many, load latency hint: none or 10)
             for per_sm, occupancy, latency in itertools.product((1, 2, 4), (False, True), (0, 10)):

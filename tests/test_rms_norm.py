@@ -2,6 +2,7 @@
 GPU cuTile over fresh random shapes with poisoned outputs), the references against transformers' modules, the
 registered backward (gradcheck, float64 formula, transformers' gradients), opcheck, fallbacks and their reasons,
 and the Gemma3RMSNorm Layout through KernelConfig."""
+import importlib
 import random
 import warnings
 
@@ -122,6 +123,24 @@ def test_rms_norm_backward(device_ck, device, dtype, gemma):
         [(1, 4096), (37, 2560), (4096, 4096), (rng.randint(1, 3000), rng.choice([128, 5120]))]
     for rows, hidden in shapes:
         check_rms_norm_backward(device_ck, rows, hidden, dtype, gemma, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(0, 0, 0, 0), (0, 0, 0, 0, 8), (1, 4, 0, 0), (2, 2, 2, 10), (1, 2, 0, 10, 8)])
+def test_every_kind_of_tuned_backward_matches_float64(ck_gpu, config, monkeypatch):
+    """What the tuner may write for the backward, run before it is chosen: rms_norm_bwd_row (one row per block,
+    also with 8 warps) and the persistent kernel (with occupancy, latency and warps hints), at one row, decode and
+    prefill row counts, both forms, bf16 and fp16 (both take the 16-bit entries)."""
+    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
+    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    for width_bucket in (12, 13):  # 2049..4096 and 4097..8192 columns
+        for rows_bucket in range(1, 18):
+            monkeypatch.setitem(tuned.TABLE, (gpu, "rms_norm_backward", 2, width_bucket, rows_bucket), config)
+    rng = random.Random()
+    for rows, hidden in [(1, 4096), (rng.randint(2, 64), rng.choice([2560, 4096, 5376])), (rng.randint(65, 700), 3584)]:
+        for dtype in (torch.bfloat16, torch.float16):
+            for gemma in (False, True):
+                check_rms_norm_backward(ck_gpu, rows, hidden, dtype, gemma, "cuda")
 
 
 @pytest.mark.kernels_ci

@@ -24,6 +24,9 @@ TILE_ELEMENTS = 16384  # elements per tile at most (fp32 registers stay within o
 BLOCKS_PER_SM = 2
 ROW_GATHER = 0  # TILE_M of a configuration that runs rms_norm_row (one row per block, gather/scatter)
 ROW_GATHER_MAX = 8192  # widest row rms_norm_row holds in one tile
+# most rows the untuned backward gives rms_norm_bwd_row (one fp32 dw row each for the launcher's sum): past that
+# the partial rows cost more than the persistent kernel's per-block partials
+BACKWARD_ROW_MAX = 64
 
 
 def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool, bool]:
@@ -289,7 +292,7 @@ def specializations(array):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for gemma in (False, True):
             for n in (128, 4096, 16384):
-                for m in (1, 1 << 20):
+                for m in (1, BACKWARD_ROW_MAX, 1 << 20):
                     rows, w = array(dtype, (m, n)), array(dtype, (n,))
                     # one block writes dweight in the weight's dtype, more write fp32 partial rows
                     partial = array(dtype if m == 1 else torch.float32, (1, n))
@@ -300,8 +303,11 @@ def backward_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, int
     """(TILE_M, blocks per SM, occupancy hint, load latency hint[, warps per block: tuned entries only]) of
     rms_norm_bwd for GPUs without a tuned entry: two rows per tile (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096:
     217 µs, 88 % of copy, where the untuned kernel took 539). Rows narrower than 2048 keep the untuned form
-    (16K-element tiles, no hints): 2 x 128 tiles with the latency hint compiled to a 2.2 MB cubin in 20 s."""
+    (16K-element tiles, no hints): 2 x 128 tiles with the latency hint compiled to a 2.2 MB cubin in 20 s.
+    Decode-size inputs (up to BACKWARD_ROW_MAX rows) take rms_norm_bwd_row."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
+    if n_rows <= BACKWARD_ROW_MAX and tile_n <= ROW_GATHER_MAX:
+        return ROW_GATHER, 0, 0, 0
     if tile_n < 2048:
         return min(32, TILE_ELEMENTS // tile_n), 2, 0, 0
     return max(1, min(2, 8192 // tile_n)), 2, 2, 10
@@ -315,6 +321,9 @@ def backward_blocks(x, gpu) -> int:
 def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
     blocks, (n, tile_m, tile_n, occupancy, latency, *warps) = _plan(x, gpu, "rms_norm_backward", backward_config)
+    if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
+        return (with_hints(rms_norm_bwd_row, occupancy, *warps), (blocks,),
+                (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_n))
     return (with_hints(rms_norm_bwd, occupancy, *warps), (blocks,),
             (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n, latency))
 
@@ -348,3 +357,23 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
             xhat = ct.astype(ct.astype(xhat, x.dtype), ct.float32)
         acc = acc + ct.sum(d * xhat, axis=0, keepdims=True)
     ct.store(dw_partial, (ct.bid(0), 0), tile=ct.astype(acc, dw_partial.dtype), allow_tma=False)
+
+
+@ct.kernel
+def rms_norm_bwd_row(x, weight, dy, dx, dw_rows, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
+                     TILE_N: ct.Constant[int]):
+    """rms_norm_bwd for decode-size inputs: one row per block through gather/scatter, as rms_norm_row (the tiled
+    backward took 3.0 µs for one 4096-wide row on an H100, torch.compile's 2.4). Row i's dw term d * x̂ goes to
+    dw_rows[i] (fp32, summed by the launcher; with one row, dw itself in the weight's dtype). Same arithmetic as
+    rms_norm_bwd."""
+    row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
+    xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
+    d = ct.astype(ct.gather(dy, (row, cols), latency=1), ct.float32)
+    g = d * _gathered_weight(weight, cols, GEMMA, ct.float32)
+    rstd = ct.rsqrt(ct.sum(xf * xf, axis=0, keepdims=False) / n_cols + eps)
+    xhat = xf * rstd
+    dot = ct.sum(g * xhat, axis=0, keepdims=False) / n_cols
+    ct.scatter(dx, (row, cols), ct.astype(rstd * (g - xhat * dot), dx.dtype), latency=1)
+    if not GEMMA:
+        xhat = ct.astype(ct.astype(xhat, x.dtype), ct.float32)
+    ct.scatter(dw_rows, (row, cols), ct.astype(d * xhat, dw_rows.dtype), latency=1)
