@@ -179,6 +179,8 @@ def aot_plans(modules: dict):
                             blocks = norm.backward_blocks(x, gpu)  # one block writes dw in the weight's dtype
                             dw = T(f32 if blocks > 1 else d, (blocks, n))
                             yield gpu, norm.backward_launch(x, w, x, x, dw, 1e-6, gemma, gpu)
+                            if blocks > 1:
+                                yield gpu, norm.dw_sum_launch(dw, w)
         if "gated_act" in modules:
             act = modules["gated_act"]
             for n in AOT_DOMAIN["gated_widths"]:

@@ -137,7 +137,7 @@ def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False):
 
 def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, gemma: bool,
                              dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by one torch sum, or,
+    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by dw_sum, or,
     when one block takes every row (decode sizes), written by the kernel itself: one launch instead of four. `dx`,
     if given, is a contiguous buffer of x's shape."""
     n = x.shape[-1]
@@ -150,7 +150,11 @@ def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Te
     blocks = kernels.backward_blocks(rows, device)
     dw_partial = torch.empty(blocks, n, dtype=weight.dtype if blocks == 1 else torch.float32, device=x.device)
     launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, device))
-    return dx.view(x.shape), dw_partial[0] if blocks == 1 else dw_partial.sum(0, dtype=weight.dtype)
+    if blocks == 1:
+        return dx.view(x.shape), dw_partial[0]
+    dw = torch.empty(n, dtype=weight.dtype, device=x.device)
+    launch(index, *kernels.dw_sum_launch(dw_partial, dw))
+    return dx.view(x.shape), dw
 
 
 RMS_NORM_BACKWARD = CutileOp(
