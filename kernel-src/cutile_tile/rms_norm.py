@@ -330,17 +330,17 @@ def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu)
             (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n, latency))
 
 
-DW_TILE_N = 64  # dw_sum's columns per block: 64 blocks for 4096 columns
+DW_TILE_N = 64  # rms_norm_bwd_dw_sum's columns per block: 64 blocks for 4096 columns
 
 
 def dw_sum_launch(dw_partial, dw):
-    """(kernel, grid, args) of dw_sum: dweight from the backward's fp32 partial rows in one launch."""
+    """(kernel, grid, args) of rms_norm_bwd_dw_sum: dweight from the backward's fp32 partial rows in one launch."""
     tile_m = 32 if dw_partial.shape[0] <= 32 else 128
-    return dw_sum, (-(-dw_partial.shape[1] // DW_TILE_N),), (dw_partial, dw, tile_m, DW_TILE_N)
+    return rms_norm_bwd_dw_sum, (-(-dw_partial.shape[1] // DW_TILE_N),), (dw_partial, dw, tile_m, DW_TILE_N)
 
 
 @ct.kernel
-def dw_sum(dw_partial, dw, TILE_M: ct.Constant[int], TILE_N: ct.Constant[int]):
+def rms_norm_bwd_dw_sum(dw_partial, dw, TILE_M: ct.Constant[int], TILE_N: ct.Constant[int]):
     """dw[j] = sum over i of dw_partial[i, j], in fp32, rounded once to dw's dtype. torch's
     `partial.sum(0, dtype=torch.bfloat16)` rounds every partial to bf16 first and runs two kernels: with
     rms_norm_bwd_row it was ~5 of the 8 µs of a 16 x 4096 backward (H100)."""

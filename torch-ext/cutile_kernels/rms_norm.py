@@ -137,9 +137,9 @@ def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False):
 
 def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, gemma: bool,
                              dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx per row in one pass; dweight as per-block fp32 partial sums (one row each), reduced by dw_sum, or,
-    when one block takes every row (decode sizes), written by the kernel itself: one launch instead of four. `dx`,
-    if given, is a contiguous buffer of x's shape."""
+    """dx per row in one pass; dweight as fp32 partial sums (one row per block), reduced by rms_norm_bwd_dw_sum,
+    or, when one block takes every row, written by the kernel itself (one launch). `dx`, if given, is a contiguous
+    buffer of x's shape."""
     n = x.shape[-1]
     rows, d = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m, index = rows.shape[0], x.get_device()
