@@ -34,9 +34,12 @@ LLAMA_FORM = ("Llama", "Mistral", "Qwen2", "Qwen3")  # the families of the Llama
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3 and Gemma3"
 # kernel -> the classes its Layout may replace (a Layout key)
 REPLACES = {"GemmaRMSNorm": {"Gemma3RMSNorm"}, "SwiGLUMLP": {f"{f}MLP" for f in LLAMA_FORM},
-            "DecoderLayer": {f"{f}DecoderLayer" for f in LLAMA_FORM}, "GemmaDecoderLayer": {"Gemma3DecoderLayer"}}
+            "DecoderLayer": {f"{f}DecoderLayer" for f in LLAMA_FORM}, "GemmaDecoderLayer": {"Gemma3DecoderLayer"},
+            "QKVAttention": {f"{f}Attention" for f in (*LLAMA_FORM, "Gemma3")}}
 # the decoder-layer kernels (decoder.py); model_type -> the class-name prefix of the family's modeling module
 DECODERS = {"DecoderLayer": "Llama, Mistral, Qwen2 and Qwen3", "GemmaDecoderLayer": "Gemma3"}
+# the Layouts whose class an output recorder names after a load (hidden states, attentions): see _with_replaced
+RECORDED = (*DECODERS, "QKVAttention")
 DECODER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3",
                     "gemma3_text": "Gemma3"}
 # kernel -> decoder layer -> (the child that is the norm before the MLP, its classes, the MLP's class) (a fusion)
@@ -177,6 +180,8 @@ def advice(found: str, repo: str = "<repo>") -> str:
         if found in (f"{f}MLP", f"{f}DecoderLayer"):
             return (f"for {found} use {_entry(f'^{f}MLP$', repo, 'SwiGLUMLP')} or the fused "
                     f"{_entry(fused_key('post_attention_layernorm'), repo, 'RMSNormMLP')}")
+    if found in REPLACES["QKVAttention"]:
+        return f"for {found} use {_entry(f'^{found}$', repo, 'QKVAttention')}"
     if found in ("Gemma3RMSNorm", "GemmaRMSNormLayout"):
         return f"for Gemma3RMSNorm use {_entry('^Gemma3RMSNorm$', repo, 'GemmaRMSNorm')}"
     if found in ("Gemma3MLP", "Gemma3DecoderLayer"):
@@ -253,6 +258,8 @@ def check_replacement(layout_cls: type, *arguments) -> Site | None:
         what = {"GemmaRMSNorm": "computes Gemma3's x̂·(1+w) and replaces Gemma3RMSNorm only",
                 "SwiGLUMLP": "merges the gate and up projections of LlamaMLP, MistralMLP, Qwen2MLP and Qwen3MLP "
                              "only",
+                "QKVAttention": "merges the q, k and v projections of LlamaAttention, MistralAttention, "
+                                "Qwen2Attention, Qwen3Attention and Gemma3Attention only",
                 **{k: f"is the decoder layer of {families} only" for k, families in DECODERS.items()}}[kernel]
         hint = (decoder_advice if kernel in DECODERS else advice)(wrong[0], _repo(site, kernel))
         refuse(f"KernelConfig key {keys} -> {kernel} hits {', '.join(wrong)}; {kernel} {what}. "
@@ -343,9 +350,9 @@ def _rule_key(rule) -> tuple:
 
 
 def _our_rules() -> set[tuple]:
-    from . import mlp
+    from . import attention, mlp
 
-    return {_rule_key(r) for cls in vars(mlp).values() if isinstance(cls, type)
+    return {_rule_key(r) for module in (attention, mlp) for cls in vars(module).values() if isinstance(cls, type)
             for r in cls.__dict__.get("conversion_mapping", ())}
 
 
@@ -382,28 +389,31 @@ def reset_process_state(originals: dict | None = None) -> None:
                   for owner, outputs in output_capturing._CAN_RECORD_REGISTRY.items()]
     for outputs, module_name in recorders + registered:
         for output, recorder in list((outputs or {}).items()):
-            outputs[output] = _with_replaced_decoders(_restore_recorder(recorder), module_name)
+            outputs[output] = _with_replaced_classes(_restore_recorder(recorder), module_name)
 
 
-def _is_decoder_layout(cls) -> bool:
+def _is_recorded_layout(cls) -> bool:
     return isinstance(cls, type) and getattr(cls, "_cutile_kernels_layout", False) and \
-        cls.__name__.removesuffix("Layout") in DECODERS
+        cls.__name__.removesuffix("Layout") in RECORDED
 
 
-def _with_replaced_decoders(recorder, module_name: str):
-    """A decoder Layout recorder (patch_output_recorders put it in place of `<Family>DecoderLayer`) stays, for
-    the loaded model's layers are Layouts, and the class it replaced joins it, for later plain models: hidden
-    states are recorded by isinstance, so each model matches one of the two."""
+def _with_replaced_classes(recorder, module_name: str):
+    """A decoder or attention Layout recorder (patch_output_recorders put it in place of `<Family>DecoderLayer`,
+    `<Family>Attention`) stays, for the loaded model's modules are Layouts, and the class it replaced joins it, for
+    later plain models: outputs are recorded by isinstance, so each model matches one of the two."""
     items = recorder if isinstance(recorder, list) else [recorder]
-    if not any(_is_decoder_layout(r) for r in items):
+    if not any(_is_recorded_layout(r) for r in items):
         return recorder
     module = sys.modules.get(module_name)
-    replaced = [c for name in sorted(set().union(*(REPLACES[k] for k in DECODERS)))
+
+    def replaced(layout: type) -> list:
+        return [c for name in sorted(REPLACES[layout.__name__.removesuffix("Layout")])
                 if isinstance(c := _ORIGINALS.get((module_name, name)) or getattr(module, name, None), type)
                 and not _is_ours(c)]
+
     flat = []
     for r in items:
-        for c in ([*replaced, r] if _is_decoder_layout(r) else [r]):
+        for c in ([*replaced(r), r] if _is_recorded_layout(r) else [r]):
             if c not in flat:
                 flat.append(c)
     return flat

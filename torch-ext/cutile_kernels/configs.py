@@ -9,6 +9,8 @@ from __future__ import annotations
 FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
             "gemma3_text": "gemma3"}
 _MLP_CLASS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
+_ATTENTION_CLASS = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention",
+                    "qwen3": "Qwen3Attention", "gemma3": "Gemma3Attention"}
 MLP_CHOICES = ("fused", "merged", None)
 
 
@@ -34,8 +36,8 @@ def fused_key(norm: str) -> tuple:
 
 
 def recommended_mapping(model_or_family, repo: str, *, norm: bool = True, mlp: str | None = "fused",
-                        rope: bool = True, decoder: bool = False, trust_remote_code: bool = False,
-                        version: int = 1) -> dict:
+                        rope: bool = True, decoder: bool = False, qkv: bool = False,
+                        trust_remote_code: bool = False, version: int = 1) -> dict:
     """The KernelConfig mapping for `model_or_family` with kernels from `repo`.
 
     norm: every RMSNorm of the decoder (Llama form, or Gemma3's through its Layout).
@@ -46,6 +48,10 @@ def recommended_mapping(model_or_family, repo: str, *, norm: bool = True, mlp: s
         GemmaDecoderLayer). Off by default until GPU measurements say it is faster. The fused key patches the
         same decoder layer class, so with decoder=True, mlp="fused" means the decoder's fused norm followed by
         the merged MLP (Gemma3: its own MLP, there is no merged Gemma3 MLP).
+    qkv: the attention with q_proj, k_proj and v_proj as one GEMM (QKVAttention; Qwen3/Gemma3 also run q_norm,
+        k_norm and RoPE as one qk_norm_rope). Off by default: not measured on a GPU yet. It composes with
+        decoder=True (the decoder layer calls the attention module, which runs QKVAttention's forward); tensor
+        parallelism refuses it.
     trust_remote_code: values as ("<repo>:<Layer>", {"version": version, "trust_remote_code": True}), the form
         transformers needs for a repo that is not a trusted publisher (plain strings otherwise).
     """
@@ -68,6 +74,8 @@ def recommended_mapping(model_or_family, repo: str, *, norm: bool = True, mlp: s
         if gemma:
             raise ValueError("cutile_kernels: Gemma3's MLP is offered fused with its norm only (mlp='fused')")
         mapping[f"^{_MLP_CLASS[family]}$"] = f"{repo}:SwiGLUMLP"
+    if qkv:
+        mapping[f"^{_ATTENTION_CLASS[family]}$"] = f"{repo}:QKVAttention"
     if rope:
         mapping["rotary_pos_emb"] = f"{repo}:ApplyRotaryPosEmb"
     if trust_remote_code:

@@ -159,3 +159,15 @@ if Concatenate is not None:
                 pack_gate_up_shard(model, full_layer_name)
                 keep_tp_grad_hooks(model)
             return merged
+
+
+def sharded_load(config) -> str | None:
+    """How the load building a Layout shards checkpoint tensors ("under tensor parallelism (tp_size=2)"), or None:
+    from the DistributedConfig that from_pretrained puts on the config before it builds the model."""
+    distributed = getattr(config, "distributed_config", None)
+    tp, fsdp = (getattr(distributed, name, None) or 1 for name in ("tp_size", "fsdp_size"))
+    if tp > 1:
+        return f"under tensor parallelism (tp_size={tp})"
+    if fsdp > 1:
+        return f"with fsdp_size={fsdp}"
+    return None

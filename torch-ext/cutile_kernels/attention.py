@@ -1,0 +1,249 @@
+"""Attention with q, k and v from one GEMM: `QKVAttention` (kernel, forward only) and `QKVAttentionLayout` (what
+transformers builds in place of LlamaAttention, MistralAttention, Qwen2Attention, Qwen3Attention, Gemma3Attention).
+
+In a decode step k_proj and v_proj are narrow GEMMs (8B: 4096 -> 1024) that cuBLAS runs split-K with a reduce launch
+each; one `qkv_proj` (hidden -> (q_heads + 2 kv_heads) * head_dim) reads the hidden states once and launches once.
+q, k and v are views of its output. Everything after the projection is the family's attention forward (transformers
+5.22.2): its norms, RoPE, cache update and attention function. The kernel forward runs Qwen3's and Gemma3's q_norm,
+k_norm and RoPE as one `qk_norm_rope` (head dims the kernel takes), else the modules' norms and the package's RoPE.
+
+The Layout keeps `o_proj` and, for Qwen3/Gemma3, `q_norm`/`k_norm` from the family's own classes, so their keys stay
+and the other keys of the same KernelConfig still reach them (RMSNorm, GemmaRMSNorm). Its conversion rules
+concatenate q_proj, k_proj, v_proj at load; save_pretrained splits qkv_proj back by the model's head counts
+(`SplitQKV`). Tensor parallelism is refused: the families' plans shard q/k/v colwise, and transformers' packed style
+splits a merged weight into equal parts, which GQA's [q | k | v] is not.
+"""
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .checks import DECODER_FAMILIES, Layout, _patch_keys, check_replacement, refuse
+from .decoder import _norm_eps
+from .parallel import sharded_load
+from .rope import apply_rotary_pos_emb, head_dim_supported, qk_norm_rope
+
+
+class _Family(NamedTuple):
+    """What differs between the five attention modules (transformers 5.22.2)."""
+
+    module: str  # the modeling module (its apply_rotary_pos_emb, eager_attention_forward, RMSNorm)
+    qkv_bias: bool | str  # a fixed bias flag of q/k/v_proj, or the config attribute holding it
+    o_bias: bool | str
+    norm: str | None  # the class of q_norm / k_norm (Qwen3, Gemma3), None without them
+    window: str | None  # "config": config.sliding_window on every layer (Mistral); "layer": by config.layer_types;
+    # None: no sliding_window argument (Llama)
+
+
+def _family(name: str, **kw) -> _Family:
+    return _Family(f"transformers.models.{name}.modeling_{name}", **kw)
+
+
+FAMILIES = {
+    "LlamaAttention": _family("llama", qkv_bias="attention_bias", o_bias="attention_bias", norm=None, window=None),
+    "MistralAttention": _family("mistral", qkv_bias=False, o_bias=False, norm=None, window="config"),
+    "Qwen2Attention": _family("qwen2", qkv_bias=True, o_bias=False, norm=None, window="layer"),
+    "Qwen3Attention": _family("qwen3", qkv_bias="attention_bias", o_bias="attention_bias", norm="Qwen3RMSNorm",
+                              window="layer"),
+    "Gemma3Attention": _family("gemma3", qkv_bias="attention_bias", o_bias="attention_bias", norm="Gemma3RMSNorm",
+                               window="layer"),
+}
+GEMMA_NORMS = {"Gemma3Attention"}  # x̂·(1+w) q/k norms
+
+
+def merged_qkv_rules() -> list:
+    """Checkpoint -> Layout: `self_attn.{q,k,v}_proj.{weight,bias}` concatenated into `self_attn.qkv_proj`; o_proj
+    and the norms keep their keys. transformers reverses them on save_pretrained (SplitQKV).
+
+    Scope: every `self_attn.q_proj` of the checkpoint; in the five families' *ForCausalLM that is the decoder's
+    attention only (a multimodal checkpoint's vision tower would match too: the key is for the text models)."""
+    try:
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # kernels also loads this package without transformers: then no Layout is used
+        return []
+    return [WeightConverter([f"self_attn.{x}_proj.{p}" for x in "qkv"], f"self_attn.qkv_proj.{p}",
+                            operations=[ConcatenateQKV()]) for p in ("weight", "bias")]
+
+
+def qkv_sizes(config, total: int) -> list[int]:
+    """The q, k and v rows of a qkv_proj weight or bias with `total` rows, from the model's head counts."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    head_dim, rest = divmod(total, heads + 2 * kv_heads)
+    if rest:
+        raise ValueError(f"cutile_kernels: a qkv_proj of {total} rows is not (num_attention_heads {heads} + "
+                         f"2 * num_key_value_heads {kv_heads}) heads of one size")
+    return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
+try:  # kernels also loads this package without transformers
+    from transformers.core_model_loading import Concatenate, ConversionOps
+except ImportError:
+    Concatenate = None
+
+if Concatenate is not None:
+    class ConcatenateQKV(Concatenate):
+        """[q_proj | k_proj | v_proj] along dim 0. Concatenate's own reverse is an equal Chunk, wrong under GQA
+        (q has more heads than k and v): this one reverses to SplitQKV."""
+
+        def __init__(self):
+            super().__init__(dim=0)
+
+        @property
+        def reverse_op(self) -> ConversionOps:
+            return SplitQKV()
+
+    class SplitQKV(ConversionOps):
+        """qkv_proj -> q_proj, k_proj, v_proj (save_pretrained), split by the sizes `qkv_sizes` reads from the
+        config transformers passes (the model's own, `revert_weight_conversion`). Why the config and not sizes
+        seen at load: the rules are class attributes shared by every model loaded in the process (transformers
+        copies them per key), so a size remembered on load would be the last model's; the config is the saved
+        model's, and the Layout built qkv_proj from the same head counts ((heads + 2 kv_heads) * head_dim rows),
+        so the split is exact for any head_dim, weight or bias."""
+
+        dim = 0
+
+        @torch.no_grad
+        def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
+            tensors = next(iter(input_dict.values()))
+            tensor = tensors[0] if isinstance(tensors, list) else tensors
+            parts = torch.split(tensor, qkv_sizes(config, tensor.shape[0]), dim=0)
+            return {target: part.contiguous() for target, part in zip(target_patterns, parts)}
+
+        @property
+        def reverse_op(self) -> ConversionOps:
+            return ConcatenateQKV()
+
+
+def _modeling(layer: nn.Module):
+    return sys.modules[FAMILIES[layer.attention_class].module]
+
+
+def _family_qk(layer, query, key, cos, sin):
+    """The family's own q_norm / k_norm (modules) and apply_rotary_pos_emb, on (B, H, S, D) views."""
+    if layer.q_norm is not None:
+        query, key = layer.q_norm(query), layer.k_norm(key)
+    return _modeling(layer).apply_rotary_pos_emb(query, key, cos, sin)
+
+
+def _kernel_qk(layer, query, key, cos, sin):
+    """The same through the package's ops: qk_norm_rope when the kernel takes the head dim (and one eps), else the
+    norm modules (their own kernels or transformers') and the RoPE op."""
+    if layer.q_norm is not None:
+        eps = _norm_eps(layer.q_norm)
+        if head_dim_supported(layer.head_dim) and eps is not None and _norm_eps(layer.k_norm) == eps:
+            return qk_norm_rope(query, key, layer.q_norm.weight, layer.k_norm.weight, cos, sin, eps,
+                                layer.attention_class in GEMMA_NORMS)
+        query, key = layer.q_norm(query), layer.k_norm(key)
+    return apply_rotary_pos_emb(query, key, cos, sin)
+
+
+def _attention(layer, hidden_states, position_embeddings, attention_mask, past_key_values, rotate, **kwargs):
+    """`<Family>Attention.forward` (transformers 5.22.2) with q, k, v as views of one qkv_proj output and `rotate`
+    for the q/k norms and RoPE."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, layer.head_dim)
+    query, key, value = layer.qkv_proj(hidden_states).split(layer.qkv_split, dim=-1)
+    query_states = query.view(hidden_shape).transpose(1, 2)
+    key_states = key.view(hidden_shape).transpose(1, 2)
+    value_states = value.view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_states, key_states = rotate(layer, query_states, key_states, cos, sin)
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, layer.layer_idx)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(layer.config._attn_implementation,
+                                                                _modeling(layer).eager_attention_forward)
+    window = FAMILIES[layer.attention_class].window
+    if window == "config":  # Mistral reads its config at each call
+        kwargs["sliding_window"] = getattr(layer.config, "sliding_window", None)
+    elif window == "layer":  # Llama passes none
+        kwargs["sliding_window"] = layer.sliding_window
+    attn_output, attn_weights = attention_interface(
+        layer, query_states, key_states, value_states, attention_mask,
+        dropout=layer.attention_dropout if layer.training else 0.0, scaling=layer.scaling, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return layer.o_proj(attn_output), attn_weights
+
+
+class QKVAttention(nn.Module):
+    """The attention forward with one q/k/v GEMM and the package's norm+RoPE ops."""
+
+    qkv_proj: nn.Linear
+    o_proj: nn.Linear
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+    has_backward = True  # GEMMs and attention differentiate through torch, the norms and RoPE through their ops
+    can_torch_compile = True
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        return _attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, _kernel_qk,
+                          **kwargs)
+
+
+def _flag(config, value: bool | str) -> bool:
+    return bool(getattr(config, value, False)) if isinstance(value, str) else value
+
+
+class QKVAttentionLayout(Layout):
+    """`<Family>Attention` as transformers builds it, with q_proj, k_proj and v_proj as one `qkv_proj`; every other
+    attribute the family's forward and attention functions read."""
+
+    conversion_mapping = merged_qkv_rules()
+
+    def __init__(self, config, layer_idx: int | None = None, *modules):  # a fusion (tuple) key: modules (refused)
+        site = check_replacement(type(self), config, layer_idx, *modules)  # the five attention classes only
+        sharding = sharded_load(config)
+        if sharding is not None:
+            keys = ", ".join(repr(k) for k in _patch_keys(type(self), site.replaced)) if site else ""
+            refuse(f"{f'KernelConfig key {keys} -> ' if keys else ''}QKVAttention cannot load {sharding}: its qkv_proj "
+                   "concatenates q_proj, k_proj and v_proj, which the plan shards each on its own (colwise), and "
+                   "transformers' packed style splits a merged weight into equal parts, which [q | k | v] is not "
+                   "when q has more heads than k and v. Drop the key from the KernelConfig under tp_plan "
+                   "(the rest of the mapping shards as before).", site)
+        super().__init__()
+        name = site.replaced[0] if site is not None and site.replaced else \
+            f"{DECODER_FAMILIES[config.model_type]}Attention"  # built by hand
+        family = FAMILIES[name]
+        modeling = sys.modules[family.module]
+        self.attention_class = name
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx] if hasattr(config, "layer_types") else None
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        gemma = name in GEMMA_NORMS
+        self.scaling = (config.query_pre_attn_scalar if gemma else self.head_dim) ** -0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = not config.use_bidirectional_attention if gemma else True
+        if gemma:
+            self.attn_logit_softcapping = config.attn_logit_softcapping
+            self.is_sliding = self.layer_type == "sliding_attention"
+        if family.window == "layer":
+            self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        q, kv = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.qkv_split = (q, kv, kv)
+        # Built empty (on meta inside from_pretrained): the values come from the checkpoint via conversion_mapping
+        self.qkv_proj = nn.Linear(config.hidden_size, q + 2 * kv, bias=_flag(config, family.qkv_bias))
+        self.o_proj = nn.Linear(q, config.hidden_size, bias=_flag(config, family.o_bias))
+        if family.norm is None:
+            self.q_norm = self.k_norm = None
+        else:  # the family's class, as its attention calls it (a patched name builds the norm's Layout)
+            norm = getattr(modeling, family.norm)
+            if gemma:
+                self.q_norm = norm(dim=config.head_dim, eps=config.rms_norm_eps)
+                self.k_norm = norm(dim=config.head_dim, eps=config.rms_norm_eps)
+            else:
+                self.q_norm = norm(self.head_dim, eps=config.rms_norm_eps)
+                self.k_norm = norm(self.head_dim, eps=config.rms_norm_eps)
+        # kernels' kernelize sees the family's rotary_pos_emb here, as on the family's module (use_kernelized_func)
+        self.__dict__.setdefault("_kernel_funcs", {})["apply_rotary_pos_emb"] = modeling.apply_rotary_pos_emb
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        return _attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, _family_qk,
+                          **kwargs)
