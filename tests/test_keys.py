@@ -46,9 +46,9 @@ def recommended(ck, family: str, **options) -> dict:
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_recommended_keys_hit_only_their_class(ck, class_names, family):
     """Each regex key of the recommended mapping (anchored: `^<Class>$`) hits exactly its class."""
-    mapping = {**recommended(ck, family), **ck.recommended_mapping(family, "<repo>", decoder=True)}
+    mapping = {**recommended(ck, family), **ck.recommended_mapping(family, "<repo>", decoder=True, qkv=True)}
     keys = [k for k in mapping if isinstance(k, str) and k.startswith("^")]
-    assert any(k.endswith("DecoderLayer$") for k in keys)
+    assert any(k.endswith("DecoderLayer$") for k in keys) and any(k.endswith("Attention$") for k in keys)
     assert keys
     for key in keys:
         assert hits(key, class_names) == {key.strip("^$")}, key
@@ -56,7 +56,7 @@ def test_recommended_keys_hit_only_their_class(ck, class_names, family):
 
 def readme_table() -> dict[str, dict[str, set]]:
     """README's "Recommended KernelConfig keys per family" table: {family: {column: {(key, layer)}}}, columns
-    "norm", "mlp", "rope", "decoder" by their headers. A cell lists its pairs as backticked Python
+    "norm", "mlp", "rope", "decoder", "attention" by their headers. A cell lists its pairs as backticked Python
     (`KEY: "<repo>:Layer"`, or `KEY` → `Layer`); "the `Layer` tuple" repeats that layer's key from an earlier row;
     "same" repeats the cell above."""
     text = (ROOT / "README.md").read_text()
@@ -68,9 +68,9 @@ def readme_table() -> dict[str, dict[str, set]]:
         elif lines:
             break
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    header = [next((name for name in ("family", "norm", "mlp", "rope", "decoder") if name in c.lower()), None)
-              for c in cells[0]]
-    assert {"family", "norm", "mlp", "rope", "decoder"} <= set(header), cells[0]
+    columns = ("family", "norm", "mlp", "rope", "decoder", "attention")
+    header = [next((name for name in columns if name in c.lower()), None) for c in cells[0]]
+    assert set(columns) <= set(header), cells[0]
     table, key_of_layer = {}, {}
     previous = {}
     for row in cells[1:]:
@@ -109,7 +109,8 @@ def test_readme_table_is_recommended_mapping(ck):
         want = {"norm": ck.recommended_mapping(family, "<repo>", mlp=None, rope=False),
                 "mlp": recommended(ck, family, norm=False, rope=False),
                 "rope": ck.recommended_mapping(family, "<repo>", norm=False, mlp=None),
-                "decoder": ck.recommended_mapping(family, "<repo>", norm=False, mlp=None, rope=False, decoder=True)}
+                "decoder": ck.recommended_mapping(family, "<repo>", norm=False, mlp=None, rope=False, decoder=True),
+                "attention": ck.recommended_mapping(family, "<repo>", norm=False, mlp=None, rope=False, qkv=True)}
         for column, pairs in columns.items():
             assert pairs == {(k, v.removeprefix("<repo>:")) for k, v in want[column].items()}, (family, column)
 

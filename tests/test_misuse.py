@@ -184,7 +184,7 @@ def test_checks_do_not_touch_the_kernel_forwards(ck):
     import inspect
 
     for name in ("RMSNorm", "GemmaRMSNorm", "SwiGLUMLP", "RMSNormMLP", "GemmaRMSNormMLP", "DecoderLayer",
-                 "GemmaDecoderLayer"):
+                 "GemmaDecoderLayer", "QKVAttention"):
         source = inspect.getsource(getattr(ck.layers, name).forward)
         assert "check" not in source and "_site" not in source, name
 
@@ -279,6 +279,11 @@ def test_readme_what_happens_when_table_quotes_the_errors():
         "KernelConfig key 'DecoderLayer' -> DecoderLayer hits Gemma3DecoderLayer; DecoderLayer is the decoder layer of "
         "Llama, Mistral, Qwen2 and Qwen3 only.",
         "SwiGLUMLP replaces one module, but a fusion (tuple) key handed it LlamaRMSNorm and LlamaMLP",
+        "KernelConfig key '^LlamaAttention$' -> QKVAttention cannot load under tensor parallelism (tp_size=2)",
+        "Drop the key from the KernelConfig under tp_plan",
+        "KernelConfig key 'Attention' -> QKVAttention hits Olmo2Attention; QKVAttention merges the q, k and v "
+        "projections of LlamaAttention, MistralAttention, Qwen2Attention, Qwen3Attention and Gemma3Attention only. "
+        "This package has no layer for Olmo2Attention",
         "activation 'relu' is not supported (only ['gelu_pytorch_tanh', 'silu'])",
         "the last dimension of gate_up is 127; it must be even",
         "the weight has shape (32,), the input (4, 64); the weight must be (64,)",

@@ -25,6 +25,9 @@ which concatenated is exactly the packed local shard [gate_r | up_r]. The concat
 the Layouts' conversion rules) then declares what it built: the parameter becomes packed (transformers'
 PackedColwiseParallel placement and hooks), so full_tensor() and save_pretrained give [gate | up] back and the
 conversion rules write the original gate_proj/up_proj keys.
+
+The merged q/k/v attention (attention.py) has no such plan: under GQA [q | k | v] has unequal parts, which the packed
+style (equal parts) cannot describe, so its Layout refuses a sharded load (`sharded_load`).
 """
 from __future__ import annotations
 
@@ -58,6 +61,18 @@ def declare_merged_mlp_sharding(config, src: str, dst: str) -> None:
     plan = merged_mlp_tp_plan(getattr(config, "base_model_tp_plan", None), src, dst)
     if plan is not None:
         config.base_model_tp_plan = plan
+
+
+def sharded_load(config) -> str | None:
+    """How the load building a Layout shards checkpoint tensors ("under tensor parallelism (tp_size=2)"), or None:
+    from the DistributedConfig that from_pretrained puts on the config before it builds the model."""
+    distributed = getattr(config, "distributed_config", None)
+    tp, fsdp = (getattr(distributed, name, None) or 1 for name in ("tp_size", "fsdp_size"))
+    if tp > 1:
+        return f"under tensor parallelism (tp_size={tp})"
+    if fsdp > 1:
+        return f"with fsdp_size={fsdp}"
+    return None
 
 
 def pack_gate_up_shard(model, param_name: str) -> None:
@@ -160,14 +175,3 @@ if Concatenate is not None:
                 keep_tp_grad_hooks(model)
             return merged
 
-
-def sharded_load(config) -> str | None:
-    """How the load building a Layout shards checkpoint tensors ("under tensor parallelism (tp_size=2)"), or None:
-    from the DistributedConfig that from_pretrained puts on the config before it builds the model."""
-    distributed = getattr(config, "distributed_config", None)
-    tp, fsdp = (getattr(distributed, name, None) or 1 for name in ("tp_size", "fsdp_size"))
-    if tp > 1:
-        return f"under tensor parallelism (tp_size={tp})"
-    if fsdp > 1:
-        return f"with fsdp_size={fsdp}"
-    return None
