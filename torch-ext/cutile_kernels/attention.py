@@ -15,6 +15,7 @@ splits a merged weight into equal parts, which GQA's [q | k | v] is not.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import NamedTuple
 
@@ -201,16 +202,17 @@ class QKVAttentionLayout(Layout):
         sharding = sharded_load(config)
         if sharding is not None:
             keys = ", ".join(repr(k) for k in _patch_keys(type(self), site.replaced)) if site else ""
-            refuse(f"{f'KernelConfig key {keys} -> ' if keys else ''}QKVAttention cannot load {sharding}: its qkv_proj "
-                   "concatenates q_proj, k_proj and v_proj, which the plan shards each on its own (colwise), and "
-                   "transformers' packed style splits a merged weight into equal parts, which [q | k | v] is not "
-                   "when q has more heads than k and v. Drop the key from the KernelConfig under tp_plan "
-                   "(the rest of the mapping shards as before).", site)
+            key = f"KernelConfig key {keys} -> " if keys else ""
+            refuse(f"{key}QKVAttention cannot load {sharding}: its qkv_proj concatenates q_proj, k_proj and v_proj, "
+                   "which a sharded load splits each on its own (the tp plan: colwise), and transformers' packed "
+                   "style splits a merged weight into equal parts, which [q | k | v] is not when q has more heads "
+                   "than k and v. Drop the key from the KernelConfig under tp_plan (or fsdp_size); the rest of the "
+                   "mapping loads as before.", site)
         super().__init__()
         name = site.replaced[0] if site is not None and site.replaced else \
             f"{DECODER_FAMILIES[config.model_type]}Attention"  # built by hand
         family = FAMILIES[name]
-        modeling = sys.modules[family.module]
+        modeling = importlib.import_module(family.module)  # imported already inside from_pretrained
         self.attention_class = name
         self.config = config
         self.layer_idx = layer_idx
