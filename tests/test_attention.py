@@ -182,6 +182,26 @@ def test_save_splits_by_the_head_counts(ck, checkpoints):
         op.reverse_op.convert({"qkv_proj.weight": merged[:-1]}, ["qkv_proj.weight"], names, config=config)
 
 
+
+def test_a_vision_towers_attention_is_refused(ck):
+    """The rule matches every `self_attn.q_proj` of a checkpoint: a multimodal checkpoint's vision tower (Gemma3's
+    SigLIP) has them too. The conversion raises for a self_attn that is not a QKVAttentionLayout (transformers then
+    fails the load) instead of leaving that tower's projections random behind a warning."""
+    from torch import nn
+
+    model = nn.Module()
+    model.vision = nn.Module()
+    model.vision.self_attn = nn.Module()
+    model.text = nn.Module()
+    model.text.self_attn = ck.attention.QKVAttentionLayout(config_for("llama"), 0)
+    op, names = ck.attention.ConcatenateQKV(), ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
+    parts = {n: [torch.randn(4, 8)] for n in names}
+    with pytest.raises(ValueError, match="vision.self_attn is Module, not a QKVAttentionLayout"):
+        op.convert(parts, names, ["qkv_proj.weight"], full_layer_name="vision.self_attn.qkv_proj.weight", model=model)
+    merged = op.convert(parts, names, ["qkv_proj.weight"], full_layer_name="text.self_attn.qkv_proj.weight",
+                        model=model)
+    assert merged["qkv_proj.weight"].shape == (12, 8)
+
 def test_decoder_layer_composes(ck_hub, hub, cpu_kernel_config, monkeypatch, tmp_path):
     """With decoder=True the decoder layer calls its attention module (a QKVAttentionLayout: decoder.py fuses only
     transformers' own Qwen3Attention), which runs QKVAttention's forward, q_norm/k_norm/RoPE still one qk_norm_rope;

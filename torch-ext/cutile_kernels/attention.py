@@ -93,6 +93,12 @@ if Concatenate is not None:
         def __init__(self):
             super().__init__(dim=0)
 
+        def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, model=None,
+                    **kwargs):
+            if model is not None and full_layer_name:
+                check_merged_into_layout(model, full_layer_name)
+            return super().convert(input_dict, source_patterns, target_patterns, **kwargs)
+
         @property
         def reverse_op(self) -> ConversionOps:
             return SplitQKV()
@@ -117,6 +123,23 @@ if Concatenate is not None:
         @property
         def reverse_op(self) -> ConversionOps:
             return ConcatenateQKV()
+
+
+def check_merged_into_layout(model: nn.Module, param_name: str) -> None:
+    """Raises unless `param_name` (<attention>.qkv_proj.weight or .bias, what the rule built) belongs to a
+    QKVAttentionLayout. The rule matches every `self_attn.q_proj` of a checkpoint; a multimodal checkpoint's vision
+    tower (Gemma3's SigLIP) has those too, and its merged weight would load into nothing: transformers would only warn
+    and leave the tower's projections random. Raised inside the conversion, transformers fails the load."""
+    attention = param_name.rsplit(".", 2)[0]
+    try:
+        found = type(model.get_submodule(attention))
+    except AttributeError:
+        found = None
+    if not getattr(found, "_cutile_kernels_layout", False):
+        raise ValueError(f"cutile_kernels: the QKVAttention key merges q_proj, k_proj and v_proj of every "
+                         f"self_attn in the checkpoint, and {attention} is "
+                         f"{found.__name__ if found else 'not in the model'}, not a QKVAttentionLayout (a vision "
+                         "tower of a multimodal checkpoint?): the key is for the text models; drop it here.")
 
 
 def _modeling(layer: nn.Module):

@@ -174,4 +174,3 @@ if Concatenate is not None:
                 pack_gate_up_shard(model, full_layer_name)
                 keep_tp_grad_hooks(model)
             return merged
-
