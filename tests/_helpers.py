@@ -175,3 +175,19 @@ def recorded_launches(ck, module: str, monkeypatch) -> list:
     monkeypatch.setattr(launching, "gpu", lambda index: ("test", 132))
     return plans
 
+
+def assert_compiles_like_eager(model, hub, layers: dict, fullgraph: bool = False) -> None:
+    """kernelize `model` in TORCH_COMPILE mode with `layers` ({mapping key: layer name} from `hub`, on CPU); Dynamo
+    finds no graph break and the compiled logits equal the eager ones."""
+    from kernels import LayerRepository, Mode, kernelize, use_kernel_mapping
+
+    mapping = {key: {"cpu": LayerRepository(hub, layer_name=layer, version=1)} for key, layer in layers.items()}
+    with use_kernel_mapping(mapping, inherit_mapping=False):
+        kernelize(model, mode=Mode.INFERENCE | Mode.TORCH_COMPILE, device="cpu")
+    ids = torch.randint(0, 256, (1, 11))
+    with torch.no_grad():
+        want = model(ids).logits
+        explanation = torch._dynamo.explain(model)(ids)
+        got = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")(ids).logits
+    assert explanation.graph_break_count == 0, [str(r)[:300] for r in explanation.break_reasons]
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

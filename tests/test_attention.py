@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, KernelConfig, Stati
 
 from devtools.checkpoints import ALL_FAMILIES, config_for, make_checkpoint, randomize_norms
 
-from ._helpers import IDS, assert_gpu_parity, check_layout_model, layouts, load, logits, plain
+from ._helpers import (IDS, assert_compiles_like_eager, assert_gpu_parity, check_layout_model, layouts, load,
+                       logits, plain)
 from .test_tp import WORLD, _distributed_unavailable, _init, _report, _reports, _spawn
 
 # the window (4) is shorter than the prompts, so sliding layers mask differently from full ones
@@ -222,22 +223,10 @@ def test_decoder_layer_composes(ck_hub, hub, cpu_kernel_config, monkeypatch, tmp
 def test_compiles_without_graph_breaks(checkpoints, hub, ck_hub, cpu_kernel_config, tmp_path):
     """kernelize in TORCH_COMPILE mode keeps QKVAttention (can_torch_compile); fullgraph=True compiles (a break
     raises) through the split of qkv_proj and qk_norm_rope (Qwen3, head_dim 64), and equals the eager logits."""
-    from kernels import LayerRepository, Mode, kernelize, use_kernel_mapping
-
     path = make_checkpoint("qwen3", tmp_path / "qwen3-64", head_dim=64)
     model, _ = load(path, qkv_mapping(ck_hub, "qwen3", hub, norm=True))
-    layers = {"RMSNorm": "RMSNorm", "QKVAttention": "QKVAttention"}
-    mapping = {key: {"cpu": LayerRepository(hub, layer_name=layer, version=1)} for key, layer in layers.items()}
-    with use_kernel_mapping(mapping, inherit_mapping=False):
-        kernelize(model, mode=Mode.INFERENCE | Mode.TORCH_COMPILE, device="cpu")
+    assert_compiles_like_eager(model, hub, {"RMSNorm": "RMSNorm", "QKVAttention": "QKVAttention"}, fullgraph=True)
     assert model.model.layers[0].self_attn.forward.__func__ is ck_hub.layers.QKVAttention.forward
-    ids = torch.randint(0, 256, (1, 11))
-    with torch.no_grad():
-        want = model(ids).logits
-        explanation = torch._dynamo.explain(model)(ids)
-        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
-    assert explanation.graph_break_count == 0, [str(r)[:300] for r in explanation.break_reasons]
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
