@@ -9,7 +9,8 @@ Layer 0 of a one-layer random checkpoint of `--family` (llama, mistral, qwen2, q
 plain transformers eager and under torch.compile (Inductor), ours (KernelConfig with the package's
 recommended_mapping: RMSNorm, fused norm + MLP, RoPE) eager and under torch.compile, ours + decoder (the same with
 decoder=True: the DecoderLayer kernel, residual add + post_attention_layernorm in one add_rms_norm, merged MLP; the
-run refuses when layer 0 does not run it) eager and under torch.compile, the same with the MLP's residual add inside
+run refuses when layer 0 does not run it) eager and under torch.compile, ours + decoder + qkv (also q_proj, k_proj
+and v_proj as one GEMM: QKVAttention), the same as ours + decoder with the MLP's residual add inside
 the down_proj GEMM (`decoder.RESIDUAL_IN_DOWN_PROJ`: addmm with beta=1, the sum rounded once, so not bit for bit
 plain), Liger-Kernel's patch (RoPE, RMSNorm, SwiGLU; last, as it patches transformers process-wide).
 
@@ -101,8 +102,9 @@ def main(argv=None) -> None:
     inputs = prefilled(plain, batches, kv)
     results["plain eager"] = measure(plain.model.layers[0], inputs, kv, want)
     results["plain torch.compile"] = measure(h.compiled(plain.model.layers[0]), inputs, kv, want)
-    print("[2/3] ours through KernelConfig (and + decoder), eager and torch.compile", flush=True)
-    configs = [("ours", {}, False), ("ours + decoder", {"decoder": True}, False)]
+    print("[2/3] ours through KernelConfig (and + decoder, + qkv), eager and torch.compile", flush=True)
+    configs = [("ours", {}, False), ("ours + decoder", {"decoder": True}, False),
+               ("ours + decoder + qkv", {"decoder": True, "qkv": True}, False)]
     if args.family != "gemma3":  # the switch applies to the Llama form
         configs.append(("ours + decoder, residual in down_proj", {"decoder": True}, True))
     for name, options, in_down_proj in configs:

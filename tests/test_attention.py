@@ -156,7 +156,7 @@ def test_load_through_kernel_config(ck_hub, checkpoints, hub, cpu_kernel_config,
     path = checkpoints[family]
     sizes = {k: v.shape for k, v in plain(path).state_dict().items() if ".0.self_attn." in k}
     assert sizes["model.layers.0.self_attn.q_proj.weight"][0] == 2 * sizes["model.layers.0.self_attn.k_proj.weight"][0]
-    options = {} if case == "qkv" else dict(norm=True, mlp="fused")
+    options = {} if case == "qkv" else dict(norm=True, mlp="fused", rope=True)  # every key recommended_mapping has
     mapping = qkv_mapping(ck_hub, family, hub, **options)
     assert f"^{ATTENTION[family]}$" in mapping
     check_layout_model(ck_hub, path, mapping, "cpu", tmp_path)

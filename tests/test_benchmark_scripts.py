@@ -122,6 +122,7 @@ def test_decode_layer_tiny(tmp_path, cache):
     configs = [k.split(" | ")[0] for k in table]
     assert configs == ["plain eager", "plain torch.compile", "ours eager", "ours torch.compile",
                        "ours + decoder eager", "ours + decoder torch.compile",
+                       "ours + decoder + qkv eager", "ours + decoder + qkv torch.compile",
                        "ours + decoder, residual in down_proj eager",
                        "ours + decoder, residual in down_proj torch.compile"]
     for cells in table.values():
@@ -133,6 +134,8 @@ def test_decode_layer_tiny(tmp_path, cache):
     # earlier test in the same run may have taken it: not asserted)
     for name in ("ours + decoder", "ours + decoder, residual in down_proj"):
         assert f"- {name}: ApplyRotaryPosEmb x1, DecoderLayer x1, RMSNorm x3, SwiGLUMLP x1;" in text
+    assert "- ours + decoder + qkv: ApplyRotaryPosEmb x1, DecoderLayer x1, QKVAttention x1, RMSNorm x3, SwiGLUMLP x1;" \
+        in text
     assert "- Liger-Kernel skipped: liger_kernel does not import" in text
     assert (tmp_path / "report.png").stat().st_size > 0
 
@@ -245,6 +248,7 @@ def test_decode_layer_tiny_gemma3(tmp_path, cache):
     table.pop("config | batch 1 µs")
     assert [k.split(" | ")[0] for k in table] == ["plain eager", "plain torch.compile", "ours eager",
                                                   "ours torch.compile", "ours + decoder eager",
-                                                  "ours + decoder torch.compile"]
+                                                  "ours + decoder torch.compile", "ours + decoder + qkv eager",
+                                                  "ours + decoder + qkv torch.compile"]
     for cells in table.values():
         assert all(err < 1e-2 for err in finite(cells[5]))

@@ -266,8 +266,12 @@ class QKVAttentionLayout(Layout):
             else:
                 self.q_norm = norm(self.head_dim, eps=config.rms_norm_eps)
                 self.k_norm = norm(self.head_dim, eps=config.rms_norm_eps)
-        # kernels' kernelize sees the family's rotary_pos_emb here, as on the family's module (use_kernelized_func)
-        self.__dict__.setdefault("_kernel_funcs", {})["apply_rotary_pos_emb"] = modeling.apply_rotary_pos_emb
+        # the family's rotary_pos_emb registered as kernels' use_kernelized_func registers it on the family's module
+        # (under its kernel_layer_name): KernelConfig's "rotary_pos_emb" key checks that the model has it, and
+        # kernelize swaps its forward
+        rope = modeling.apply_rotary_pos_emb
+        name = getattr(rope, "__name__", None) or getattr(rope, "kernel_layer_name", None)
+        self.__dict__.setdefault("_kernel_funcs", {})[name] = rope
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         return _attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, _family_qk,
