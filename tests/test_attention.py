@@ -167,6 +167,27 @@ def test_load_through_kernel_config(ck_hub, checkpoints, hub, cpu_kernel_config,
                                                      for x in "qkv"), model.config.hidden_size)
 
 
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_training_step_gives_the_merged_gradients(ck_hub, checkpoints, hub, cpu_kernel_config, family):
+    """enable_training keeps QKVAttention's forward (has_backward=True); a training step's logits equal the plain
+    model's and qkv_proj's gradient is the q_proj, k_proj and v_proj gradients concatenated (biases too: Qwen2)."""
+    reference = plain(checkpoints[family])
+    model, _ = load(checkpoints[family], qkv_mapping(ck_hub, family, hub))
+    ck_hub.enable_training(model)
+    model.train()
+    reference.train()
+    attn = model.model.layers[0].self_attn
+    assert attn.forward.__func__ is ck_hub.layers.QKVAttention.forward
+    out, ref = model(IDS, labels=IDS), reference(IDS, labels=IDS)
+    assert torch.equal(out.logits, ref.logits)
+    out.loss.backward()
+    ref.loss.backward()
+    plain_attn = reference.model.layers[0].self_attn
+    for name in ("weight", "bias") if attn.qkv_proj.bias is not None else ("weight",):
+        want = torch.cat([getattr(getattr(plain_attn, f"{x}_proj"), name).grad for x in "qkv"])
+        assert torch.allclose(getattr(attn.qkv_proj, name).grad, want, rtol=1e-5, atol=1e-7), name
+
 def test_save_splits_by_the_head_counts(ck, checkpoints):
     """SplitQKV, the reverse of ConcatenateQKV, splits by the config's head counts (an equal Chunk would not)."""
     from transformers import AutoConfig
