@@ -350,14 +350,26 @@ def rms_norm_bwd_dw_sum(dw_partial, dw, TILE_M: ct.Constant[int], TILE_N: ct.Con
     ct.store(dw, (ct.bid(0),), tile=ct.astype(ct.sum(acc, axis=0, keepdims=False), dw.dtype), allow_tma=False)
 
 
+def _backward_terms(xf, d, w, n_cols, eps, axis, dtype, GEMMA):
+    """(dx, the dw term d * x̂) of fp32 rows xf (along `axis`) with output gradient d and fp32 weight w (1 + w:
+    Gemma form). The Llama form's dx treats its rounding of x̂ as identity, and its dw term uses x̂ rounded to
+    `dtype`, as autograd through transformers' forward does."""
+    rstd = ct.rsqrt(ct.sum(xf * xf, axis=axis, keepdims=True) / n_cols + eps)
+    xhat = xf * rstd
+    g = d * w
+    dot = ct.sum(g * xhat, axis=axis, keepdims=True) / n_cols
+    if GEMMA:
+        return rstd * (g - xhat * dot), d * xhat
+    return rstd * (g - xhat * dot), d * ct.astype(ct.astype(xhat, dtype), ct.float32)
+
+
 @ct.kernel
 def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
                  GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int],
                  LATENCY: ct.Constant[int]):
     """dx, and per-block partial sums of dw (rows of dw_partial, summed by the launcher; with one block, dw
-    itself, in the weight's dtype). rstd is recomputed from x (one more read of x, no saved state). The gradient
-    of the Llama form treats its rounding of x̂ as identity for dx, and uses the rounded x̂ for dw, as autograd
-    through transformers' forward does.
+    itself, in the weight's dtype). rstd is recomputed from x (one more read of x, no saved state); the
+    arithmetic is `_backward_terms`.
     LATENCY: the loads' DRAM latency hint (0: none)."""
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
     w = _weight_row(weight, TILE_N, GEMMA, ct.float32)  # fp32 either way
@@ -369,15 +381,10 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
         else:
             xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
             dt = ct.load(dy, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
-        xf, d = ct.astype(xt, ct.float32), ct.astype(dt, ct.float32)
-        rstd = ct.rsqrt(ct.sum(xf * xf, axis=1, keepdims=True) / n_cols + eps)
-        xhat = xf * rstd
-        g = d * w
-        dot = ct.sum(g * xhat, axis=1, keepdims=True) / n_cols
-        ct.store(dx, (t, 0), tile=ct.astype(rstd * (g - xhat * dot), dx.dtype), allow_tma=False)
-        if not GEMMA:
-            xhat = ct.astype(ct.astype(xhat, x.dtype), ct.float32)
-        acc = acc + ct.sum(d * xhat, axis=0, keepdims=True)
+        dxt, dw_term = _backward_terms(ct.astype(xt, ct.float32), ct.astype(dt, ct.float32), w, n_cols, eps, 1,
+                                       x.dtype, GEMMA)
+        ct.store(dx, (t, 0), tile=ct.astype(dxt, dx.dtype), allow_tma=False)
+        acc = acc + ct.sum(dw_term, axis=0, keepdims=True)
     ct.store(dw_partial, (ct.bid(0), 0), tile=ct.astype(acc, dw_partial.dtype), allow_tma=False)
 
 
@@ -386,16 +393,10 @@ def rms_norm_bwd_row(x, weight, dy, dx, dw_rows, n_cols: int, eps: float, GEMMA:
                      TILE_N: ct.Constant[int]):
     """rms_norm_bwd for decode-size inputs: one row per block through gather/scatter, as rms_norm_row (the tiled
     backward took 3.0 µs for one 4096-wide row on an H100, torch.compile's 2.4). Row i's dw term d * x̂ goes to
-    dw_rows[i] (fp32, summed by the launcher; with one row, dw itself in the weight's dtype). Same arithmetic as
-    rms_norm_bwd."""
+    dw_rows[i] (fp32, summed by the launcher; with one row, dw itself in the weight's dtype)."""
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
-    xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
-    d = ct.astype(ct.gather(dy, (row, cols), latency=1), ct.float32)
-    g = d * _gathered_weight(weight, cols, GEMMA, ct.float32)
-    rstd = ct.rsqrt(ct.sum(xf * xf, axis=0, keepdims=False) / n_cols + eps)
-    xhat = xf * rstd
-    dot = ct.sum(g * xhat, axis=0, keepdims=False) / n_cols
-    ct.scatter(dx, (row, cols), ct.astype(rstd * (g - xhat * dot), dx.dtype), latency=1)
-    if not GEMMA:
-        xhat = ct.astype(ct.astype(xhat, x.dtype), ct.float32)
-    ct.scatter(dw_rows, (row, cols), ct.astype(d * xhat, dw_rows.dtype), latency=1)
+    dxt, dw_term = _backward_terms(ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32),
+                                   ct.astype(ct.gather(dy, (row, cols), latency=1), ct.float32),
+                                   _gathered_weight(weight, cols, GEMMA, ct.float32), n_cols, eps, 0, x.dtype, GEMMA)
+    ct.scatter(dx, (row, cols), ct.astype(dxt, dx.dtype), latency=1)
+    ct.scatter(dw_rows, (row, cols), ct.astype(dw_term, dw_rows.dtype), latency=1)
