@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from .checks import DECODER_FAMILIES, Layout, _patch_keys, check_replacement, refuse
-from .decoder import _norm_eps
 from .parallel import sharded_load
 from .rope import apply_rotary_pos_emb, head_dim_supported, qk_norm_rope
 
@@ -153,14 +152,44 @@ def _family_qk(layer, query, key, cos, sin):
     return _modeling(layer).apply_rotary_pos_emb(query, key, cos, sin)
 
 
+def norm_eps(norm: nn.Module):
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+
+def qk_norm_rope_eps(attn: nn.Module) -> float | None:
+    """The eps qk_norm_rope runs attn's q_norm and k_norm with (one for both, a head_dim the kernel takes); None
+    when it cannot (no such norms), and the norm modules and RoPE run."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is None or k_norm is None or not head_dim_supported(getattr(attn, "head_dim", 0)):
+        return None
+    eps = norm_eps(q_norm)
+    return eps if eps is not None and norm_eps(k_norm) == eps else None
+
+
+def attend(attn: nn.Module, query_states, key_states, value_states, attention_mask, past_key_values, input_shape,
+           eager, **kwargs):
+    """The rest of an attention forward (transformers 5.22.2) once q and k are rotated: the cache update, the
+    config's attention function (`eager`, the family's eager_attention_forward, as its fallback) and o_proj;
+    (output, attention weights)."""
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, attn.layer_idx)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    attn_output, attn_weights = attention_interface(
+        attn, query_states, key_states, value_states, attention_mask,
+        dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling, **kwargs)
+    return attn.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+
 def _kernel_qk(layer, query, key, cos, sin):
-    """The same through the package's ops: qk_norm_rope when the kernel takes the head dim (and one eps), else the
-    norm modules (their own kernels or transformers') and the RoPE op."""
+    """The same through the package's ops: qk_norm_rope where `qk_norm_rope_eps` allows, else the norm modules
+    (their own kernels or transformers') and the RoPE op."""
+    eps = qk_norm_rope_eps(layer)
+    if eps is not None:
+        return qk_norm_rope(query, key, layer.q_norm.weight, layer.k_norm.weight, cos, sin, eps,
+                            layer.attention_class in GEMMA_NORMS)
     if layer.q_norm is not None:
-        eps = _norm_eps(layer.q_norm)
-        if head_dim_supported(layer.head_dim) and eps is not None and _norm_eps(layer.k_norm) == eps:
-            return qk_norm_rope(query, key, layer.q_norm.weight, layer.k_norm.weight, cos, sin, eps,
-                                layer.attention_class in GEMMA_NORMS)
         query, key = layer.q_norm(query), layer.k_norm(key)
     return apply_rotary_pos_emb(query, key, cos, sin)
 
@@ -176,22 +205,13 @@ def _attention(layer, hidden_states, position_embeddings, attention_mask, past_k
     value_states = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query_states, key_states = rotate(layer, query_states, key_states, cos, sin)
-    if past_key_values is not None:
-        key_states, value_states = past_key_values.update(key_states, value_states, layer.layer_idx)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(layer.config._attn_implementation,
-                                                                _modeling(layer).eager_attention_forward)
     window = FAMILIES[layer.attention_class].window
     if window == "config":  # Mistral reads its config at each call
         kwargs["sliding_window"] = getattr(layer.config, "sliding_window", None)
     elif window == "layer":  # Llama passes none
         kwargs["sliding_window"] = layer.sliding_window
-    attn_output, attn_weights = attention_interface(
-        layer, query_states, key_states, value_states, attention_mask,
-        dropout=layer.attention_dropout if layer.training else 0.0, scaling=layer.scaling, **kwargs)
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return layer.o_proj(attn_output), attn_weights
+    return attend(layer, query_states, key_states, value_states, attention_mask, past_key_values, input_shape,
+                  _modeling(layer).eager_attention_forward, **kwargs)
 
 
 class QKVAttention(nn.Module):

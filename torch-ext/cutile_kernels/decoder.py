@@ -32,10 +32,11 @@ import sys
 import torch
 from torch import nn
 
+from .attention import attend, qk_norm_rope_eps
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
 from .rms_norm import add_rms_norm, rms_norm_add, sandwich_rms_norm
-from .rope import head_dim_supported, qk_norm_rope
+from .rope import qk_norm_rope
 
 try:  # the decoder layers' base: gradient checkpointing in __call__ (kernels alone loads this without transformers)
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -76,10 +77,6 @@ def _residual_plus_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) 
     return torch.addmm(residual.reshape(-1, n), h.reshape(-1, h.shape[-1]), down.weight.t()).view(residual.shape)
 
 
-def _norm_eps(norm: nn.Module):
-    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-
-
 # The attention classes whose forward `_attention` reproduces (transformers 5.22.2): q_norm / k_norm, then RoPE.
 QK_NORM_ATTENTION = {"Qwen3Attention": False, "Gemma3Attention": True}  # class name -> Gemma-form norms
 
@@ -90,14 +87,13 @@ def _fused_norm_form(attn: nn.Module, position_embeddings) -> tuple[float, bool]
     it would run (output recorders, TP); else None, and the module runs (its norms and RoPE: their own kernels or
     transformers')."""
     gemma = QK_NORM_ATTENTION.get(type(attn).__name__)
-    if gemma is None or position_embeddings is None or not head_dim_supported(getattr(attn, "head_dim", 0)):
+    if gemma is None or position_embeddings is None:
         return None
     if attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks \
             or nn.modules.module._global_forward_pre_hooks:
         return None
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    eps = _norm_eps(q_norm) if q_norm is not None else None
-    return (eps, gemma) if eps is not None and k_norm is not None and _norm_eps(k_norm) == eps else None
+    eps = qk_norm_rope_eps(attn)
+    return None if eps is None else (eps, gemma)
 
 
 def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_mask, past_key_values, eps: float,
@@ -113,17 +109,9 @@ def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_ma
     cos, sin = position_embeddings
     query_states, key_states = qk_norm_rope(query_states, key_states, attn.q_norm.weight, attn.k_norm.weight, cos,
                                             sin, eps, gemma)
-    if past_key_values is not None:
-        key_states, value_states = past_key_values.update(key_states, value_states, attn.layer_idx)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    eager = sys.modules[type(attn).__module__].eager_attention_forward
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
-    attn_output, _ = attention_interface(
-        attn, query_states, key_states, value_states, attention_mask,
-        dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
-        sliding_window=attn.sliding_window, **kwargs)
-    return attn.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+    return attend(attn, query_states, key_states, value_states, attention_mask, past_key_values, input_shape,
+                  sys.modules[type(attn).__module__].eager_attention_forward, sliding_window=attn.sliding_window,
+                  **kwargs)[0]
 
 
 def _self_attention(layer: nn.Module, hidden_states, position_embeddings, attention_mask, position_ids,
