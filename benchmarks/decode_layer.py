@@ -12,7 +12,9 @@ decoder=True: the DecoderLayer kernel, residual add + post_attention_layernorm i
 run refuses when layer 0 does not run it) eager and under torch.compile, ours + decoder + qkv (also q_proj, k_proj
 and v_proj as one GEMM: QKVAttention), the same as ours + decoder with the MLP's residual add inside
 the down_proj GEMM (`decoder.RESIDUAL_IN_DOWN_PROJ`: addmm with beta=1, the sum rounded once, so not bit for bit
-plain), Liger-Kernel's patch (RoPE, RMSNorm, SwiGLU; last, as it patches transformers process-wide).
+plain), Liger-Kernel's patch (RoPE, RMSNorm, SwiGLU; last, as it patches transformers process-wide). Each of ours
+also runs under torch.compile with `_op.COMPILE_REFERENCE_TOKENS = 64`: Inductor traces the ops' references at
+decode sizes and fuses them with their neighbours.
 
 One cache per batch, prefilled by the plain layer and sized kv + 1, so the new token (position kv) attends to every
 slot without a mask; every call first resets the cache's position counter (a one-element fill, in every config's
@@ -113,11 +115,20 @@ def main(argv=None) -> None:
             layers = h.kernel_layers(model, ck)
             if options:
                 h.require_decoder_layers("decode_layer", name, layers, 1)
-            decoder = importlib.import_module(f"{ck.__name__}.decoder")
+            decoder, op = (importlib.import_module(f"{ck.__name__}.{m}") for m in ("decoder", "_op"))
             decoder.RESIDUAL_IN_DOWN_PROJ = in_down_proj  # issue 12's measurement switch (read when traced)
             try:
                 results[f"{name} eager"] = measure(model.model.layers[0], inputs, kv, want)
                 results[f"{name} torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
+                if not in_down_proj:  # Inductor traces the references of calls up to 64 tokens (read when traced)
+                    op.COMPILE_REFERENCE_TOKENS, default = 64, op.COMPILE_REFERENCE_TOKENS
+                    try:
+                        torch._dynamo.reset()
+                        results[f"{name} torch.compile, references <= 64 tokens"] = measure(
+                            h.compiled(model.model.layers[0]), inputs, kv, want)
+                    finally:
+                        op.COMPILE_REFERENCE_TOKENS = default
+                        torch._dynamo.reset()
             finally:
                 decoder.RESIDUAL_IN_DOWN_PROJ = False
             del model

@@ -2,6 +2,7 @@
 under the namespace of the variant's generated `_ops` module, as kernel-builder's torch-ops-check requires, and
 compiled functions, training steps and models show no graph break from them."""
 import ast
+import importlib
 import textwrap
 
 import pytest
@@ -82,6 +83,34 @@ def test_functional_ops_compile_without_graph_breaks(ck):
     with torch.no_grad():
         got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)  # fullgraph: a break raises
         want = f(*args)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("tokens", [2, 3])
+def test_compile_traces_the_references_of_calls_up_to_the_token_threshold(ck, monkeypatch, tokens):
+    """COMPILE_REFERENCE_TOKENS = 2: Inductor gets the references' aten ops (to fuse) for calls of at most 2
+    tokens, the custom ops above; RoPE counts tokens, not heads (q and k of 4 heads); outputs are unchanged."""
+    monkeypatch.setattr(importlib.import_module(f"{ck.__name__}._op"), "COMPILE_REFERENCE_TOKENS", 2)
+    namespace, seen = ck._ops.ops.name, []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def f(x, w, gate_up, q, k, cos, sin):
+        qe, ke = ck.apply_rotary_pos_emb(q, k, cos, sin)
+        qn, kn = ck.qk_norm_rope(q, k, w[:32], w[32:], cos, sin, 1e-6)
+        return ck.rms_norm(x, w, 1e-6), ck.gated_act(gate_up, "silu"), qe, ke, qn, kn
+
+    args = (torch.randn(tokens, 64), torch.randn(64), torch.randn(tokens, 128), torch.randn(1, 4, tokens, 32),
+            torch.randn(1, 4, tokens, 32), torch.randn(1, tokens, 32), torch.randn(1, tokens, 32))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(f, fullgraph=True, backend=backend)(*args)
+        want = f(*args)
+    torch._dynamo.reset()
+    ours = {t.split(".")[1] for t in seen if t.startswith(f"{namespace}.")}
+    assert ours == (set() if tokens <= 2 else {"rms_norm", "gated_act", "rope", "qk_norm_rope"}), seen
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 

@@ -7,7 +7,9 @@ and the one-time fallback warning.
     RMS_NORM.op                              # the custom op (torch.ops.<variant namespace>.rms_norm)
 
 Routing of a call, in this order (`__call__`):
-  1. under torch.compile: the custom op (Inductor sees one opaque node with a fake);
+  1. under torch.compile: the reference when the call has at most `COMPILE_REFERENCE_TOKENS` tokens (Inductor
+     traces it and fuses it with its neighbours: at decode sizes a fused neighbour saves more than a kernel's
+     speed gains), else the custom op (Inductor sees one opaque node with a fake);
   2. `check(*args)` returns a reason (CPU tensor, dtype, shape the kernel does not take): one warning per
      reason, then the exact PyTorch reference (differentiable by PyTorch); invalid arguments raise there;
   3. autograd records for a tensor argument of a differentiable op: the custom op, whose registered backward
@@ -24,6 +26,10 @@ import torch
 from ._ops import add_op_namespace_prefix
 from ._runtime import KernelUnavailable, warn_fallback
 
+# Under torch.compile, calls with at most this many tokens trace the op's reference (see the module docstring);
+# 0: every call is the custom op. Read when a call is traced (benchmarks/decode_layer.py compares both).
+COMPILE_REFERENCE_TOKENS = 0
+
 
 def _contiguous(out, *args):
     return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
@@ -34,11 +40,13 @@ class CutileOp:
     schema), `reference` (the exact PyTorch computation, same arguments), `check` ((*args) -> None when the
     launcher takes them, else the reason; raises ValueError on invalid arguments), `fake` (output metadata for
     torch.compile), optionally `conform` ((outputs, *args) -> the outputs in the fake's layout; default: contiguous)
-    and `backward` + `setup_context` (as torch.library.register_autograd takes them)."""
+    and `backward` + `setup_context` (as torch.library.register_autograd takes them), and `tokens` ((*args) -> the
+    call's token count; default: the first argument's rows)."""
 
     def __init__(self, name: str, *, launcher, reference, check, fake, conform=None, backward=None,
-                 setup_context=None):
+                 setup_context=None, tokens=None):
         self.name, self.launcher, self.reference, self.check = name, launcher, reference, check
+        self.tokens = tokens or (lambda x, *args: x.numel() // x.shape[-1])
         self.conform = conform or _contiguous
         self.differentiable = backward is not None
 
@@ -74,6 +82,8 @@ class CutileOp:
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
+            if self.tokens(*args) <= COMPILE_REFERENCE_TOKENS:
+                return self.reference(*args)
             return self.op(*args)
         reason = self.check(*args)
         if reason is not None:

@@ -115,13 +115,18 @@ def _laid_out_like(out, x):
     return out if out.stride() == like.stride() else like.copy_(out)
 
 
+def _tokens(q, heads_dim: int) -> int:
+    # q is (B, H, S, D) (heads_dim 1) or (B, S, H, D) (heads_dim 2)
+    return q.numel() // (q.shape[heads_dim] * q.shape[-1])
+
+
 def _conform_q_k(out, q, k, *_):
     return _laid_out_like(out[0], q), _laid_out_like(out[1], k)
 
 
 ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check,
                  fake=lambda q, k, cos, sin, unsqueeze_dim: (torch.empty_like(q), torch.empty_like(k)),
-                 conform=_conform_q_k,
+                 conform=_conform_q_k, tokens=lambda q, k, cos, sin, unsqueeze_dim: _tokens(q, unsqueeze_dim),
                  backward=_rope_backward, setup_context=_rope_setup)
 
 
@@ -197,7 +202,7 @@ def _qk_backward(ctx, dq, dk):
 QK_NORM_ROPE = CutileOp(
     "qk_norm_rope", launcher=qk_norm_rope_cutile, reference=qk_norm_rope_reference, check=_qk_check,
     fake=lambda q, k, q_weight, k_weight, cos, sin, eps, gemma: (torch.empty_like(q), torch.empty_like(k)),
-    conform=_conform_q_k,
+    conform=_conform_q_k, tokens=lambda q, *args: _tokens(q, 1),
     backward=_qk_backward, setup_context=_qk_setup)
 
 
