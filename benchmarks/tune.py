@@ -89,6 +89,8 @@ def candidates(op: str, width: int):
                     if per_block == 40 and tile_s >= 8:  # a block looping over every head: latency hint 10
                         yield (tile_s, tile_h, per_block, 1, 10)
     else:  # (rows, columns per tile, TMA loads, blocks per SM: 0 = one block per tile)
+        for tile_n in (512, 1024, 2048):  # gated_act_row: one chunk of one row per block, gather/scatter
+            yield (0, tile_n, False, 0)
         for tile_m, tile_n, tma, per_sm in itertools.product((1, 2, 4), (512, 1024, 2048, 4096), (True, False),
                                                              (0, 4, 8)):
             if tile_m * tile_n <= 4096:

@@ -3,6 +3,8 @@ the op against float64 on every device (the matrix; on a GPU cuTile with poisone
 Mistral widths and random ones), the reference against transformers' activations, the registered backward
 (gradcheck), opcheck, and the arguments it refuses."""
 
+import importlib
+
 import pytest
 import torch
 from transformers.activations import ACT2FN
@@ -66,6 +68,28 @@ def test_gated_act_backward(device_ck, device, dtype, act):
     shapes = [(1, 160), (37, 96)] if device == "cpu" else [(1, 14336), (300, 9728), (2048, 2000)]
     for rows, inter in shapes:
         check_gated_act_backward(device_ck, rows, inter, dtype, act, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(0, 512, False, 0), (0, 1024, False, 0), (0, 2048, False, 0), (1, 4096, True, 8, 8)])
+def test_every_kind_of_tuned_forward_matches_float64(ck_gpu, config, monkeypatch):
+    """What the tuner may write, run before it is chosen: gated_act_row (one chunk of one row per block,
+    gather/scatter) and the persistent tiled kernel with 8 warps, at decode and prefill row counts, random widths
+    (a partial last chunk), both activations, bf16/fp16 (they take the 16-bit entries) and fp32."""
+    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
+    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    for act in ACTS:
+        for dtype_bucket in (2, 4):
+            for width_bucket in range(1, 17):
+                for rows_bucket in range(1, 18):
+                    monkeypatch.setitem(tuned.TABLE, (gpu, act, dtype_bucket, width_bucket, rows_bucket), config)
+    seed, rng = fresh_rng()
+    for rows, inter in [(1, 14336), (rng.randint(2, 64), rng.choice([9728, rng.randint(1, 4000)])),
+                        (rng.randint(65, 700), 11008)]:
+        for dtype in DTYPES:
+            for act in ACTS:
+                gate_up = torch.randn(rows, 2 * inter, device="cuda", dtype=dtype) * 3
+                check_gated_act(ck_gpu, gate_up, act, f"{config} seed {seed}")
 
 
 @pytest.mark.kernels_ci

@@ -17,6 +17,7 @@ from .tuned import lookup, shapes
 SILU, GELU_TANH = ACTIVATIONS["silu"], ACTIVATIONS["gelu_pytorch_tanh"]
 TILE_M = 1  # the default tile, for GPUs (and shapes) without a tuned entry
 TILE_N = 1024
+ROW_GATHER = 0  # TILE_M of a tuned entry that runs gated_act_row (gather/scatter; decode sizes)
 _LOG2E = 1.4426950408889634
 _APPROX = ct.RoundingMode.APPROX
 
@@ -33,19 +34,31 @@ def gated_act_fwd(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool
         g = ct.astype(ct.load(gate, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO,
                               allow_tma=TMA), ct.float32)
         u = ct.load(up, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
-        if ACT == SILU:  # g * sigmoid(g)
-            if APPROX:
-                a = ct.truediv(g, 1.0 + ct.exp2(g * -_LOG2E, flush_to_zero=True), rounding_mode=_APPROX,
-                               flush_to_zero=True)
-            else:
-                a = g / (1.0 + ct.exp(-g))
-        else:  # 0.5 * g * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 * g^3))), as torch's gelu(approximate="tanh")
-            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            if APPROX:
-                a = 0.5 * g * (1.0 + ct.tanh(inner, rounding_mode=_APPROX))
-            else:
-                a = 0.5 * g * (1.0 + ct.tanh(inner))
-        ct.store(out, (m, n), tile=_times_up(a, u, out.dtype), allow_tma=False)
+        ct.store(out, (m, n), tile=_times_up(_activation(g, ACT, APPROX), u, out.dtype), allow_tma=False)
+
+
+@ct.kernel
+def gated_act_row(gate, up, out, ACT: ct.Constant[int], APPROX: ct.Constant[bool], TILE_N: ct.Constant[int]):
+    """gated_act_fwd for decode sizes: block (j, i) takes columns [j * TILE_N, (j + 1) * TILE_N) of row i through
+    gather/scatter (columns past the row read as zero and are not written): no tensor views to set up, the
+    shortest prologue, as rms_norm_row."""
+    row, cols = ct.bid(1), ct.bid(0) * TILE_N + ct.arange(TILE_N, dtype=ct.int32)
+    g = ct.astype(ct.gather(gate, (row, cols), latency=1), ct.float32)
+    u = ct.gather(up, (row, cols), latency=1)
+    ct.scatter(out, (row, cols), _times_up(_activation(g, ACT, APPROX), u, out.dtype), latency=1)
+
+
+def _activation(g, ACT, APPROX):
+    """act(g) of fp32 g: SiLU g * sigmoid(g), or GELU-tanh as torch's gelu(approximate="tanh")."""
+    if ACT == SILU:
+        if APPROX:
+            return ct.truediv(g, 1.0 + ct.exp2(g * -_LOG2E, flush_to_zero=True), rounding_mode=_APPROX,
+                              flush_to_zero=True)
+        return g / (1.0 + ct.exp(-g))
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))
+    if APPROX:
+        return 0.5 * g * (1.0 + ct.tanh(inner, rounding_mode=_APPROX))
+    return 0.5 * g * (1.0 + ct.tanh(inner))
 
 
 def _times_up(a, u, dtype):
@@ -59,7 +72,7 @@ def _times_up(a, u, dtype):
 def _tiles(m, n, op, dtype, gpu, default):
     tile_m, tile_n, tma, *rest = lookup(gpu[0], op, dtype, n, m) or default
     per_sm, warps = (*rest, 0, 0)[:2]
-    return (-(-m // tile_m), -(-n // tile_n)), tile_m, tile_n, tma, per_sm, warps
+    return (-(-m // max(1, tile_m)), -(-n // tile_n)), tile_m, tile_n, tma, per_sm, warps
 
 
 def forward_launch(gate, up, out, act: str, gpu):
@@ -67,6 +80,9 @@ def forward_launch(gate, up, out, act: str, gpu):
     approximate exp2/divide/tanh below fp32 (see the module docstring). Tiles, blocks per SM (0: one block per
     tile) and warps per block (0: cuTile's choice) from the per-GPU table."""
     (tm, tn), tile_m, tile_n, tma, per_sm, warps = _tiles(*out.shape, act, out.dtype, gpu, (TILE_M, TILE_N, True, 0))
+    if tile_m == ROW_GATHER:
+        return (with_hints(gated_act_row, 0, warps), (tn, out.shape[0]),
+                (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_n))
     blocks = min(tm * tn, per_sm * gpu[1]) if per_sm else tm * tn
     return (with_hints(gated_act_fwd, 0, warps), (blocks,),
             (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n, tma))
