@@ -71,7 +71,8 @@ def test_gated_act_backward(device_ck, device, dtype, act):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(0, 512, False, 0), (0, 1024, False, 0), (0, 2048, False, 0), (1, 4096, True, 8, 8)])
+@pytest.mark.parametrize("config", [(0, 512, False, 0), (0, 1024, False, 0), (0, 2048, False, 0),
+                                    (1, 4096, True, 8, 8)])
 def test_every_kind_of_tuned_forward_matches_float64(ck_gpu, config, monkeypatch):
     """What the tuner may write, run before it is chosen: gated_act_row (one chunk of one row per block,
     gather/scatter) and the persistent tiled kernel with 8 warps, at decode and prefill row counts, random widths
