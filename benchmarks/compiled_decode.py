@@ -12,9 +12,13 @@ ms/token = (t(N) - t(1)) / (N - 1), each t the median of 3 generate calls after 
 tokens of compiled ours == compiled plain, and graph breaks (Dynamo's counters while generating, and
 torch._dynamo.explain on one decode forward). --decoder adds a row: ours with recommended_mapping's decoder=True
 (the decoder layer kernel: residual add + the norm after it in one add_rms_norm; merged MLP), which must run in
-every layer, and its own greedy check against compiled plain.
+every layer, and its own greedy check against compiled plain; --qkv one with decoder=True and qkv=True
+(QKVAttention: q/k/v as one GEMM). --references TOKENS: ours under torch.compile
+traces the ops' references for calls of at most TOKENS tokens (Inductor fuses them with their neighbours).
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -75,10 +79,15 @@ def main(argv=None) -> None:
         p.add_argument("--backend", help="torch.compile backend (default: inductor on a GPU, aot_eager on CPU)")
         p.add_argument("--mode", default="reduce-overhead", help="inductor mode ('default': no CUDA graphs)")
         p.add_argument("--decoder", action="store_true", help="add a row: ours with decoder=True")
+        p.add_argument("--qkv", action="store_true", help="add a row: ours with decoder=True and qkv=True")
+        p.add_argument("--references", type=int, default=None, metavar="TOKENS",
+                       help="ours under torch.compile traces the ops' references for calls of at most TOKENS tokens "
+                            "(_op.COMPILE_REFERENCE_TOKENS; default: the package's)")
 
     args = h.arguments("benchmarks.compiled_decode", __doc__, argv, add=add, out="compiled_decode.md")
     if args.out and args.out.name == "compiled_decode.md":
-        args.out = args.out.with_name(f"compiled_decode_{args.family}{'_decoder' if args.decoder else ''}.md")
+        args.out = args.out.with_name(f"compiled_decode_{args.family}{'_decoder' if args.decoder else ''}"
+                                      f"{'' if args.references is None else f'_refs{args.references}'}.md")
     from transformers import CompileConfig
 
     prompt, n, layers = (16, 8, 2) if args.tiny else (args.prompt, args.new, args.layers)
@@ -91,22 +100,31 @@ def main(argv=None) -> None:
     ids = torch.randint(0, (h.TINY if args.tiny else h.SIZE_8B).vocab, (1, prompt),
                         generator=torch.Generator().manual_seed(0)).to(h.DEVICE)
     title = (f"Decode under torch.compile, {args.family}, {path.name}, bf16, prompt {prompt}, N = {n}; "
-             f"backend={backend}, mode={compile_config.mode}, static cache")
+             f"backend={backend}, mode={compile_config.mode}, static cache"
+             + ("" if args.references is None else f"; ours traces references up to {args.references} tokens"))
     print(f"[1/3] plain transformers: {title}", flush=True)
     results = {"plain": measure(h.load_model(path, dtype), ids, n, compile_config)}
     h.free()
-    configs = {"ours": {}} | ({"ours + decoder": {"decoder": True}} if args.decoder else {})
-    labels = {"ours": "cuTile kernels (KernelConfig)", "ours + decoder": "cuTile kernels + decoder (KernelConfig)"}
+    configs = {"ours": {}} | ({"ours + decoder": {"decoder": True}} if args.decoder else {}) | (
+        {"ours + decoder + qkv": {"decoder": True, "qkv": True}} if args.qkv else {})
+    labels = {"ours": "cuTile kernels (KernelConfig)", "ours + decoder": "cuTile kernels + decoder (KernelConfig)",
+              "ours + decoder + qkv": "cuTile kernels + decoder + qkv (KernelConfig)"}
     fell, applied = {}, {}
     for name, options in configs.items():
-        print(f"[2/3] {name} through KernelConfig (norm, fused, rope{', decoder' if options else ''})", flush=True)
+        print(f"[2/3] {name} through KernelConfig (norm, fused, rope{''.join(f', {o}' for o in options)})", flush=True)
         with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as notes:
             # the guard also undoes the RoPE kernel on exit: measure inside
             model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, **options))
             applied[name] = h.kernel_layers(model, ck)
             if options:
                 h.require_decoder_layers("compiled_decode", name, applied[name], model.config.num_hidden_layers)
-            results[name] = measure(model, ids, n, compile_config)
+            op = importlib.import_module(f"{ck.__name__}._op")
+            default = op.COMPILE_REFERENCE_TOKENS
+            op.COMPILE_REFERENCE_TOKENS = default if args.references is None else args.references
+            try:
+                results[name] = measure(model, ids, n, compile_config)
+            finally:
+                op.COMPILE_REFERENCE_TOKENS = default
             del model
         fell[name] = notes
         h.free()
