@@ -126,6 +126,29 @@ def test_rms_norm_backward(device_ck, device, dtype, gemma):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", [(0, 0, False, False), (0, 0, False, False, 8), (4, 2, True, False),
+                                    (2, 2, False, True), (1, 0, True, False), (4, 2, False, 2), (2, 1, True, 2),
+                                    (1, 0, False, 2)])
+def test_every_kind_of_tuned_forward_matches_float64(ck_gpu, config, monkeypatch):
+    """What the tuner may write for the forward, run before it is chosen: rms_norm_row (also with 8 warps),
+    rms_norm_fwd (TMA, prefetching, one block per tile) and rms_norm_split (prefetch knob 2: two tiles per row;
+    3584 columns do not split and take one tile), both forms, bf16 and fp16 (both take the 16-bit entries)."""
+    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
+    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    for op in ("rms_norm", "gemma_rms_norm"):
+        for width_bucket in range(7, 14):  # 65..8192 columns
+            for rows_bucket in range(1, 18):
+                monkeypatch.setitem(tuned.TABLE, (gpu, op, 2, width_bucket, rows_bucket), config)
+    seed, rng = fresh_rng()
+    for rows, hidden in [(1, 2560), (rng.randint(2, 64), rng.choice([1536, 3584, 5376])),
+                         (rng.randint(65, 5000), rng.choice([2560, 5120, rng.randint(65, 8192)]))]:
+        for dtype in (torch.bfloat16, torch.float16):
+            for gemma in (False, True):
+                check_rms_norm(ck_gpu, *make_inputs(rows, hidden, dtype, gemma, "cuda"), gemma,
+                               f"{config} seed {seed}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", [(0, 0, 0, 0), (0, 0, 0, 0, 8), (1, 4, 0, 0), (2, 2, 2, 10), (1, 2, 0, 10, 8)])
 def test_every_kind_of_tuned_backward_matches_float64(ck_gpu, config, monkeypatch):
     """What the tuner may write for the backward, run before it is chosen: rms_norm_bwd_row (one row per block,

@@ -29,9 +29,23 @@ ROW_GATHER_MAX = 8192  # widest row rms_norm_row holds in one tile
 BACKWARD_ROW_MAX = 64
 
 
+SPLIT = 2  # the prefetch knob's third value: rms_norm_split (each row as two tiles, see split_tiles)
+
+
+def split_tiles(n_cols: int) -> tuple[int, int] | None:
+    """(TILE_A, TILE_B) of rms_norm_split: the largest power of two below n_cols, then the remainder rounded up
+    to one (2560 = 2048 + 512, 5120 = 4096 + 1024, 5376 -> 4096 + 2048); None where that holds no fewer columns
+    than one tile of the next power of two (3584 -> 2048 + 2048)."""
+    tile_a = 1 << (n_cols.bit_length() - 1)
+    if tile_a == n_cols or tile_a < 64:
+        return None
+    tile_b = 1 << (n_cols - tile_a - 1).bit_length()
+    return (tile_a, tile_b) if tile_b < tile_a else None
+
+
 def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool, bool]:
-    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch[, warps per block: tuned entries of the
-    one-row kernels only]) for GPUs without a tuned entry: up to
+    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch (SPLIT: rms_norm_split)[, warps per
+    block: tuned entries of the one-row kernels only]) for GPUs without a tuned entry: up to
     two rows per SM, rms_norm_row; otherwise rows per tile shrink until every SM has a tile; persistent blocks,
     2 per SM."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
@@ -57,6 +71,11 @@ def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
     blocks, (n, tile_m, tile_n, tma, prefetch, *warps) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
         return with_hints(rms_norm_row, 0, *warps), (x.shape[0],), (x, weight, out, n, float(eps), gemma, tile_n)
+    if prefetch == SPLIT:  # a width of the entry's bucket that does not split (3584 for 2560's) takes one tile
+        if split_tiles(n):
+            return (rms_norm_split, (blocks,),
+                    (x, weight, out, n, float(eps), gemma, max(1, tile_m), *split_tiles(n), tma))
+        prefetch = False
     return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, max(1, tile_m), tile_n, tma, prefetch)
 
 
@@ -118,6 +137,29 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
         for t in range(ct.bid(0), n_row_tiles, step):
             xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
             _normalize_store(xt, w, out, t, n_cols, eps, x.dtype, GEMMA)
+
+
+@ct.kernel
+def rms_norm_split(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int],
+                   TILE_A: ct.Constant[int], TILE_B: ct.Constant[int], TMA: ct.Constant[bool]):
+    """rms_norm_fwd for widths between two powers of two: each row as a TILE_A tile and the TILE_B tile after it
+    (split_tiles), so the registers hold few padding columns (2560 columns: none, where one 4096-wide tile holds
+    1536). Persistent over row tiles as rms_norm_fwd."""
+    j = TILE_A // TILE_B  # the second tile's index in TILE_B units
+    wa = _weight_row(weight, TILE_A, GEMMA, x.dtype)
+    wb = _weight(ct.reshape(ct.load(weight, (j,), shape=(TILE_B,), padding_mode=ct.PaddingMode.ZERO),
+                            (1, TILE_B)), GEMMA, x.dtype)
+    for t in range(ct.bid(0), ct.cdiv(x.shape[0], TILE_M), ct.num_blocks(0)):
+        xa = ct.astype(ct.load(x, (t, 0), shape=(TILE_M, TILE_A), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA),
+                       ct.float32)
+        xb = ct.astype(ct.load(x, (t, j), shape=(TILE_M, TILE_B), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA),
+                       ct.float32)
+        squares = ct.sum(xa * xa, axis=1, keepdims=True) + ct.sum(xb * xb, axis=1, keepdims=True)
+        rstd = ct.rsqrt(squares / n_cols + eps)
+        ct.store(out, (t, 0), tile=ct.astype(_times_weight(xa * rstd, wa, x.dtype, GEMMA), out.dtype),
+                 allow_tma=False)
+        ct.store(out, (t, j), tile=ct.astype(_times_weight(xb * rstd, wb, x.dtype, GEMMA), out.dtype),
+                 allow_tma=False)
 
 
 @ct.kernel
