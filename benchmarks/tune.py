@@ -53,6 +53,8 @@ def candidates(op: str, width: int):
                 yield (tile_m, per_sm, per_sm if occupancy else 0, latency)
                 if tile_m * tile_n >= 4096 and not occupancy:  # 8 warps per block (cuTile's choice: 4)
                     yield (tile_m, per_sm, 0, latency, 8)
+                if width & (width - 1):  # rms_norm_bwd_split: two tiles per row (warps: cuTile's choice)
+                    yield (tile_m, per_sm, per_sm if occupancy else 0, latency, 0, 1)
     elif op.endswith("_backward"):
         for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
             if tile_m * tile_n <= 4096:

@@ -149,18 +149,21 @@ def test_every_kind_of_tuned_forward_matches_float64(ck_gpu, config, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(0, 0, 0, 0), (0, 0, 0, 0, 8), (1, 4, 0, 0), (2, 2, 2, 10), (1, 2, 0, 10, 8)])
+@pytest.mark.parametrize("config", [(0, 0, 0, 0), (0, 0, 0, 0, 8), (1, 4, 0, 0), (2, 2, 2, 10), (1, 2, 0, 10, 8),
+                                    (2, 2, 2, 10, 0, 1), (1, 4, 0, 0, 8, 1)])
 def test_every_kind_of_tuned_backward_matches_float64(ck_gpu, config, monkeypatch):
     """What the tuner may write for the backward, run before it is chosen: rms_norm_bwd_row (one row per block,
-    also with 8 warps) and the persistent kernel (with occupancy, latency and warps hints), at one row, decode and
-    prefill row counts, both forms, bf16 and fp16 (both take the 16-bit entries)."""
+    also with 8 warps), the persistent kernel (with occupancy, latency and warps hints) and rms_norm_bwd_split (two
+    tiles per row; 3584 columns do not split), at one row, decode and prefill row counts, both forms, bf16 and fp16
+    (both take the 16-bit entries)."""
     tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
     gpu = tuned.gpu_key(torch.cuda.get_device_name())
     for width_bucket in (12, 13):  # 2049..4096 and 4097..8192 columns
         for rows_bucket in range(1, 18):
             monkeypatch.setitem(tuned.TABLE, (gpu, "rms_norm_backward", 2, width_bucket, rows_bucket), config)
     rng = random.Random()
-    for rows, hidden in [(1, 4096), (rng.randint(2, 64), rng.choice([2560, 4096, 5376])), (rng.randint(65, 700), 3584)]:
+    for rows, hidden in [(1, 4096), (rng.randint(2, 64), rng.choice([2560, 4096, 5376])),
+                         (rng.randint(65, 700), rng.choice([3584, 5120]))]:
         for dtype in (torch.bfloat16, torch.float16):
             for gemma in (False, True):
                 check_rms_norm_backward(ck_gpu, rows, hidden, dtype, gemma, "cuda")

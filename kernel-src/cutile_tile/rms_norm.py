@@ -344,8 +344,8 @@ def specializations(array):
 
 
 def backward_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, int, int]:
-    """(TILE_M, blocks per SM, occupancy hint, load latency hint[, warps per block: tuned entries only]) of
-    rms_norm_bwd for GPUs without a tuned entry: two rows per tile (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096:
+    """(TILE_M, blocks per SM, occupancy hint, load latency hint[, warps per block (0: cuTile's choice)[, split:
+    rms_norm_bwd_split]]: tuned entries only) of rms_norm_bwd for GPUs without a tuned entry: two rows per tile (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096:
     217 µs, 88 % of copy, where the untuned kernel took 539). Rows narrower than 2048 keep the untuned form
     (16K-element tiles, no hints): 2 x 128 tiles with the latency hint compiled to a 2.2 MB cubin in 20 s.
     Decode-size inputs (up to BACKWARD_ROW_MAX rows) take rms_norm_bwd_row."""
@@ -364,11 +364,15 @@ def backward_blocks(x, gpu) -> int:
 
 def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
     """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
-    blocks, (n, tile_m, tile_n, occupancy, latency, *warps) = _plan(x, gpu, "rms_norm_backward", backward_config)
+    blocks, (n, tile_m, tile_n, occupancy, latency, *more) = _plan(x, gpu, "rms_norm_backward", backward_config)
+    warps, split = (*more, 0, 0)[:2]
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return (with_hints(rms_norm_bwd_row, occupancy, *warps), (blocks,),
+        return (with_hints(rms_norm_bwd_row, occupancy, warps), (blocks,),
                 (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_n))
-    return (with_hints(rms_norm_bwd, occupancy, *warps), (blocks,),
+    if split and split_tiles(n):  # else (a width of the bucket that does not split) one tile per row
+        return (with_hints(rms_norm_bwd_split, occupancy, warps), (blocks,),
+                (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, *split_tiles(n), latency))
+    return (with_hints(rms_norm_bwd, occupancy, warps), (blocks,),
             (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n, latency))
 
 
@@ -400,9 +404,7 @@ def _backward_terms(xf, d, w, n_cols, eps, axis, dtype, GEMMA):
     xhat = xf * rstd
     g = d * w
     dot = ct.sum(g * xhat, axis=axis, keepdims=True) / n_cols
-    if GEMMA:
-        return rstd * (g - xhat * dot), d * xhat
-    return rstd * (g - xhat * dot), d * ct.astype(ct.astype(xhat, dtype), ct.float32)
+    return rstd * (g - xhat * dot), d * _dw_xhat(xhat, dtype, GEMMA)
 
 
 @ct.kernel
@@ -417,17 +419,54 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
     w = _weight_row(weight, TILE_N, GEMMA, ct.float32)  # fp32 either way
     acc = ct.full((1, TILE_N), 0.0, dtype=ct.float32)
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
-        if LATENCY:
-            xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
-            dt = ct.load(dy, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
-        else:
-            xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
-            dt = ct.load(dy, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO)
-        dxt, dw_term = _backward_terms(ct.astype(xt, ct.float32), ct.astype(dt, ct.float32), w, n_cols, eps, 1,
-                                       x.dtype, GEMMA)
+        dxt, dw_term = _backward_terms(_loaded(x, t, 0, TILE_M, TILE_N, LATENCY),
+                                       _loaded(dy, t, 0, TILE_M, TILE_N, LATENCY), w, n_cols, eps, 1, x.dtype, GEMMA)
         ct.store(dx, (t, 0), tile=ct.astype(dxt, dx.dtype), allow_tma=False)
         acc = acc + ct.sum(dw_term, axis=0, keepdims=True)
     ct.store(dw_partial, (ct.bid(0), 0), tile=ct.astype(acc, dw_partial.dtype), allow_tma=False)
+
+
+@ct.kernel
+def rms_norm_bwd_split(x, weight, dy, dx, dw_partial, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
+                       TILE_M: ct.Constant[int], TILE_A: ct.Constant[int], TILE_B: ct.Constant[int],
+                       LATENCY: ct.Constant[int]):
+    """rms_norm_bwd with each row as a TILE_A tile and the TILE_B tile after it (split_tiles, as rms_norm_split):
+    5120 columns hold no padding where one 8192-wide tile holds 3072. The arithmetic is `_backward_terms`'s, its
+    row sums taken over both tiles."""
+    j = TILE_A // TILE_B
+    wa = _weight_row(weight, TILE_A, GEMMA, ct.float32)
+    wb = _weight(ct.reshape(ct.load(weight, (j,), shape=(TILE_B,), padding_mode=ct.PaddingMode.ZERO),
+                            (1, TILE_B)), GEMMA, ct.float32)
+    acc_a, acc_b = ct.full((1, TILE_A), 0.0, dtype=ct.float32), ct.full((1, TILE_B), 0.0, dtype=ct.float32)
+    for t in range(ct.bid(0), ct.cdiv(x.shape[0], TILE_M), ct.num_blocks(0)):
+        xa, xb = _loaded(x, t, 0, TILE_M, TILE_A, LATENCY), _loaded(x, t, j, TILE_M, TILE_B, LATENCY)
+        da, db = _loaded(dy, t, 0, TILE_M, TILE_A, LATENCY), _loaded(dy, t, j, TILE_M, TILE_B, LATENCY)
+        squares = ct.sum(xa * xa, axis=1, keepdims=True) + ct.sum(xb * xb, axis=1, keepdims=True)
+        rstd = ct.rsqrt(squares / n_cols + eps)
+        xa, xb = xa * rstd, xb * rstd  # x̂
+        ga, gb = da * wa, db * wb
+        dot = (ct.sum(ga * xa, axis=1, keepdims=True) + ct.sum(gb * xb, axis=1, keepdims=True)) / n_cols
+        ct.store(dx, (t, 0), tile=ct.astype(rstd * (ga - xa * dot), dx.dtype), allow_tma=False)
+        ct.store(dx, (t, j), tile=ct.astype(rstd * (gb - xb * dot), dx.dtype), allow_tma=False)
+        acc_a = acc_a + ct.sum(da * _dw_xhat(xa, x.dtype, GEMMA), axis=0, keepdims=True)
+        acc_b = acc_b + ct.sum(db * _dw_xhat(xb, x.dtype, GEMMA), axis=0, keepdims=True)
+    ct.store(dw_partial, (ct.bid(0), 0), tile=ct.astype(acc_a, dw_partial.dtype), allow_tma=False)
+    ct.store(dw_partial, (ct.bid(0), j), tile=ct.astype(acc_b, dw_partial.dtype), allow_tma=False)
+
+
+def _loaded(a, t, j, TILE_M, TILE_N, LATENCY):
+    # tile (t, j) of a in fp32; LATENCY: the load's DRAM latency hint (0: none)
+    if LATENCY:
+        return ct.astype(ct.load(a, (t, j), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO,
+                                 latency=LATENCY), ct.float32)
+    return ct.astype(ct.load(a, (t, j), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+
+
+def _dw_xhat(xhat, dtype, GEMMA):
+    # the x̂ of the dw term: the Llama form's x̂ rounded to the input dtype (see _backward_terms)
+    if GEMMA:
+        return xhat
+    return ct.astype(ct.astype(xhat, dtype), ct.float32)
 
 
 @ct.kernel
