@@ -103,6 +103,9 @@ def specializations(array):
             t = array(dtype, (64, 1024))
             yield forward_launch(t, t, t, act, ("", 132))
             yield backward_launch(t, t, t, t, t, act, ("", 132))
+        for act in ACTIVATIONS:  # gated_act_row (tuned entries only)
+            t = array(dtype, (1, 14336))
+            yield gated_act_row, (14, 1), (t, t, t, ACTIVATIONS[act], dtype != torch.float32, 1024)
     seen = set()
     for act in ACTIVATIONS:  # every tuned configuration (bf16), once
         for key, n, m in shapes(act):

@@ -339,6 +339,11 @@ def specializations(array):
                     # one block writes dweight in the weight's dtype, more write fp32 partial rows
                     partial = array(dtype if m == 1 else torch.float32, (1, n))
                     yield backward_launch(rows, w, rows, rows, partial, 1e-6, gemma, gpu)
+        # rms_norm_split and rms_norm_bwd_split (tuned entries only; each compiles per width): one plan each
+        rows, w = array(dtype, (4096, 2560)), array(dtype, (2560,))
+        yield rms_norm_split, (264,), (rows, w, rows, 2560, 1e-6, False, 2, *split_tiles(2560), False)
+        yield (with_hints(rms_norm_bwd_split, 2), (264,),
+               (rows, w, rows, rows, array(torch.float32, (264, 2560)), 2560, 1e-6, True, 2, *split_tiles(2560), 10))
         for blocks in (2, 264):  # the partial rows' sum into dweight
             yield dw_sum_launch(array(torch.float32, (blocks, 4096)), array(dtype, (4096,)))
 
