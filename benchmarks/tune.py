@@ -71,8 +71,6 @@ def candidates(op: str, width: int):
                 yield (tile_m, per_sm, tma, False)
                 if per_sm and not tma and not fused:  # the prefetching loop loads without TMA (see rms_norm_fwd)
                     yield (tile_m, per_sm, tma, True)
-                if per_sm and not fused and width & (width - 1):  # rms_norm_split: two tiles per row (SPLIT)
-                    yield (tile_m, per_sm, tma, 2)
     elif op in ("rope", "qk_norm_rope"):  # qk_norm_rope: the row kernel (always tile loads) or RoPE's tiles
         half = width // 2
         if op == "rope":

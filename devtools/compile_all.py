@@ -113,7 +113,7 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")  # every target
 # families rounded up to their tile (896 ... 8192) and their per-head q/k norms (128, 256); rows: every bucket.
 AOT_DOMAIN = {
     "dtypes": ("bfloat16", "float16", "float32"),
-    # powers of two (the tile widths) and the models' other hidden sizes, whose tuned rms_norm_split entries
+    # powers of two (the tile widths) and the models' other hidden sizes, whose tuned rms_norm_bwd_split entries
     # compile per width (Gemma3 270M / 4B / 27B, Qwen2 1.5B, Qwen3 4B / 14B)
     "norm_widths": (128, 256, 512, 1024, 2048, 4096, 8192, 640, 1536, 2560, 5120, 5376),
     "gated_widths": tuple(2 ** k for k in range(4, 17)),

@@ -29,11 +29,8 @@ ROW_GATHER_MAX = 8192  # widest row rms_norm_row holds in one tile
 BACKWARD_ROW_MAX = 64
 
 
-SPLIT = 2  # the prefetch knob's third value: rms_norm_split (each row as two tiles, see split_tiles)
-
-
 def split_tiles(n_cols: int) -> tuple[int, int] | None:
-    """(TILE_A, TILE_B) of rms_norm_split: the largest power of two below n_cols, then the remainder rounded up
+    """(TILE_A, TILE_B) of rms_norm_bwd_split: the largest power of two below n_cols, then the remainder rounded up
     to one (2560 = 2048 + 512, 5120 = 4096 + 1024, 5376 -> 4096 + 2048); None where that holds no fewer columns
     than one tile of the next power of two (3584 -> 2048 + 2048)."""
     tile_a = 1 << (n_cols.bit_length() - 1)
@@ -44,8 +41,8 @@ def split_tiles(n_cols: int) -> tuple[int, int] | None:
 
 
 def default_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, bool, bool]:
-    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch (SPLIT: rms_norm_split)[, warps per
-    block: tuned entries of the one-row kernels only]) for GPUs without a tuned entry: up to
+    """(TILE_M, blocks per SM (0: one block per tile), TMA loads, prefetch[, warps per block: tuned entries of the
+    one-row kernels only]) for GPUs without a tuned entry: up to
     two rows per SM, rms_norm_row; otherwise rows per tile shrink until every SM has a tile; persistent blocks,
     2 per SM."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
@@ -71,11 +68,6 @@ def forward_launch(x, weight, out, eps: float, gemma: bool, gpu):
     blocks, (n, tile_m, tile_n, tma, prefetch, *warps) = _plan(x, gpu, "gemma_rms_norm" if gemma else "rms_norm")
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
         return with_hints(rms_norm_row, 0, *warps), (x.shape[0],), (x, weight, out, n, float(eps), gemma, tile_n)
-    if prefetch == SPLIT:  # a width of the entry's bucket that does not split (3584 for 2560's) takes one tile
-        if split_tiles(n):
-            return (rms_norm_split, (blocks,),
-                    (x, weight, out, n, float(eps), gemma, max(1, tile_m), *split_tiles(n), tma))
-        prefetch = False
     return rms_norm_fwd, (blocks,), (x, weight, out, n, float(eps), gemma, max(1, tile_m), tile_n, tma, prefetch)
 
 
@@ -137,29 +129,6 @@ def rms_norm_fwd(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
         for t in range(ct.bid(0), n_row_tiles, step):
             xt = ct.load(x, (t, 0), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA)
             _normalize_store(xt, w, out, t, n_cols, eps, x.dtype, GEMMA)
-
-
-@ct.kernel
-def rms_norm_split(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int],
-                   TILE_A: ct.Constant[int], TILE_B: ct.Constant[int], TMA: ct.Constant[bool]):
-    """rms_norm_fwd for widths between two powers of two: each row as a TILE_A tile and the TILE_B tile after it
-    (split_tiles), so the registers hold few padding columns (2560 columns: none, where one 4096-wide tile holds
-    1536). Persistent over row tiles as rms_norm_fwd."""
-    j = TILE_A // TILE_B  # the second tile's index in TILE_B units
-    wa = _weight_row(weight, TILE_A, GEMMA, x.dtype)
-    wb = _weight(ct.reshape(ct.load(weight, (j,), shape=(TILE_B,), padding_mode=ct.PaddingMode.ZERO),
-                            (1, TILE_B)), GEMMA, x.dtype)
-    for t in range(ct.bid(0), ct.cdiv(x.shape[0], TILE_M), ct.num_blocks(0)):
-        xa = ct.astype(ct.load(x, (t, 0), shape=(TILE_M, TILE_A), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA),
-                       ct.float32)
-        xb = ct.astype(ct.load(x, (t, j), shape=(TILE_M, TILE_B), padding_mode=ct.PaddingMode.ZERO, allow_tma=TMA),
-                       ct.float32)
-        squares = ct.sum(xa * xa, axis=1, keepdims=True) + ct.sum(xb * xb, axis=1, keepdims=True)
-        rstd = ct.rsqrt(squares / n_cols + eps)
-        ct.store(out, (t, 0), tile=ct.astype(_times_weight(xa * rstd, wa, x.dtype, GEMMA), out.dtype),
-                 allow_tma=False)
-        ct.store(out, (t, j), tile=ct.astype(_times_weight(xb * rstd, wb, x.dtype, GEMMA), out.dtype),
-                 allow_tma=False)
 
 
 @ct.kernel
@@ -339,9 +308,8 @@ def specializations(array):
                     # one block writes dweight in the weight's dtype, more write fp32 partial rows
                     partial = array(dtype if m == 1 else torch.float32, (1, n))
                     yield backward_launch(rows, w, rows, rows, partial, 1e-6, gemma, gpu)
-        # rms_norm_split and rms_norm_bwd_split (tuned entries only; each compiles per width): one plan each
+        # rms_norm_bwd_split (tuned entries only; compiles per width): one plan
         rows, w = array(dtype, (4096, 2560)), array(dtype, (2560,))
-        yield rms_norm_split, (264,), (rows, w, rows, 2560, 1e-6, False, 2, *split_tiles(2560), False)
         yield (with_hints(rms_norm_bwd_split, 2), (264,),
                (rows, w, rows, rows, array(torch.float32, (264, 2560)), 2560, 1e-6, True, 2, *split_tiles(2560), 10))
         for blocks in (2, 264):  # the partial rows' sum into dweight
@@ -435,8 +403,10 @@ def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
 def rms_norm_bwd_split(x, weight, dy, dx, dw_partial, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
                        TILE_M: ct.Constant[int], TILE_A: ct.Constant[int], TILE_B: ct.Constant[int],
                        LATENCY: ct.Constant[int]):
-    """rms_norm_bwd with each row as a TILE_A tile and the TILE_B tile after it (split_tiles, as rms_norm_split):
-    5120 columns hold no padding where one 8192-wide tile holds 3072. The arithmetic is `_backward_terms`'s, its
+    """rms_norm_bwd with each row as a TILE_A tile and the TILE_B tile after it (split_tiles): 5120 columns hold
+    no padding where one 8192-wide tile holds 3072 (sm_90: 179 local-memory accesses instead of 742). The forward
+    in this form lost to rms_norm_row at 2560 and 5120 columns, 512-32768 rows (H100,
+    results/h100/tune_h100_rowkernels.md), so it was removed. The arithmetic is `_backward_terms`'s, its
     row sums taken over both tiles."""
     j = TILE_A // TILE_B
     wa = _weight_row(weight, TILE_A, GEMMA, ct.float32)
