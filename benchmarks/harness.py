@@ -140,6 +140,24 @@ def device_us(fn, sets=((),), *, calls: int = 20, reps: int = 15) -> float:
     return _median_us(graph.replay, reps=reps) / calls
 
 
+@contextlib.contextmanager
+def side_stream():
+    """Work inside runs on one non-default CUDA stream, which the current stream then waits for (CPU: nothing)."""
+    if DEVICE != "cuda":
+        yield
+        return
+    side, current = _side_stream(), torch.cuda.current_stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+@functools.cache
+def _side_stream():
+    return torch.cuda.Stream()
+
+
 def host_us(fn, args=(), *, n: int = 1000, batches: int = 5) -> float:
     """µs per back-to-back call of `fn(*args)`: the median over `batches` timed batches of n / batches calls (one
     batch disturbed by another process on the host moves the median little: on an H100 host, two cold_start rows

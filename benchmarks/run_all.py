@@ -69,7 +69,10 @@ def backward(forward, n_diff: int, n_grads: int = 1):
     part, returns the gradients of the leaves (the graph is kept, so the same backward can be replayed)."""
     def prepare(*args):
         leaves = [t.detach().requires_grad_(i < n_diff) for i, t in enumerate(args[:-n_grads])]
-        with torch.enable_grad():
+        # The forward runs on a side stream: autograd runs each backward node on its forward's stream, and the
+        # legacy default stream cannot join a CUDA graph capture (the first captured backward of a process failed
+        # with "operation failed due to a previous error during capture" in every capture mode, H100)
+        with torch.enable_grad(), h.side_stream():
             out = forward(*leaves)
         return ((out if isinstance(out, tuple) else (out,), leaves[:n_diff]), *(g.clone() for g in args[-n_grads:]))
 
