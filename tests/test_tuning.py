@@ -147,3 +147,20 @@ def test_a_stopped_tune_leaves_the_buckets_it_did_not_measure():
     assert tune.fill_buckets({}, planned) == {}
     # `--rows 32768` alone: only the buckets nearer to 32768 than to any other default row count
     assert set(tune.fill_buckets({32768: ("config", 32768)}, planned)) == {15, 16, 17}
+
+
+@pytest.mark.parametrize("rows", [1, 65535, 65536, 1 << 20])
+def test_the_gated_row_kernel_keeps_its_grid_within_cuda_limits(rows, monkeypatch):
+    """gated_act_row puts rows on the grid's y dimension (at most 65535): a tuned row-kernel entry that a larger
+    row count reaches (the table's last bucket covers every count above it) runs 1-row tiles instead."""
+    act = MODULES["gated_act"]
+    for bucket in range(1, 22):
+        monkeypatch.setitem(TUNED.TABLE, ("test", "silu", 2, 14, bucket), (0, 512, False, 0))
+    kernel, grid, args = plan("silu", 14336, rows, ("test", 132))
+    name = kernel._annotated_function.pyfunc.__name__
+    assert name == ("gated_act_row" if rows <= 65535 else "gated_act_fwd"), (rows, name)
+    assert grid[1:] in ((), (rows,)) and all(1 <= g < 1 << 24 for g in grid) and (len(grid) < 2 or grid[1] <= 65535)
+    if name == "gated_act_row":  # one block per chunk of every row
+        assert grid == (14336 // 512, rows)
+    else:  # persistent blocks over 1-row tiles
+        assert args[5:7] == (1, 512) and grid == (8 * 132,)

@@ -18,6 +18,7 @@ SILU, GELU_TANH = ACTIVATIONS["silu"], ACTIVATIONS["gelu_pytorch_tanh"]
 TILE_M = 1  # the default tile, for GPUs (and shapes) without a tuned entry
 TILE_N = 1024
 ROW_GATHER = 0  # TILE_M of a tuned entry that runs gated_act_row (gather/scatter; decode sizes)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension (gated_act_row's rows)
 _LOG2E = 1.4426950408889634
 _APPROX = ct.RoundingMode.APPROX
 
@@ -81,8 +82,11 @@ def forward_launch(gate, up, out, act: str, gpu):
     tile) and warps per block (0: cuTile's choice) from the per-GPU table."""
     (tm, tn), tile_m, tile_n, tma, per_sm, warps = _tiles(*out.shape, act, out.dtype, gpu, (TILE_M, TILE_N, True, 0))
     if tile_m == ROW_GATHER:
-        return (with_hints(gated_act_row, 0, warps), (tn, out.shape[0]),
-                (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_n))
+        if out.shape[0] <= MAX_GRID_Y:
+            return (with_hints(gated_act_row, 0, warps), (tn, out.shape[0]),
+                    (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_n))
+        # more rows than a grid's y dimension takes: 1-row tiles, persistent blocks (8 per SM)
+        (tm, tn), tile_m, per_sm = (out.shape[0], tn), 1, 8
     blocks = min(tm * tn, per_sm * gpu[1]) if per_sm else tm * tn
     return (with_hints(gated_act_fwd, 0, warps), (blocks,),
             (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n, tma))

@@ -318,8 +318,9 @@ def specializations(array):
 
 def backward_config(n_cols: int, n_rows: int, n_sms: int) -> tuple[int, int, int, int]:
     """(TILE_M, blocks per SM, occupancy hint, load latency hint[, warps per block (0: cuTile's choice)[, split:
-    rms_norm_bwd_split]]: tuned entries only) of rms_norm_bwd for GPUs without a tuned entry: two rows per tile (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096:
-    217 µs, 88 % of copy, where the untuned kernel took 539). Rows narrower than 2048 keep the untuned form
+    rms_norm_bwd_split]]: tuned entries only) of rms_norm_bwd for GPUs without a tuned entry: two rows per tile
+    (one past 4096 columns), two blocks per SM compiled for two (H200 32768 x 4096: 217 µs, 88 % of copy, where
+    the untuned kernel took 539). Rows narrower than 2048 keep the untuned form
     (16K-element tiles, no hints): 2 x 128 tiles with the latency hint compiled to a 2.2 MB cubin in 20 s.
     Decode-size inputs (up to BACKWARD_ROW_MAX rows) take rms_norm_bwd_row."""
     tile_n = max(64, 1 << (n_cols - 1).bit_length())
