@@ -181,6 +181,7 @@ def aot_plans(modules: dict):
                             blocks = norm.backward_blocks(x, gpu)  # one block writes dw in the weight's dtype
                             dw = T(f32 if blocks > 1 else d, (blocks, n))
                             yield gpu, norm.backward_launch(x, w, x, x, dw, 1e-6, gemma, gpu)
+                            yield gpu, norm.backward_launch(x, w, x, x, dw, 1e-6, gemma, gpu, dres=x)  # + residual
                             if blocks > 1:
                                 yield gpu, norm.dw_sum_launch(dw, w)
         if "gated_act" in modules:

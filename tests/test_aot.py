@@ -556,6 +556,7 @@ def _ops(ck, dtype, gen):
         "sandwich_rms_norm": lambda: ck.sandwich_rms_norm(x, r, w, dy[0], 1e-6),
         "rms_norm_add": lambda: ck.rms_norm_add(x, r, w, 1e-6, True),
         "rms_norm_backward": lambda: ck.rms_norm_backward_cutile(x, w, dy, 1e-6, False),
+        "rms_norm_backward + residual": lambda: ck.rms_norm_backward_cutile(x, w, dy, 1e-6, True, dres=r),
         "gated_act silu": lambda: ck.gated_act(gu, "silu"),
         "gated_act gelu": lambda: ck.gated_act(gu, "gelu_pytorch_tanh"),
         "gated_act_backward": lambda: ck.gated_act_backward_cutile(gu, gdy, "silu"),

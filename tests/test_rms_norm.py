@@ -217,6 +217,9 @@ def test_backward_formula_in_float64(ck, gemma):
     rms_norm64(x, w, 1e-6, gemma).backward(dy)
     dx, dw = formula(x.detach(), w.detach(), dy, 1e-6, gemma)
     assert torch.allclose(dx, x.grad, atol=1e-10) and torch.allclose(dw, w.grad, atol=1e-10)
+    dres = torch.randn_like(dy)  # a residual's gradient, added to dx (add_rms_norm's and the sandwich's backward)
+    dx_res, dw_res = formula(x.detach(), w.detach(), dy, 1e-6, gemma, dres)
+    assert torch.allclose(dx_res, x.grad + dres, atol=1e-10) and torch.equal(dw_res, dw)
 
 
 @pytest.mark.parametrize("norm_cls,gemma", [(LlamaRMSNorm, False), (Gemma3RMSNorm, True)])
@@ -254,6 +257,8 @@ def test_opcheck(ck, dtype, requires_grad):
         xt, dyt = x.detach().transpose(0, 1), dy.transpose(0, 1)
         torch.library.opcheck(ops.rms_norm.default, (xt.requires_grad_(), w, 1e-6, True))
         torch.library.opcheck(ops.rms_norm_backward.default, (xt.detach(), w.detach(), dyt, 1e-6, True))
+        torch.library.opcheck(ops.rms_norm_backward_add.default, (x.detach(), w.detach(), dy, dy.flip(0), 1e-6,
+                                                                  False))
 
 
 # --- fallbacks ----------------------------------------------------------------------------------------------

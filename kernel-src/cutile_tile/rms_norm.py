@@ -308,10 +308,11 @@ def specializations(array):
                     # one block writes dweight in the weight's dtype, more write fp32 partial rows
                     partial = array(dtype if m == 1 else torch.float32, (1, n))
                     yield backward_launch(rows, w, rows, rows, partial, 1e-6, gemma, gpu)
+                    yield backward_launch(rows, w, rows, rows, partial, 1e-6, gemma, gpu, dres=rows)
         # rms_norm_bwd_split (tuned entries only; compiles per width): one plan
         rows, w = array(dtype, (4096, 2560)), array(dtype, (2560,))
-        yield (with_hints(rms_norm_bwd_split, 2), (264,),
-               (rows, w, rows, rows, array(torch.float32, (264, 2560)), 2560, 1e-6, True, 2, *split_tiles(2560), 10))
+        yield (with_hints(rms_norm_bwd_split, 2), (264,), (rows, w, rows, rows, rows, array(torch.float32, (264, 2560)),
+                                                            2560, 1e-6, True, False, 2, *split_tiles(2560), 10))
         for blocks in (2, 264):  # the partial rows' sum into dweight
             yield dw_sum_launch(array(torch.float32, (blocks, 4096)), array(dtype, (4096,)))
 
@@ -336,18 +337,19 @@ def backward_blocks(x, gpu) -> int:
     return _plan(x, gpu, "rms_norm_backward", backward_config)[0]
 
 
-def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu):
-    """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows."""
+def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu, dres=None):
+    """(kernel, grid, args) of rms_norm_bwd; dw_partial has backward_blocks(x, gpu) rows. With `dres` (x's
+    shape) dx gets dres added before its one rounding: a residual's gradient (add_rms_norm, sandwich_rms_norm)
+    without a separate add over the rows."""
     blocks, (n, tile_m, tile_n, occupancy, latency, *more) = _plan(x, gpu, "rms_norm_backward", backward_config)
     warps, split = (*more, 0, 0)[:2]
+    add = dres is not None
+    arrays = (x, weight, dy, dres if add else dy, dx, dw_partial, n, float(eps), gemma, add)
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
-        return (with_hints(rms_norm_bwd_row, occupancy, warps), (blocks,),
-                (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_n))
+        return with_hints(rms_norm_bwd_row, occupancy, warps), (blocks,), (*arrays, tile_n)
     if split and split_tiles(n):  # else (a width of the bucket that does not split) one tile per row
-        return (with_hints(rms_norm_bwd_split, occupancy, warps), (blocks,),
-                (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, *split_tiles(n), latency))
-    return (with_hints(rms_norm_bwd, occupancy, warps), (blocks,),
-            (x, weight, dy, dx, dw_partial, n, float(eps), gemma, tile_m, tile_n, latency))
+        return with_hints(rms_norm_bwd_split, occupancy, warps), (blocks,), (*arrays, tile_m, *split_tiles(n), latency)
+    return with_hints(rms_norm_bwd, occupancy, warps), (blocks,), (*arrays, tile_m, tile_n, latency)
 
 
 DW_TILE_N = 64  # rms_norm_bwd_dw_sum's columns per block: 64 blocks for 4096 columns
@@ -382,33 +384,35 @@ def _backward_terms(xf, d, w, n_cols, eps, axis, dtype, GEMMA):
 
 
 @ct.kernel
-def rms_norm_bwd(x, weight, dy, dx, dw_partial, n_cols: int, eps: float,
-                 GEMMA: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_N: ct.Constant[int],
-                 LATENCY: ct.Constant[int]):
-    """dx, and per-block partial sums of dw (rows of dw_partial, summed by the launcher; with one block, dw
-    itself, in the weight's dtype). rstd is recomputed from x (one more read of x, no saved state); the
-    arithmetic is `_backward_terms`.
-    LATENCY: the loads' DRAM latency hint (0: none)."""
+def rms_norm_bwd(x, weight, dy, dres, dx, dw_partial, n_cols: int, eps: float,
+                 GEMMA: ct.Constant[bool], ADD: ct.Constant[bool], TILE_M: ct.Constant[int],
+                 TILE_N: ct.Constant[int], LATENCY: ct.Constant[int]):
+    """dx (plus dres when ADD: a residual's gradient, added before dx is rounded; otherwise dres is unused), and
+    per-block partial sums of dw (rows of dw_partial, summed by the launcher; with one block, dw itself, in the
+    weight's dtype). rstd is recomputed from x (one more read of x, no saved state); the arithmetic is
+    `_backward_terms`. LATENCY: the loads' DRAM latency hint (0: none)."""
     n_row_tiles = ct.cdiv(x.shape[0], TILE_M)
     w = _weight_row(weight, TILE_N, GEMMA, ct.float32)  # fp32 either way
     acc = ct.full((1, TILE_N), 0.0, dtype=ct.float32)
     for t in range(ct.bid(0), n_row_tiles, ct.num_blocks(0)):
         dxt, dw_term = _backward_terms(_loaded(x, t, 0, TILE_M, TILE_N, LATENCY),
                                        _loaded(dy, t, 0, TILE_M, TILE_N, LATENCY), w, n_cols, eps, 1, x.dtype, GEMMA)
+        if ADD:
+            dxt = dxt + _loaded(dres, t, 0, TILE_M, TILE_N, LATENCY)
         ct.store(dx, (t, 0), tile=ct.astype(dxt, dx.dtype), allow_tma=False)
         acc = acc + ct.sum(dw_term, axis=0, keepdims=True)
     ct.store(dw_partial, (ct.bid(0), 0), tile=ct.astype(acc, dw_partial.dtype), allow_tma=False)
 
 
 @ct.kernel
-def rms_norm_bwd_split(x, weight, dy, dx, dw_partial, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
-                       TILE_M: ct.Constant[int], TILE_A: ct.Constant[int], TILE_B: ct.Constant[int],
-                       LATENCY: ct.Constant[int]):
+def rms_norm_bwd_split(x, weight, dy, dres, dx, dw_partial, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
+                       ADD: ct.Constant[bool], TILE_M: ct.Constant[int], TILE_A: ct.Constant[int],
+                       TILE_B: ct.Constant[int], LATENCY: ct.Constant[int]):
     """rms_norm_bwd with each row as a TILE_A tile and the TILE_B tile after it (split_tiles): 5120 columns hold
     no padding where one 8192-wide tile holds 3072 (sm_90: 179 local-memory accesses instead of 742). The forward
     in this form lost to rms_norm_row at 2560 and 5120 columns, 512-32768 rows (H100,
     results/h100/tune_h100_rowkernels.md), so it was removed. The arithmetic is `_backward_terms`'s, its
-    row sums taken over both tiles."""
+    row sums taken over both tiles; ADD and dres as rms_norm_bwd's."""
     j = TILE_A // TILE_B
     wa = _weight_row(weight, TILE_A, GEMMA, ct.float32)
     wb = _weight(ct.reshape(ct.load(weight, (j,), shape=(TILE_B,), padding_mode=ct.PaddingMode.ZERO),
@@ -422,8 +426,12 @@ def rms_norm_bwd_split(x, weight, dy, dx, dw_partial, n_cols: int, eps: float, G
         xa, xb = xa * rstd, xb * rstd  # x̂
         ga, gb = da * wa, db * wb
         dot = (ct.sum(ga * xa, axis=1, keepdims=True) + ct.sum(gb * xb, axis=1, keepdims=True)) / n_cols
-        ct.store(dx, (t, 0), tile=ct.astype(rstd * (ga - xa * dot), dx.dtype), allow_tma=False)
-        ct.store(dx, (t, j), tile=ct.astype(rstd * (gb - xb * dot), dx.dtype), allow_tma=False)
+        dxa, dxb = rstd * (ga - xa * dot), rstd * (gb - xb * dot)
+        if ADD:
+            dxa = dxa + _loaded(dres, t, 0, TILE_M, TILE_A, LATENCY)
+            dxb = dxb + _loaded(dres, t, j, TILE_M, TILE_B, LATENCY)
+        ct.store(dx, (t, 0), tile=ct.astype(dxa, dx.dtype), allow_tma=False)
+        ct.store(dx, (t, j), tile=ct.astype(dxb, dx.dtype), allow_tma=False)
         acc_a = acc_a + ct.sum(da * _dw_xhat(xa, x.dtype, GEMMA), axis=0, keepdims=True)
         acc_b = acc_b + ct.sum(db * _dw_xhat(xb, x.dtype, GEMMA), axis=0, keepdims=True)
     ct.store(dw_partial, (ct.bid(0), 0), tile=ct.astype(acc_a, dw_partial.dtype), allow_tma=False)
@@ -446,14 +454,17 @@ def _dw_xhat(xhat, dtype, GEMMA):
 
 
 @ct.kernel
-def rms_norm_bwd_row(x, weight, dy, dx, dw_rows, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
-                     TILE_N: ct.Constant[int]):
+def rms_norm_bwd_row(x, weight, dy, dres, dx, dw_rows, n_cols: int, eps: float, GEMMA: ct.Constant[bool],
+                     ADD: ct.Constant[bool], TILE_N: ct.Constant[int]):
     """rms_norm_bwd for decode-size inputs: one row per block through gather/scatter, as rms_norm_row (the tiled
     backward took 3.0 µs for one 4096-wide row on an H100, torch.compile's 2.4). Row i's dw term d * x̂ goes to
-    dw_rows[i] (fp32, summed by the launcher; with one row, dw itself in the weight's dtype)."""
+    dw_rows[i] (fp32, summed by the launcher; with one row, dw itself in the weight's dtype); ADD and dres as
+    rms_norm_bwd's."""
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
     dxt, dw_term = _backward_terms(ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32),
                                    ct.astype(ct.gather(dy, (row, cols), latency=1), ct.float32),
                                    _gathered_weight(weight, cols, GEMMA, ct.float32), n_cols, eps, 0, x.dtype, GEMMA)
+    if ADD:
+        dxt = dxt + ct.astype(ct.gather(dres, (row, cols), latency=1), ct.float32)
     ct.scatter(dx, (row, cols), ct.astype(dxt, dx.dtype), latency=1)
     ct.scatter(dw_rows, (row, cols), ct.astype(dw_term, dw_rows.dtype), latency=1)

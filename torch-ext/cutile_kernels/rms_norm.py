@@ -123,25 +123,30 @@ def _rms_norm_fake(x, weight, eps, gemma):
 
 # --- backward: (dx, dweight) ----------------------------------------------------------------------------------
 
-def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False):
-    """(dx, dweight) of rms_norm / gemma_rms_norm, in float32 (float64 for float64 inputs)."""
+def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False, dres=None):
+    """(dx, dweight) of rms_norm / gemma_rms_norm, in float32 (float64 for float64 inputs); with `dres` (a
+    residual's gradient, x's shape) dx + dres, rounded once."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf, d = x.to(acc), dy.to(acc)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xf * rstd
     g = d * (weight.to(acc) + (1.0 if gemma else 0.0))
     dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    if dres is not None:
+        dx = dx + dres.to(acc)
     xw = xhat if gemma else xhat.to(x.dtype).to(acc)  # the Llama form multiplies w by x̂ rounded to x's dtype
     return dx.to(x.dtype), (d * xw).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
 
 
 def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, gemma: bool,
-                             dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             dx: torch.Tensor | None = None,
+                             dres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dx per row in one pass; dweight as fp32 partial sums (one row per block), reduced by rms_norm_bwd_dw_sum,
     or, when one block takes every row, written by the kernel itself (one launch). `dx`, if given, is a contiguous
-    buffer of x's shape."""
+    buffer of x's shape; `dres` (x's shape), if given, is added to dx in the kernel."""
     n = x.shape[-1]
     rows, d = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
+    res = None if dres is None else dres.reshape(-1, n).contiguous()
     m, index = rows.shape[0], x.get_device()
     dx = torch.empty_like(rows) if dx is None else dx.view(m, n)
     if not m:
@@ -149,7 +154,7 @@ def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Te
     kernels, device = _kernels(), gpu(index)
     blocks = kernels.backward_blocks(rows, device)
     dw_partial = torch.empty(blocks, n, dtype=weight.dtype if blocks == 1 else torch.float32, device=x.device)
-    launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, device))
+    launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, device, dres=res))
     if blocks == 1:
         return dx.view(x.shape), dw_partial[0]
     dw = torch.empty(n, dtype=weight.dtype, device=x.device)
@@ -161,6 +166,30 @@ RMS_NORM_BACKWARD = CutileOp(
     "rms_norm_backward", launcher=rms_norm_backward_cutile, reference=rms_norm_backward_reference,
     check=lambda x, weight, dy, eps, gemma: _check(x, weight, eps, gemma, dy),
     fake=lambda x, weight, dy, eps, gemma: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
+
+
+def rms_norm_backward_add_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, dres: torch.Tensor,
+                                 eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx + dres, dweight): the backward of a norm whose input also went on as a residual (add_rms_norm,
+    sandwich_rms_norm), the residual's gradient dres added in the kernel before dx is rounded."""
+    return rms_norm_backward_cutile(x, weight, dy, eps, gemma, dres=dres)
+
+
+def _backward_add_check(x, weight, dy, dres, eps, gemma):
+    if dres.shape != x.shape:
+        raise ValueError(f"cutile_kernels.rms_norm_backward_add: dres has shape {tuple(dres.shape)}, x "
+                         f"{tuple(x.shape)}")
+    reason = _check(x, weight, eps, gemma, dy)
+    if reason is None and dres.dtype is not x.dtype:
+        reason = f"the residual's gradient is {dres.dtype} and the input {x.dtype}"
+    return reason
+
+
+RMS_NORM_BACKWARD_ADD = CutileOp(
+    "rms_norm_backward_add", launcher=rms_norm_backward_add_cutile,
+    reference=lambda x, weight, dy, dres, eps, gemma: rms_norm_backward_reference(x, weight, dy, eps, gemma, dres),
+    check=_backward_add_check,
+    fake=lambda x, weight, dy, dres, eps, gemma: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -230,8 +259,8 @@ def _add_rms_norm_setup(ctx, inputs, output):
 def _add_rms_norm_backward(ctx, d_normed, d_summed):
     """Both inputs get d(summed) plus the norm's input gradient; the weight the norm's."""
     summed, weight = ctx.saved_tensors
-    dx, dweight = RMS_NORM_BACKWARD.op(summed, weight, d_normed.contiguous(), ctx.eps, ctx.gemma)
-    d = dx + d_summed
+    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed.contiguous(), ctx.eps,
+                                          ctx.gemma)
     return d, d, dweight, None, None
 
 
@@ -275,11 +304,10 @@ def _sandwich_setup(ctx, inputs, output):
 
 
 def _sandwich_backward(ctx, d_normed, d_summed):
-    """The outer norm's input gradient plus d(summed) is the residual's gradient and the inner norm's output
-    gradient; two rms_norm_backward launches."""
+    """The outer norm's input gradient plus d(summed) (added in its kernel) is the residual's gradient and the
+    inner norm's output gradient; two backward launches."""
     x, summed, post_weight, weight = ctx.saved_tensors
-    d, dweight = RMS_NORM_BACKWARD.op(summed, weight, d_normed.contiguous(), ctx.eps, True)
-    d = d + d_summed
+    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed.contiguous(), ctx.eps, True)
     dx, dpost_weight = RMS_NORM_BACKWARD.op(x, post_weight, d, ctx.eps, True)
     return dx, d, dpost_weight, dweight, None
 
