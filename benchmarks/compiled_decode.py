@@ -18,8 +18,6 @@ traces the ops' references for calls of at most TOKENS tokens (Inductor fuses th
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from . import harness as h
@@ -118,13 +116,8 @@ def main(argv=None) -> None:
             applied[name] = h.kernel_layers(model, ck)
             if options:
                 h.require_decoder_layers("compiled_decode", name, applied[name], model.config.num_hidden_layers)
-            op = importlib.import_module(f"{ck.__name__}._op")
-            default = op.COMPILE_REFERENCE_TOKENS
-            op.COMPILE_REFERENCE_TOKENS = default if args.references is None else args.references
-            try:
+            with h.compile_references(ck, args.references):
                 results[name] = measure(model, ids, n, compile_config)
-            finally:
-                op.COMPILE_REFERENCE_TOKENS = default
             del model
         fell[name] = notes
         h.free()

@@ -115,20 +115,15 @@ def main(argv=None) -> None:
             layers = h.kernel_layers(model, ck)
             if options:
                 h.require_decoder_layers("decode_layer", name, layers, 1)
-            decoder, op = (importlib.import_module(f"{ck.__name__}.{m}") for m in ("decoder", "_op"))
+            decoder = importlib.import_module(f"{ck.__name__}.decoder")
             decoder.RESIDUAL_IN_DOWN_PROJ = in_down_proj  # issue 12's measurement switch (read when traced)
             try:
                 results[f"{name} eager"] = measure(model.model.layers[0], inputs, kv, want)
                 results[f"{name} torch.compile"] = measure(h.compiled(model.model.layers[0]), inputs, kv, want)
-                if not in_down_proj:  # Inductor traces the references of calls up to 64 tokens (read when traced)
-                    op.COMPILE_REFERENCE_TOKENS, default = 64, op.COMPILE_REFERENCE_TOKENS
-                    try:
-                        torch._dynamo.reset()
+                if not in_down_proj:  # Inductor traces the references of calls up to 64 tokens
+                    with h.compile_references(ck, 64):
                         results[f"{name} torch.compile, references <= 64 tokens"] = measure(
                             h.compiled(model.model.layers[0]), inputs, kv, want)
-                    finally:
-                        op.COMPILE_REFERENCE_TOKENS = default
-                        torch._dynamo.reset()
             finally:
                 decoder.RESIDUAL_IN_DOWN_PROJ = False
             del model

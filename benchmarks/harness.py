@@ -141,6 +141,25 @@ def device_us(fn, sets=((),), *, calls: int = 20, reps: int = 15) -> float:
 
 
 @contextlib.contextmanager
+def compile_references(ck, tokens: int | None):
+    """Inside, `ck`'s ops trace their PyTorch references under torch.compile for calls of at most `tokens` tokens
+    (its `_op.COMPILE_REFERENCE_TOKENS`, read when a call is traced; None: the package's own value). Dynamo's
+    caches are reset around a change, so no compiled code of the other routing is reused."""
+    op = importlib.import_module(f"{ck.__name__}._op")
+    default = op.COMPILE_REFERENCE_TOKENS
+    if tokens is None or tokens == default:
+        yield
+        return
+    op.COMPILE_REFERENCE_TOKENS = tokens
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        op.COMPILE_REFERENCE_TOKENS = default
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
 def side_stream():
     """Work inside runs on one non-default CUDA stream, which the current stream then waits for (CPU: nothing)."""
     if DEVICE != "cuda":

@@ -61,6 +61,18 @@ def assert_grads_close(pairs, dtype: torch.dtype, where) -> None:
         assert rel_err(got, want) < GRAD_REL_TOL[dtype], where
 
 
+def tune_everywhere(ck, monkeypatch, ops, config, widths, dtype_sizes=(2,)) -> None:
+    """This GPU's launch table (the variant's tile/tuned.py) holds `config` for `ops` at every width bucket in
+    `widths`, element size in `dtype_sizes` and row bucket: what the tuner may write, run before it is chosen."""
+    tuned = importlib.import_module(f"{ck.__name__}.tile.tuned")
+    gpu = tuned.gpu_key(torch.cuda.get_device_name())
+    for op in ops:
+        for size in dtype_sizes:
+            for width_bucket in widths:
+                for rows_bucket in range(1, 18):
+                    monkeypatch.setitem(tuned.TABLE, (gpu, op, size, width_bucket, rows_bucket), config)
+
+
 def reset_fallback_warnings(ck) -> None:
     """Forget which fallbacks `ck` has already warned about (it warns once per op and reason)."""
     ck._runtime._warned.clear()

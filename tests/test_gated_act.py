@@ -3,14 +3,12 @@ the op against float64 on every device (the matrix; on a GPU cuTile with poisone
 Mistral widths and random ones), the reference against transformers' activations, the registered backward
 (gradcheck), opcheck, and the arguments it refuses."""
 
-import importlib
-
 import pytest
 import torch
 from transformers.activations import ACT2FN
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng, no_fallback,
-                       poisoned, recorded_launches)
+                       poisoned, recorded_launches, tune_everywhere)
 
 ACTS = ["silu", "gelu_pytorch_tanh"]
 
@@ -77,13 +75,7 @@ def test_every_kind_of_tuned_forward_matches_float64(ck_gpu, config, monkeypatch
     """What the tuner may write, run before it is chosen: gated_act_row (one chunk of one row per block,
     gather/scatter) and the persistent tiled kernel with 8 warps, at decode and prefill row counts, random widths
     (a partial last chunk), both activations, bf16/fp16 (they take the 16-bit entries) and fp32."""
-    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
-    gpu = tuned.gpu_key(torch.cuda.get_device_name())
-    for act in ACTS:
-        for dtype_bucket in (2, 4):
-            for width_bucket in range(1, 17):
-                for rows_bucket in range(1, 18):
-                    monkeypatch.setitem(tuned.TABLE, (gpu, act, dtype_bucket, width_bucket, rows_bucket), config)
+    tune_everywhere(ck_gpu, monkeypatch, ACTS, config, range(1, 17), dtype_sizes=(2, 4))
     seed, rng = fresh_rng()
     for rows, inter in [(1, 14336), (rng.randint(2, 64), rng.choice([9728, rng.randint(1, 4000)])),
                         (rng.randint(65, 700), 11008)]:

@@ -2,7 +2,6 @@
 GPU cuTile over fresh random shapes with poisoned outputs), the references against transformers' modules, the
 registered backward (gradcheck, float64 formula, transformers' gradients), opcheck, fallbacks and their reasons,
 and the Gemma3RMSNorm Layout through KernelConfig."""
-import importlib
 import random
 import warnings
 
@@ -15,7 +14,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, check_layout_model,
-                       fresh_rng, layout_mapping, no_fallback, poisoned, recorded_launches, reset_fallback_warnings)
+                       fresh_rng, layout_mapping, no_fallback, poisoned, recorded_launches, reset_fallback_warnings,
+                       tune_everywhere)
 
 EPS = 1e-6
 FORMS = [pytest.param(False, id="llama"), pytest.param(True, id="gemma")]
@@ -132,12 +132,7 @@ def test_every_kind_of_tuned_forward_matches_float64(ck_gpu, config, monkeypatch
     """What the tuner may write for the forward, run before it is chosen: rms_norm_row (also with 8 warps) and
     rms_norm_fwd (TMA, prefetching, one block per tile), both forms, bf16 and fp16 (both take the 16-bit
     entries)."""
-    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
-    gpu = tuned.gpu_key(torch.cuda.get_device_name())
-    for op in ("rms_norm", "gemma_rms_norm"):
-        for width_bucket in range(7, 14):  # 65..8192 columns
-            for rows_bucket in range(1, 18):
-                monkeypatch.setitem(tuned.TABLE, (gpu, op, 2, width_bucket, rows_bucket), config)
+    tune_everywhere(ck_gpu, monkeypatch, ("rms_norm", "gemma_rms_norm"), config, range(7, 14))  # 65..8192 columns
     seed, rng = fresh_rng()
     for rows, hidden in [(1, 2560), (rng.randint(2, 64), rng.choice([1536, 3584, 5376])),
                          (rng.randint(65, 5000), rng.choice([2560, 5120, rng.randint(65, 8192)]))]:
@@ -155,11 +150,7 @@ def test_every_kind_of_tuned_backward_matches_float64(ck_gpu, config, monkeypatc
     also with 8 warps), the persistent kernel (with occupancy, latency and warps hints) and rms_norm_bwd_split (two
     tiles per row; 3584 columns do not split), at one row, decode and prefill row counts, both forms, bf16 and fp16
     (both take the 16-bit entries)."""
-    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
-    gpu = tuned.gpu_key(torch.cuda.get_device_name())
-    for width_bucket in (12, 13):  # 2049..4096 and 4097..8192 columns
-        for rows_bucket in range(1, 18):
-            monkeypatch.setitem(tuned.TABLE, (gpu, "rms_norm_backward", 2, width_bucket, rows_bucket), config)
+    tune_everywhere(ck_gpu, monkeypatch, ("rms_norm_backward",), config, (12, 13))  # 2049..4096, 4097..8192 columns
     rng = random.Random()
     for rows, hidden in [(1, 4096), (rng.randint(2, 64), rng.choice([2560, 4096, 5376])),
                          (rng.randint(65, 700), rng.choice([3584, 5120]))]:

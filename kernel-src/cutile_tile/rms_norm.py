@@ -96,9 +96,10 @@ def _normalize_store(xt, w, out, t, n_cols, eps, dtype, GEMMA):
     ct.store(out, (t, 0), tile=ct.astype(_normalized(xt, w, n_cols, eps, dtype, GEMMA), out.dtype), allow_tma=False)
 
 
-def _weight_row(weight, TILE_N, GEMMA, dtype):
-    # (1, TILE_N): 1 + w in fp32 (Gemma form), w in `dtype` where it has it (see _times_weight), else in fp32
-    return _weight(ct.reshape(ct.load(weight, (0,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
+def _weight_row(weight, TILE_N, GEMMA, dtype, j=0):
+    # (1, TILE_N), the weight's tile j: 1 + w in fp32 (Gemma form), w in `dtype` where it has it (see
+    # _times_weight), else in fp32
+    return _weight(ct.reshape(ct.load(weight, (j,), shape=(TILE_N,), padding_mode=ct.PaddingMode.ZERO),
                               (1, TILE_N)), GEMMA, dtype)
 
 
@@ -347,8 +348,9 @@ def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu,
     arrays = (x, weight, dy, dres if add else dy, dx, dw_partial, n, float(eps), gemma, add)
     if tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX:
         return with_hints(rms_norm_bwd_row, occupancy, warps), (blocks,), (*arrays, tile_n)
-    if split and split_tiles(n):  # else (a width of the bucket that does not split) one tile per row
-        return with_hints(rms_norm_bwd_split, occupancy, warps), (blocks,), (*arrays, tile_m, *split_tiles(n), latency)
+    parts = split and split_tiles(n)  # None for a width of the bucket that does not split: one tile per row
+    if parts:
+        return with_hints(rms_norm_bwd_split, occupancy, warps), (blocks,), (*arrays, tile_m, *parts, latency)
     return with_hints(rms_norm_bwd, occupancy, warps), (blocks,), (*arrays, tile_m, tile_n, latency)
 
 
@@ -415,8 +417,7 @@ def rms_norm_bwd_split(x, weight, dy, dres, dx, dw_partial, n_cols: int, eps: fl
     row sums taken over both tiles; ADD and dres as rms_norm_bwd's."""
     j = TILE_A // TILE_B
     wa = _weight_row(weight, TILE_A, GEMMA, ct.float32)
-    wb = _weight(ct.reshape(ct.load(weight, (j,), shape=(TILE_B,), padding_mode=ct.PaddingMode.ZERO),
-                            (1, TILE_B)), GEMMA, ct.float32)
+    wb = _weight_row(weight, TILE_B, GEMMA, ct.float32, j)
     acc_a, acc_b = ct.full((1, TILE_A), 0.0, dtype=ct.float32), ct.full((1, TILE_B), 0.0, dtype=ct.float32)
     for t in range(ct.bid(0), ct.cdiv(x.shape[0], TILE_M), ct.num_blocks(0)):
         xa, xb = _loaded(x, t, 0, TILE_M, TILE_A, LATENCY), _loaded(x, t, j, TILE_M, TILE_B, LATENCY)

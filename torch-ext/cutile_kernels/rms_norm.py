@@ -259,8 +259,7 @@ def _add_rms_norm_setup(ctx, inputs, output):
 def _add_rms_norm_backward(ctx, d_normed, d_summed):
     """Both inputs get d(summed) plus the norm's input gradient; the weight the norm's."""
     summed, weight = ctx.saved_tensors
-    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed.contiguous(), ctx.eps,
-                                          ctx.gemma)
+    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed, ctx.eps, ctx.gemma)
     return d, d, dweight, None, None
 
 
@@ -307,7 +306,7 @@ def _sandwich_backward(ctx, d_normed, d_summed):
     """The outer norm's input gradient plus d(summed) (added in its kernel) is the residual's gradient and the
     inner norm's output gradient; two backward launches."""
     x, summed, post_weight, weight = ctx.saved_tensors
-    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed.contiguous(), ctx.eps, True)
+    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed, ctx.eps, True)
     dx, dpost_weight = RMS_NORM_BACKWARD.op(x, post_weight, d, ctx.eps, True)
     return dx, d, dpost_weight, dweight, None
 
