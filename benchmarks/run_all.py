@@ -197,16 +197,13 @@ def cases(ck, tiny: bool) -> list[dict]:
         emb = (torch.rand(1, t, s.head_dim // 2, device=h.DEVICE) * 100).repeat(1, 1, 2)
         return q, k, emb.cos().bfloat16(), emb.sin().bfloat16(), *[rand(*q.shape), rand(*k.shape)][:2 * bwd]
 
-    def inverse(s):  # RoPE's backward is RoPE with the inverse rotation
-        return -torch.cat([s[..., s.shape[-1] // 2:], s[..., :s.shape[-1] // 2]], -1)
-
     rope_bytes = lambda t, s: 2 * 2 * t * (s.heads + s.kv_heads) * s.head_dim  # noqa: E731  q, k in and out
     rope = pair("rope", rope_inputs, rope64, dict(cutile=ck.apply_rotary_pos_emb, eager=ck.rope_reference,
                                                   compile=h.compiled(ck.rope_reference),
                                                   liger=lg_rope and lg_rope.liger_rotary_pos_emb),
                 rope_bytes, [shape] if tiny else [h.MODELS["llama3-8b"], h.MODELS["gemma3-12b"]],
                 op=lambda q, k, c, s: ops.rope(q, k, c, s, 1),
-                eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_reference(dq, dk, c, inverse(s)),
+                eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_backward_reference(dq, dk, c, s),
                 bwd_nbytes=rope_bytes, bwd_widths=[shape], n_diff=2, n_grads=2)
     def qk_inputs(t, s, bwd):  # rope_inputs with q_norm / k_norm weights
         q, k, cos, sin, *grads = rope_inputs(t, s, bwd)
@@ -217,7 +214,7 @@ def cases(ck, tiny: bool) -> list[dict]:
         return ck.qk_norm_rope_reference(q, k, wq, wk, c, s, EPS)
 
     def qk_eager_bwd(q, k, wq, wk, c, s, dq, dk):  # the package's backward formula (ops.qk_norm_rope's) in PyTorch
-        dq, dk = ck.rope_reference(dq, dk, c, inverse(s))
+        dq, dk = ck.rope_backward_reference(dq, dk, c, s)
         (dq, dwq), (dk, dwk) = (ck.rms_norm_backward_reference(x, w, d, EPS) for x, w, d in ((q, wq, dq), (k, wk, dk)))
         return dq, dk, dwq, dwk
 

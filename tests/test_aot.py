@@ -447,7 +447,7 @@ def test_native_rotation_is_not_contracted(tmp_path):
     for dtype in (torch.bfloat16, torch.float32):
         q, k, cs = T(dtype, (1, 32, 1, 128)), T(dtype, (1, 8, 1, 128)), T(dtype, (1, 1, 128))
         path = tmp_path / f"{dtype}.cubin"
-        path.write_bytes(ca.export(ca.spec_of((rope.rope_row, (1, 1), (q, k, cs, cs, q, k, 64, 32, 8, True, True))),
+        path.write_bytes(ca.export(ca.spec_of((rope.rope_row, (1, 1), (q, k, cs, cs, q, k, 0, 64, 32, 8, True, True))),
                                    "sm_90"))
         sass = subprocess.run([_nvdisasm(), str(path)], capture_output=True, text=True, check=True).stdout
         assert "MUL2" in sass or "FMUL" in sass, dtype
@@ -561,6 +561,7 @@ def _ops(ck, dtype, gen):
         "gated_act gelu": lambda: ck.gated_act(gu, "gelu_pytorch_tanh"),
         "gated_act_backward": lambda: ck.gated_act_backward_cutile(gu, gdy, "silu"),
         "rope": lambda: ck.apply_rotary_pos_emb(q, k, cos, sin),
+        "rope_backward": lambda: ck.rope_backward_cutile(q, k, cos, sin),
         "qk_norm_rope": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, False),
         "qk_norm_rope gemma": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, True),
     }

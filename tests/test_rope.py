@@ -34,17 +34,22 @@ def make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, device):
     return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def check_rope(ck, q, k, cos, sin, unsqueeze_dim, where=""):
+def check_rope(ck, q, k, cos, sin, unsqueeze_dim, where="", inverse=False):
     """One call against float64: on a GPU the cuTile launcher writes into poisoned buffers, elsewhere the public
-    function runs (the reference); q's output stays within 2 ulp (bf16) of the same-dtype reference."""
-    where = f"q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype} unsqueeze_dim={unsqueeze_dim} {where}"
+    function runs (the reference); q's output stays within 2 ulp (bf16) of the same-dtype reference. `inverse`:
+    RoPE's backward (the rotation by the opposite angle) instead, with distinct sin halves."""
+    where = f"q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype} unsqueeze_dim={unsqueeze_dim} inverse={inverse} {where}"
+    if inverse:
+        sin = torch.randn_like(sin)  # the kernel forms -[sin2, sin1]: halves that differ show a wrong swap
+    sin64 = ck.rope.inverse_sin(sin.double()) if inverse else sin
     if q.is_cuda:
-        got = ck.rope_cutile(q, k, cos, sin, unsqueeze_dim, q_out=poisoned(q.shape, q), k_out=poisoned(k.shape, k))
+        launcher = ck.rope_backward_cutile if inverse else ck.rope_cutile
+        got = launcher(q, k, cos, sin, unsqueeze_dim, q_out=poisoned(q.shape, q), k_out=poisoned(k.shape, k))
     else:
-        got = ck.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+        got = (ck._ops.ops.rope_backward if inverse else ck.apply_rotary_pos_emb)(q, k, cos, sin, unsqueeze_dim)
     for out, x in zip(got, (q, k)):
-        assert_close_to_float64(out, rope64(x, cos, sin, unsqueeze_dim), q.dtype, where)
-    same_q, _ = ck.rope_reference(q, k, cos, sin, unsqueeze_dim)
+        assert_close_to_float64(out, rope64(x, cos, sin64, unsqueeze_dim), q.dtype, where)
+    same_q, _ = (ck.rope_backward_reference if inverse else ck.rope_reference)(q, k, cos, sin, unsqueeze_dim)
     assert (got[0].float() - same_q.float()).abs().max() <= 2 * same_q.float().abs().max() * 2**-7, where
 
 
@@ -74,7 +79,7 @@ def test_rope(device_ck, device, dtype):
         hq = hk * rng.choice([1, 4])
         unsqueeze_dim = rng.choice([1, 2])
         inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, device)
-        check_rope(device_ck, *inputs, unsqueeze_dim, f"seed {seed}")
+        check_rope(device_ck, *inputs, unsqueeze_dim, f"seed {seed}", inverse=rng.random() < 0.5)
 
 
 REAL_HEADS = [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]  # q heads, kv heads, head_dim
@@ -95,14 +100,15 @@ def test_every_kind_of_tuned_choice_matches_float64(ck_gpu, config, monkeypatch)
     """What the tuner may write into this GPU's table, run before it is chosen: rope_row ((0, 0, 0); (0, 0, 1) with
     cos/sin tile loads; (0, 0, 2) also rotating in the inputs' dtype), q tiles of 32 heads beside k's narrower
     ones, several chunks per block, position tiles, a fourth element 1 (in the inputs' dtype); real head counts,
-    both layouts, two dtypes (every dtype takes the 16-bit entries)."""
+    both layouts, two dtypes (every dtype takes the 16-bit entries); each forward and inverse (the backward)."""
     seed, rng = fresh_rng()
     for hq, hk, d in REAL_HEADS:
         table_everywhere(ck_gpu, "rope", d, config, monkeypatch)
         for dtype in (torch.bfloat16, torch.float32):
             b, s, unsqueeze_dim = rng.choice([1, 2]), rng.choice([1, 3, 17, 300]), rng.choice([1, 2])
             inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, "cuda")
-            check_rope(ck_gpu, *inputs, unsqueeze_dim, f"config {config} seed {seed}")
+            for inverse in (False, True):
+                check_rope(ck_gpu, *inputs, unsqueeze_dim, f"config {config} seed {seed}", inverse)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -136,7 +142,15 @@ def test_op_gradcheck(ck, unsqueeze_dim):
     q = torch.randn((b, 3, s, d) if unsqueeze_dim == 1 else (b, s, 3, d), dtype=torch.float64, requires_grad=True)
     k = torch.randn((b, 1, s, d) if unsqueeze_dim == 1 else (b, s, 1, d), dtype=torch.float64, requires_grad=True)
     cos, sin = torch.randn(b, s, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda q, k: ck._ops.ops.rope(q, k, cos, sin, unsqueeze_dim), (q, k))
+    for op in (ck._ops.ops.rope, ck._ops.ops.rope_backward):  # rope_backward's backward: the rope op again
+        assert torch.autograd.gradcheck(lambda q, k: op(q, k, cos, sin, unsqueeze_dim), (q, k))
+    assert torch.autograd.gradgradcheck(lambda q, k: ck._ops.ops.rope(q, k, cos, sin, unsqueeze_dim), (q, k))
+    # the backward op is the transpose of the forward: <rope(x), y> = <x, rope_backward(y)>
+    y = [torch.randn_like(q), torch.randn_like(k)]
+    forward = ck._ops.ops.rope(q, k, cos, sin, unsqueeze_dim)
+    backward = ck._ops.ops.rope_backward(*y, cos, sin, unsqueeze_dim)
+    assert torch.allclose(sum((f * t).sum() for f, t in zip(forward, y)),
+                          sum((x * t).sum() for x, t in zip((q, k), backward)))
 
 
 @pytest.mark.parametrize("dtype,requires_grad", [(torch.float32, False), (torch.bfloat16, False),
@@ -147,8 +161,8 @@ def test_opcheck(ck, dtype, requires_grad, transposed):
     q, k, cos, sin = make_inputs(2, 9, 4, 2, 32, 1, dtype, "cpu")
     if not transposed:
         q, k = q.contiguous(), k.contiguous()
-    torch.library.opcheck(ck._ops.ops.rope.default, (q.requires_grad_(requires_grad), k.requires_grad_(requires_grad),
-                                                     cos, sin, 1))
+    for op in (ck._ops.ops.rope, ck._ops.ops.rope_backward):
+        torch.library.opcheck(op.default, (q.requires_grad_(requires_grad), k.requires_grad_(requires_grad), cos, sin, 1))
 
 
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])

@@ -63,8 +63,8 @@ def test_rope_without_its_own_entry_runs_the_h100_configuration(monkeypatch):
         q, k, cs = T(dtype, (1, 32, tokens, d)), T(dtype, (1, 8, tokens, d)), T(dtype, (1, tokens, d))
         kernel, _, args = rope.forward_launch(q, k, cs, cs, q, k, gpu)
         if kernel is rope.rope_row:
-            return rope.ROW_NATIVE if args[10] else rope.ROW_TILED if args[9] else rope.ROW
-        return (args[10], args[11], args[8]) + ((1,) if args[13] else ())  # TILE_S, TILE_H, chunks[, NATIVE]
+            return rope.ROW_NATIVE if args[11] else rope.ROW_TILED if args[10] else rope.ROW
+        return (args[11], args[12], args[8]) + ((1,) if args[14] else ())  # TILE_S, TILE_H, chunks[, NATIVE]
 
     for d in (128, 256):
         for tokens in (1, 16, 300, 4096, 32768):
@@ -126,7 +126,7 @@ def test_rope_chunks_cover_every_head_once(kv_heads, monkeypatch):
         monkeypatch.setitem(TUNED.TABLE, ("test", "rope", 2, 7, 1), config)
         q, k, cs = T(BF16, (1, 32, 1, 128)), T(BF16, (1, kv_heads, 1, 128)), T(BF16, (1, 1, 128))
         _, grid, args = rope.forward_launch(q, k, cs, cs, q, k, ("test", 132))
-        q_chunks, chunks, per_block, tile_h, tile_hk = args[6], args[7], args[8], args[11], args[12]
+        q_chunks, chunks, per_block, tile_h, tile_hk = args[6], args[7], args[8], args[12], args[13]
         assert tile_h == config[1] and tile_hk == min(tile_h, 1 << (kv_heads - 1).bit_length())
         assert (q_chunks - 1) * tile_h < 32 <= q_chunks * tile_h
         assert ((chunks - q_chunks) - 1) * tile_hk < kv_heads <= (chunks - q_chunks) * tile_hk

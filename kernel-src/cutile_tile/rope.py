@@ -64,13 +64,22 @@ def _cos_sin_half(t, b, s, i, TILE_S, HALF, NATIVE):
     return tile if NATIVE else ct.astype(tile, ct.float32)  # (1, TILE_S, HALF) broadcasts over the TILE_H heads
 
 
-def _tiled(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, eps, NORM, GEMMA,
-           HALF, TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY):
+def _sin_halves(s1, s2, inverse):
+    """The sin halves of the rotation by the opposite angle when `inverse` is nonzero (RoPE's backward: the rotation's
+    transpose is the same op with sin' = -[sin2, sin1], for any cos/sin halves), formed in registers."""
+    flip = inverse != 0
+    return ct.where(flip, -s2, s1), ct.where(flip, -s1, s2)
+
+
+def _tiled(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, inverse, eps,
+           NORM, GEMMA, HALF, TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY):
     """The tiled kernels' body: this block's TILE_S positions, cos/sin loaded once, and its chunks of heads (q's
     first, then k's), each rotated, or normalized (NORM: with the weights) and rotated."""
     s, b = ct.bid(0), ct.bid(1)
     c1, c2 = _cos_sin_half(cos, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(cos, b, s, 1, TILE_S, HALF, NATIVE)
     s1, s2 = _cos_sin_half(sin, b, s, 0, TILE_S, HALF, NATIVE), _cos_sin_half(sin, b, s, 1, TILE_S, HALF, NATIVE)
+    if not NORM:  # the norm kernels are forward only
+        s1, s2 = _sin_halves(s1, s2, inverse)
     first = ct.bid(2) * chunks_per_block
     for c in range(first, first + chunks_per_block):
         if c < q_chunks:
@@ -88,13 +97,15 @@ def _tiled(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, n_chunks,
 
 
 @ct.kernel
-def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_per_block: int,
+def rope_fwd(q, k, cos, sin, q_out, k_out, q_chunks: int, n_chunks: int, chunks_per_block: int, inverse: int,
              HALF: ct.Constant[int], TILE_S: ct.Constant[int], TILE_H: ct.Constant[int], TILE_HK: ct.Constant[int],
              NATIVE: ct.Constant[bool], LATENCY: ct.Constant[int]):
-    """NATIVE: the rotation in the inputs' dtype (`_summed_products`), as rope_row's. LATENCY: the loads' DRAM
-    latency hint (0: none; a block looping over many chunks)."""
-    _tiled(q, k, q, k, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, 0.0, False, False, HALF,
-           TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY)
+    """inverse (1): the rotation by the opposite angle, RoPE's backward (`_sin_halves`; an argument, not a
+    constant: the backward shares the forward's compiled kernels). NATIVE: the rotation in the inputs' dtype
+    (`_summed_products`), as rope_row's. LATENCY: the loads' DRAM latency hint (0: none; a block looping over many
+    chunks)."""
+    _tiled(q, k, q, k, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, inverse, 0.0, False, False,
+           HALF, TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY)
 
 
 def _summed_products(a, c, b, s):
@@ -140,16 +151,17 @@ def _row_half(t, b, s, i, HALF, TILED, NATIVE=False):
 
 
 @ct.kernel
-def rope_row(q, k, cos, sin, q_out, k_out, HALF: ct.Constant[int], TILE_H: ct.Constant[int],
+def rope_row(q, k, cos, sin, q_out, k_out, inverse: int, HALF: ct.Constant[int], TILE_H: ct.Constant[int],
              TILE_HK: ct.Constant[int], TILED: ct.Constant[bool], NATIVE: ct.Constant[bool]):
     """One position per block, every head of q and of k, through gather/scatter (no tensor views to set up: the
     shortest prologue, as rms_norm_row for decode sizes). TILE_H / TILE_HK: q's / k's heads rounded up to a
     power of two. TILED: cos/sin through tile loads instead of gathers (sm_90: 824 instructions instead of 1216,
     no 16-bit scalar loads). NATIVE (with TILED): the rotation in the inputs' dtype, `_summed_products` (sm_90,
-    bf16: about a third fewer instructions; a tuner candidate)."""
+    bf16: about a third fewer instructions; a tuner candidate). inverse: as rope_fwd's."""
     s, b = ct.bid(0), ct.bid(1)
     c1, c2 = _row_half(cos, b, s, 0, HALF, TILED, NATIVE), _row_half(cos, b, s, 1, HALF, TILED, NATIVE)
-    s1, s2 = _row_half(sin, b, s, 0, HALF, TILED, NATIVE), _row_half(sin, b, s, 1, HALF, TILED, NATIVE)
+    s1, s2 = _sin_halves(_row_half(sin, b, s, 0, HALF, TILED, NATIVE), _row_half(sin, b, s, 1, HALF, TILED, NATIVE),
+                         inverse)
     _rotate_rows(q, q_out, b, s, c1, c2, s1, s2, TILE_H, HALF, NATIVE)
     _rotate_rows(k, k_out, b, s, c1, c2, s1, s2, TILE_HK, HALF, NATIVE)
 
@@ -215,8 +227,8 @@ def qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks:
     chunks per block): for many positions, where one position per block leaves the norms' reductions exposed.
     NATIVE: after the norm's statistics, the rest in the inputs' dtype (`_summed_products`). LATENCY: as
     rope_fwd's."""
-    _tiled(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, eps, True, GEMMA,
-           HALF, TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY)
+    _tiled(q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_chunks, n_chunks, chunks_per_block, 0, eps, True,
+           GEMMA, HALF, TILE_S, TILE_H, TILE_HK, NATIVE, LATENCY)
 
 
 @ct.kernel
@@ -316,22 +328,22 @@ def default_config(tokens: int, heads: int, n_sms: int) -> tuple[int, int, int]:
     return tile_s, tile_h, per_block
 
 
-def forward_launch(q, k, cos, sin, q_out, k_out, gpu, config=None):
+def forward_launch(q, k, cos, sin, q_out, k_out, gpu, config=None, inverse: bool = False):
     """(kernel, grid, args) of rope_row or rope_fwd for q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D);
     `gpu` is the device's (name, SM count). `config` (else this GPU's table, the H100's, `default_config`):
     ROW, ROW_TILED, ROW_NATIVE (each[, warps per block]), or (TILE_S, TILE_H, chunks per block[, 1: NATIVE[,
-    latency hint]])."""
+    latency hint]]). `inverse`: the rotation by the opposite angle (RoPE's backward; same plan)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     config = (config or lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
     if config[:3] in (ROW, ROW_TILED, ROW_NATIVE):
-        return _row_kernel(rope_row, config), (s, b), (q, k, cos, sin, q_out, k_out, d // 2, _pow2(hq), _pow2(hk),
-                                                       config[:3] != ROW, config[:3] == ROW_NATIVE)
+        return _row_kernel(rope_row, config), (s, b), (q, k, cos, sin, q_out, k_out, int(inverse), d // 2, _pow2(hq),
+                                                       _pow2(hk), config[:3] != ROW, config[:3] == ROW_NATIVE)
     native, latency = _tile_knobs(config)
     grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
-    return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, d // 2, tile_s, tile_h,
-                            tile_hk, native, latency)
+    return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, int(inverse), d // 2, tile_s,
+                            tile_h, tile_hk, native, latency)
 
 
 def specializations(array):
@@ -344,9 +356,9 @@ def specializations(array):
                 q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
                 yield forward_launch(q, k, cs, cs, q, k, ("", 132))
             one, cs = array(dtype, (1, 1, 1, d)), array(dtype, (1, 1, d))  # rope_row (a tuned choice at decode)
-            yield rope_row, (1, 1), (one, one, cs, cs, one, one, d // 2, 32, 8, False, False)
+            yield rope_row, (1, 1), (one, one, cs, cs, one, one, 0, d // 2, 32, 8, False, False)
             if d == 128 and dtype is not torch.float16:  # the tuner's native-dtype candidates compile
-                yield rope_row, (1, 1), (one, one, cs, cs, one, one, d // 2, 32, 8, True, True)
+                yield rope_row, (1, 1), (one, one, cs, cs, one, one, 0, d // 2, 32, 8, True, True)
                 q, k, cs = array(dtype, (1, 32, 4096, d)), array(dtype, (1, 8, 4096, d)), array(dtype, (1, 4096, d))
                 yield forward_launch(q, k, cs, cs, q, k, ("", 132), (8, 1, 40, 1))
             w = array(dtype, (d,))

@@ -66,24 +66,48 @@ def _cos_sin_for(q, cos, sin):
     return cos, sin
 
 
-def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
-                q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cuTile path alone (no checks). Outputs are new tensors laid out as q and k are, as transformers'
+def _rotate(q, k, cos, sin, unsqueeze_dim, q_out, k_out, inverse: bool):
+    """rope_cutile and rope_backward_cutile: outputs are new tensors laid out as q and k are, as transformers'
     element-wise RoPE returns them (or the given buffers, any layout). In q's layout a block writes the rows it
     read: the usual (B, H, S, D) view of a (B, S, H, D) projection is read and written in memory order."""
     if unsqueeze_dim == 2:  # (B, S, H, D): the kernel indexes (B, H, S, D); a transposed view is free
-        q_embed, k_embed = rope_cutile(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1,
-                                       None if q_out is None else q_out.transpose(1, 2),
-                                       None if k_out is None else k_out.transpose(1, 2))
+        q_embed, k_embed = _rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1,
+                                   None if q_out is None else q_out.transpose(1, 2),
+                                   None if k_out is None else k_out.transpose(1, 2), inverse)
         return q_embed.transpose(1, 2), k_embed.transpose(1, 2)
     cos, sin = _cos_sin_for(q, cos, sin)
     q_out = torch.empty_like(q) if q_out is None else q_out
     k_out = torch.empty_like(k) if k_out is None else k_out
     if q.numel() and k.numel():
         index = q.get_device()
-        launch(index, *_kernels().forward_launch(q, k, cos, sin, q_out, k_out, gpu(index)))
+        launch(index, *_kernels().forward_launch(q, k, cos, sin, q_out, k_out, gpu(index), inverse=inverse))
     return q_out, k_out
+
+
+def rope_cutile(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
+                q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cuTile path alone (no checks); outputs as `_rotate` describes."""
+    return _rotate(q, k, cos, sin, unsqueeze_dim, q_out, k_out, False)
+
+
+def rope_backward_cutile(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         unsqueeze_dim: int = 1, q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's backward, the cuTile path alone: the same kernel rotating by the opposite angle (sin' formed in its
+    registers, so no extra launch)."""
+    return _rotate(dq, dk, cos, sin, unsqueeze_dim, q_out, k_out, True)
+
+
+def inverse_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin' = -[sin[half:], sin[:half]]: RoPE with it is the rotation's transpose (for any cos/sin halves)."""
+    half = sin.shape[-1] // 2
+    return -torch.cat([sin[..., half:], sin[..., :half]], dim=-1)
+
+
+def rope_backward_reference(dq, dk, cos, sin, unsqueeze_dim: int = 1):
+    """(dq, dk) through RoPE's backward: RoPE is a rotation, so rope(dy, cos, sin') = rope(x, cos, sin)^T dy."""
+    return rope_reference(dq, dk, cos, inverse_sin(sin), unsqueeze_dim)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -92,18 +116,21 @@ def _rope_setup(ctx, inputs, output):
 
 
 def _rope_backward(ctx, dq, dk):
-    """RoPE is a rotation, so its backward is the same op with the inverse rotation: with
-    sin' = -[sin[half:], sin[:half]], rope(dy, cos, sin') = rope(x, cos, sin)^T dy (for q and k alike)."""
     cos, sin = ctx.saved_tensors
     dq, dk = _inverse_rope(dq, dk, cos, sin, ctx.unsqueeze_dim)
     return dq, dk, None, None, None
 
 
+def _rope_backward_backward(ctx, ddq, ddk):
+    """The transpose of the inverse rotation is RoPE itself."""
+    cos, sin = ctx.saved_tensors
+    ddq, ddk = (g if g.stride(-1) == 1 else g.contiguous() for g in (ddq, ddk))
+    return *ROPE.op(ddq, ddk, cos, sin, ctx.unsqueeze_dim), None, None, None
+
+
 def _inverse_rope(dq, dk, cos, sin, unsqueeze_dim):
-    half = sin.shape[-1] // 2
-    sin_inverse = -torch.cat([sin[..., half:], sin[..., :half]], dim=-1)
     dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
-    return ROPE.op(dq, dk, cos, sin_inverse, unsqueeze_dim)
+    return ROPE_BACKWARD.op(dq, dk, cos, sin, unsqueeze_dim)
 
 
 def _laid_out_like(out, x):
@@ -128,6 +155,11 @@ ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_c
                  fake=lambda q, k, cos, sin, unsqueeze_dim: (torch.empty_like(q), torch.empty_like(k)),
                  conform=_conform_q_k, tokens=lambda q, k, cos, sin, unsqueeze_dim: _tokens(q, unsqueeze_dim),
                  backward=_rope_backward, setup_context=_rope_setup)
+ROPE_BACKWARD = CutileOp("rope_backward", launcher=rope_backward_cutile, reference=rope_backward_reference,
+                         check=_check, fake=lambda dq, dk, cos, sin, unsqueeze_dim: (torch.empty_like(dq),
+                                                                                     torch.empty_like(dk)),
+                         conform=_conform_q_k, tokens=lambda dq, dk, cos, sin, unsqueeze_dim: _tokens(dq, unsqueeze_dim),
+                         backward=_rope_backward_backward, setup_context=_rope_setup)
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
@@ -141,7 +173,7 @@ class ApplyRotaryPosEmb(nn.Module):
     """Stateless replacement of transformers' `rotary_pos_emb` function:
     KernelConfig({"rotary_pos_emb": "<repo>:ApplyRotaryPosEmb"})."""
 
-    has_backward = True  # rope_op's backward is the same kernel with the inverse rotation
+    has_backward = True  # the rope op's backward is the same kernel with the inverse rotation (rope_backward)
     can_torch_compile = True
 
     def forward(self, q, k, cos, sin, unsqueeze_dim=1):
