@@ -562,6 +562,7 @@ def _ops(ck, dtype, gen):
         "gated_act_backward": lambda: ck.gated_act_backward_cutile(gu, gdy, "silu"),
         "rope": lambda: ck.apply_rotary_pos_emb(q, k, cos, sin),
         "rope_backward": lambda: ck.rope_backward_cutile(q, k, cos, sin),
+        "rope, positions shared by the batch": lambda: ck.apply_rotary_pos_emb(q, k, cos[:1], sin[:1]),
         "qk_norm_rope": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, False),
         "qk_norm_rope gemma": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, True),
     }

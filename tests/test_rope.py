@@ -78,8 +78,10 @@ def test_rope(device_ck, device, dtype):
         hk = rng.choice([1, 2, 8])
         hq = hk * rng.choice([1, 4])
         unsqueeze_dim = rng.choice([1, 2])
-        inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, device)
-        check_rope(device_ck, *inputs, unsqueeze_dim, f"seed {seed}", inverse=rng.random() < 0.5)
+        q, k, cos, sin = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, device)
+        if rng.random() < 0.3:  # positions shared by the batch: transformers' (1, S, D)
+            cos, sin = cos[:1], sin[:1]
+        check_rope(device_ck, q, k, cos, sin, unsqueeze_dim, f"seed {seed}", inverse=rng.random() < 0.5)
 
 
 REAL_HEADS = [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]  # q heads, kv heads, head_dim
@@ -223,19 +225,24 @@ def test_zero_length_and_unsupported_head_dim(ck_gpu):
 
 @pytest.mark.parametrize("b,cos_batch,unsqueeze_dim", [(1, 1, 1), (2, 1, 1), (2, 2, 2)])
 def test_launcher_hands_the_kernel_full_cos_and_outputs_in_q_layout(ck, monkeypatch, b, cos_batch, unsqueeze_dim):
-    """The launcher's glue on CPU (the launch recorded, not run): cos/sin reach the kernel as (B, S, D) with a
-    real batch stride (a batch-1 cos is materialized for a batch), the outputs are tensors laid out as q and k
-    that the kernel writes, and q, k arrive as (B, H, S, D) views of the inputs."""
+    """The launcher's glue on CPU (the launch recorded, not run): cos/sin reach the kernel as given, (B, S, D) or
+    (1, S, D) (the kernel reads row min(b, rows - 1); no copy), a batch broadcast by expand as its first row, a
+    broadcast over positions materialized (no zero strides); the outputs are tensors laid out as q and k that the
+    kernel writes, and q, k arrive as (B, H, S, D) views of the inputs."""
     plans = recorded_launches(ck, "rope", monkeypatch)
     q, k, cos, sin = make_inputs(b, 3, 4, 2, 64, unsqueeze_dim, torch.bfloat16, "cpu")
     cos, sin = cos[:cos_batch], sin[:cos_batch]
     q_out, k_out = ck.rope_cutile(q, k, cos, sin, unsqueeze_dim)
-    (q_in, k_in, cos_in, sin_in, q_rows, k_rows, *_), = plans
+    ck.rope_cutile(q, k, cos.expand(b, 3, 64), sin[:, :1].expand(b, 3, 64), unsqueeze_dim)
+    (q_in, k_in, cos_in, sin_in, q_rows, k_rows, *_), (_, _, cos_expanded, sin_expanded, *_) = plans
     assert q_out.shape == q.shape and k_out.shape == k.shape
     for given, want in ((q_in, q), (k_in, k)):
         assert torch.equal(given, want if unsqueeze_dim == 1 else want.transpose(1, 2))
     for t, want in ((cos_in, cos), (sin_in, sin)):
-        assert t.shape == (b, 3, 64) and t.stride(0) != 0 and torch.equal(t, want.expand(b, 3, 64))
+        assert t is want
+    assert cos_expanded.shape == (cos_batch, 3, 64) and cos_expanded.data_ptr() == cos.data_ptr()
+    assert sin_expanded.shape == (cos_batch, 3, 64) and 0 not in sin_expanded.stride()[:2]
+    assert torch.equal(sin_expanded, sin[:, :1].expand(sin_expanded.shape))
     assert (q_out.stride(), k_out.stride()) == (q.stride(), k.stride())
     assert (q_rows.stride(), k_rows.stride()) == (q_in.stride(), k_in.stride())
     assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())
@@ -364,14 +371,15 @@ def test_qk_norm_rope_refuses_a_weight_of_another_size(ck):
 
 
 def test_qk_norm_rope_launcher_glue(ck, monkeypatch):
-    """On CPU, the launch recorded: q and k reach the kernel as the given (B, H, S, D) views, cos/sin with the
-    batch materialized, both weights, and the outputs (laid out as q and k) are what the kernel writes."""
+    """On CPU, the launch recorded: q and k reach the kernel as the given (B, H, S, D) views, cos/sin of one batch
+    row as they are (the kernel reads that row for every batch row), both weights, and the outputs (laid out as q
+    and k) are what the kernel writes."""
     plans = recorded_launches(ck, "rope", monkeypatch)
     q, k, wq, wk, cos, sin, eps = qk_inputs(2, 3, 4, 2, 64, torch.bfloat16, "cpu")
     q_out, k_out = ck.qk_norm_rope_cutile(q, k, wq, wk, cos[:1], sin[:1], eps, True)
     (q_in, k_in, wq_in, wk_in, cos_in, sin_in, q_rows, k_rows, eps_in, gemma, half, tile_h, tile_hk, native), = plans
     assert q_in is q and k_in is k and wq_in is wq and wk_in is wk
-    assert cos_in.shape == (2, 3, 64) and cos_in.stride(0) != 0 and torch.equal(sin_in, sin[:1].expand(2, 3, 64))
+    assert cos_in.shape == (1, 3, 64) and cos_in.data_ptr() == cos.data_ptr() and torch.equal(sin_in, sin[:1])
     assert (eps_in, gemma, half, tile_h, tile_hk, native) == (eps, True, 32, 4, 2, False)
     assert (q_out.stride(), k_out.stride()) == (q.stride(), k.stride())
     assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())

@@ -1,7 +1,8 @@
 """Rotary position embedding of q and k in one launch, for transformers' `apply_rotary_pos_emb`.
 
 Layout as transformers passes it: q (B, Hq, S, D) and k (B, Hk, S, D) with any strides (usually transposed
-views of the projections), cos/sin (B, S, D) holding the half-duplicated frequencies. Rounding follows
+views of the projections), cos/sin (B, S, D) or (1, S, D) (one row for every batch row) holding the
+half-duplicated frequencies. Rounding follows
 transformers: q*cos and rotate_half(q)*sin are each rounded to the input dtype, then their sum.
 
 Work split: q's heads are cut into chunks of TILE_H heads, k's into chunks of TILE_HK = min(TILE_H, k's heads
@@ -59,8 +60,13 @@ def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE, LATEN
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
+def _cos_sin_batch(t, b):
+    # cos/sin hold one batch row for all (transformers' (1, S, D) for shared positions, read in place) or one each
+    return ct.minimum(b, t.shape[0] - 1)
+
+
 def _cos_sin_half(t, b, s, i, TILE_S, HALF, NATIVE):
-    tile = ct.load(t, (b, s, i), shape=(1, TILE_S, HALF), padding_mode=_ZERO)
+    tile = ct.load(t, (_cos_sin_batch(t, b), s, i), shape=(1, TILE_S, HALF), padding_mode=_ZERO)
     return tile if NATIVE else ct.astype(tile, ct.float32)  # (1, TILE_S, HALF) broadcasts over the TILE_H heads
 
 
@@ -143,6 +149,7 @@ def _rotate_rows(x, out, b, s, c1, c2, s1, s2, TILE_H, HALF, NATIVE):
 def _row_half(t, b, s, i, HALF, TILED, NATIVE=False):
     # (1, HALF) of cos/sin at position s: index gathers (16-bit loads, no tensor view) or one tile load (128-bit);
     # in fp32, or NATIVE in their own dtype
+    b = _cos_sin_batch(t, b)
     if TILED:
         tile = ct.reshape(ct.load(t, (b, s, i), shape=(1, 1, HALF)), (1, HALF))
     else:

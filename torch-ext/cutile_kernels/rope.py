@@ -57,13 +57,21 @@ def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
 
 
 def _cos_sin_for(q, cos, sin):
-    """cos/sin as the kernels index them: (B, S, D) with the batch materialized."""
+    """cos/sin as the kernels index them: (B, S, D) or (1, S, D) (the kernels read batch row min(b, rows - 1)), with
+    no zero strides. transformers' (1, S, D) for positions shared by the batch reaches the kernel as it is (before,
+    two copies per call for a batch above 1); only a broadcast over positions is materialized."""
     b, _, s, d = q.shape
-    if cos.shape[0] != b or cos.shape[1] != s:  # (1, S, D) for a batch (an expand costs ~1 µs of host time)
-        cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)
-    if cos.stride(0) == 0 or cos.stride(-1) != 1:
-        cos, sin = cos.contiguous(), sin.contiguous()
-    return cos, sin
+    return _kernel_rows(cos, b, s, d), _kernel_rows(sin, b, s, d)
+
+
+def _kernel_rows(t, b, s, d):
+    if t.shape[0] not in (1, b) or t.shape[1] != s:
+        t = t.expand(b, s, d)
+    if t.shape[0] > 1 and t.stride(0) == 0:  # an expanded batch: its first row serves every batch row
+        t = t[:1]
+    if t.stride(-1) != 1 or (s > 1 and t.stride(1) == 0):
+        t = t.contiguous()
+    return t
 
 
 def _rotate(q, k, cos, sin, unsqueeze_dim, q_out, k_out, inverse: bool):
