@@ -212,9 +212,16 @@ def pct_of_copy(nbytes: float, us: float) -> float:
     return 100 * nbytes / us / 1e3 / copy_gbs()
 
 
-def input_sets(make, nbytes: float, *, budget: float = 256e6, most: int = 4) -> list:
-    """Enough independent inputs (from `make()`) to cover `budget` bytes, so rotating through them misses L2."""
-    return [make() for _ in range(max(1, min(most, math.ceil(budget / max(nbytes, 1)))))]
+def set_count(nbytes: float, *, budget: float = 256e6, most: int = 4) -> int:
+    """How many independent inputs of `nbytes` (bytes a call moves) cover `budget` bytes, so that rotating through
+    them misses L2 (at most `most`). run_all and the tuner both rotate this many: a tuned choice wins under the
+    conditions its row is reported in."""
+    return max(1, min(most, math.ceil(budget / max(nbytes, 1))))
+
+
+def input_sets(make, nbytes: float) -> list:
+    """`set_count(nbytes)` independent inputs from `make()`."""
+    return [make() for _ in range(set_count(nbytes))]
 
 
 # --- the kernel under test -----------------------------------------------------------------------------------
