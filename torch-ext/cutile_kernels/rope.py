@@ -123,22 +123,18 @@ def _rope_setup(ctx, inputs, output):
     ctx.save_for_backward(cos, sin)
 
 
+def _rotated_grads(op, dq, dk, cos, sin, unsqueeze_dim):
+    """Gradients through `op` (a rotation's transpose is the rotation by the opposite angle, and back)."""
+    dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
+    return op.op(dq, dk, cos, sin, unsqueeze_dim)
+
+
 def _rope_backward(ctx, dq, dk):
-    cos, sin = ctx.saved_tensors
-    dq, dk = _inverse_rope(dq, dk, cos, sin, ctx.unsqueeze_dim)
-    return dq, dk, None, None, None
+    return *_rotated_grads(ROPE_BACKWARD, dq, dk, *ctx.saved_tensors, ctx.unsqueeze_dim), None, None, None
 
 
 def _rope_backward_backward(ctx, ddq, ddk):
-    """The transpose of the inverse rotation is RoPE itself."""
-    cos, sin = ctx.saved_tensors
-    ddq, ddk = (g if g.stride(-1) == 1 else g.contiguous() for g in (ddq, ddk))
-    return *ROPE.op(ddq, ddk, cos, sin, ctx.unsqueeze_dim), None, None, None
-
-
-def _inverse_rope(dq, dk, cos, sin, unsqueeze_dim):
-    dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
-    return ROPE_BACKWARD.op(dq, dk, cos, sin, unsqueeze_dim)
+    return *_rotated_grads(ROPE, ddq, ddk, *ctx.saved_tensors, ctx.unsqueeze_dim), None, None, None
 
 
 def _laid_out_like(out, x):
@@ -233,7 +229,7 @@ def _qk_backward(ctx, dq, dk):
     """The inverse rotation (one rope launch), then each norm's backward; the norms' outputs are not saved (the
     kernel recomputes x̂ from q and k)."""
     q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
-    dq, dk = _inverse_rope(dq, dk, cos, sin, 1)
+    dq, dk = _rotated_grads(ROPE_BACKWARD, dq, dk, cos, sin, 1)
     dq, dq_weight = RMS_NORM_BACKWARD.op(q, q_weight, dq, ctx.eps, ctx.gemma)
     dk, dk_weight = RMS_NORM_BACKWARD.op(k, k_weight, dk, ctx.eps, ctx.gemma)
     return dq, dk, dq_weight, dk_weight, None, None, None, None
