@@ -28,7 +28,8 @@ import torch
 from . import harness as h
 
 ROWS = [1, 16, 64, 256, 512, 2048, 4096, 32768]
-# one real model width per table bucket ((width - 1).bit_length(): 128, 4096 for 2049..4096, 8192 for 4097..)
+# one real model width per table bucket ((width - 1).bit_length(): 128, 4096 for 2049..4096, 8192 for 4097..); a
+# tune writes its width's own entries and its bucket's (`keys`): --widths 2560 gives 2560 a choice of its own
 WIDTHS = {"rms_norm": [128, 4096, 5120], "gemma_rms_norm": [256, 2560, 5376], "silu": [14336, 18944],
           "gelu_pytorch_tanh": [15360, 21504], "rope": [128, 256], "qk_norm_rope": [128, 256],
           # the fused residual add + norm (also what sandwich_rms_norm and rms_norm_add launch with)
@@ -172,8 +173,9 @@ def tune_shape(ck, table: dict, gpu: str, op: str, rows: int, width: int):
     """{config: µs} over the correct candidates, and the default's µs (table entry removed)."""
     first = problem(ck, op, rows, width)  # rotated as run_all rotates its inputs (harness.set_count)
     problems = [first] + [problem(ck, op, rows, width) for _ in range(h.set_count(first[3]) - 1)]
-    key = (gpu, op, 2, (width - 1).bit_length(), rows.bit_length())
+    key, bucket_key = keys(gpu, op, width, rows.bit_length())
     table.pop(key, None)
+    table.pop(bucket_key, None)
     def timed() -> float:  # the harness's CUDA-graph median, cycling over the input copies
         return h.device_us(lambda p: p[0](p[2]), [(p,) for p in problems], reps=7)
 
@@ -198,6 +200,12 @@ def tune_shape(ck, table: dict, gpu: str, op: str, rows: int, width: int):
     return results, default, failed, problems[0][3]
 
 
+def keys(gpu: str, op: str, width: int, rows_bucket: int) -> tuple[tuple, tuple]:
+    """The table keys a tune of `width` writes: its exact width (what the lookup tries first), and its bucket
+    (every other width of the bucket takes the last tuned width's choice)."""
+    return (gpu, op, 2, width, rows_bucket), (gpu, op, 2, (width - 1).bit_length(), rows_bucket)
+
+
 def _load():
     import kernels
 
@@ -215,7 +223,7 @@ def _warm(job) -> int:
     ck, tuned, gpu = _load()
     run, _, outs, _ = problem(ck, op, rows, width)
     for config in candidates(op, width):
-        tuned.TABLE[(gpu, op, 2, (width - 1).bit_length(), rows.bit_length())] = config
+        tuned.TABLE[keys(gpu, op, width, rows.bit_length())[0]] = config
         try:
             run(outs)
         except Exception:  # reported by the timing pass
@@ -334,7 +342,8 @@ def main() -> None:
                 for f in failed[:3]:
                     print(f"      failed {f}")
             for bucket, config in fill_buckets(best, planned).items():
-                new[(gpu, op, 2, (width - 1).bit_length(), bucket)] = config
+                for key in keys(gpu, op, width, bucket):
+                    new[key] = config
             # after every width, so that a run stopped by a time limit keeps what it measured
             if args.write:
                 write_table(args.write, {**tuned.TABLE, **new})

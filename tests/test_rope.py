@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from devtools.checkpoints import ALL_FAMILIES
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng, logits,
-                       no_fallback, poisoned, recorded_launches, reset_fallback_warnings)
+                       no_fallback, poisoned, recorded_launches, reset_fallback_warnings, set_bucket)
 
 
 def rope64(x, cos, sin, unsqueeze_dim):
@@ -90,9 +90,7 @@ REAL_HEADS = [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]
 def table_everywhere(ck_gpu, op: str, d: int, config, monkeypatch) -> None:
     """This GPU's table gives `config` for `op` at head_dim d in every token bucket (undone after the test)."""
     tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
-    gpu = tuned.gpu_key(torch.cuda.get_device_name())
-    for bucket in range(1, 18):
-        monkeypatch.setitem(tuned.TABLE, (gpu, op, 2, (d - 1).bit_length(), bucket), config)
+    set_bucket(tuned, monkeypatch, (tuned.gpu_key(torch.cuda.get_device_name()), op, 2, (d - 1).bit_length()), config)
 
 
 @pytest.mark.gpu

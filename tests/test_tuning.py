@@ -38,12 +38,31 @@ def plan(op: str, width: int, rows: int, gpu):
 
 def test_every_table_entry_is_a_tuner_candidate():
     assert {gpu for gpu, *_ in TUNED.TABLE} >= {"h100", "h200"}
-    for (gpu, op, size, width_bucket, rows_bucket), config in TUNED.TABLE.items():
-        widths = [w for w in tune.ALL[op] if (w - 1).bit_length() == width_bucket]
-        assert size == 2 and widths, (gpu, op, width_bucket)
-        assert any(config in list(tune.candidates(op, w)) for w in widths), (gpu, op, width_bucket, config)
+    for (gpu, op, size, width, rows_bucket), config in TUNED.TABLE.items():
+        # an exact width's entries are its own candidates; a bucket's, those of a real width in it
+        widths = [w for w in tune.ALL[op] if (w - 1).bit_length() == width] if TUNED.is_bucket(width) else [width]
+        assert size == 2 and widths, (gpu, op, width)
+        assert any(config in list(tune.candidates(op, w)) for w in widths), (gpu, op, width, config)
         if op.endswith("rms_norm"):
             assert not (config[2] and config[3]), "prefetch runs with plain loads only"
+
+
+def test_an_exact_width_takes_its_own_entry_before_its_bucket(monkeypatch):
+    """A tune of one width writes that width's entries and its bucket's (tune.keys): the width then runs its own
+    choice, the bucket's other widths the last tuned width's, and the AOT build compiles both."""
+    norm = MODULES["rms_norm"]
+    tuned_2560, bucket = (0, 0, False, False, 8), (2, 1, True, False)
+    for rows_bucket in range(1, 18):
+        exact_key, bucket_key = tune.keys("test", "rms_norm", 2560, rows_bucket)
+        assert bucket_key == ("test", "rms_norm", 2, 12, rows_bucket)
+        monkeypatch.setitem(TUNED.TABLE, exact_key, tuned_2560)
+        monkeypatch.setitem(TUNED.TABLE, bucket_key, bucket)
+    for rows in (1, 64, 4096):
+        assert TUNED.lookup("test", "rms_norm", BF16, 2560, rows) == tuned_2560
+        assert TUNED.lookup("test", "rms_norm", BF16, 3584, rows) == bucket
+        assert TUNED.lookup("test", "gemma_rms_norm", BF16, 2560, rows) is None  # per op
+    assert plan("rms_norm", 2560, 64, ("test", 132))[0] is not plan("rms_norm", 3584, 64, ("test", 132))[0]
+    assert {(w, r) for g, w, r in TUNED.shapes("rms_norm") if g == "test"} >= {(2560, 1), (4096, 1), (4096, 32768)}
 
 
 def test_gpu_models_are_told_apart():

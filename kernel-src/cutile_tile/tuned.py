@@ -2,9 +2,11 @@
 measured fastest on that GPU (it regenerates TABLE below; results and method in benchmarks/NOTES.md). GPUs
 not listed (and shapes not measured) take each kernel module's `default_config`.
 
-Keys: (gpu, op, bytes per element, (width - 1).bit_length(), rows.bit_length()): widths and row counts in
-power-of-two buckets (a width's bucket is its tile width); gpu is `gpu_key(torch.cuda.get_device_name())`, so an
-H100 and an H200 (both sm_90) have entries of their own.
+Keys: (gpu, op, bytes per element, width, rows.bit_length()): row counts in power-of-two buckets; `width` is the
+exact width a tune measured, or that width's power-of-two bucket ((width - 1).bit_length(), always below 64), which
+holds the bucket's last measured choice for its other widths (a width's bucket is its tile width). The lookup tries
+the exact width first. gpu is `gpu_key(torch.cuda.get_device_name())`, so an H100 and an H200 (both sm_90) have
+entries of their own.
 """
 
 
@@ -15,14 +17,22 @@ def gpu_key(device_name: str) -> str:
 
 
 def lookup(gpu: str, op: str, dtype, width: int, rows: int):
-    """The tuned configuration tuple, or None."""
-    return TABLE.get((gpu, op, dtype.itemsize, (width - 1).bit_length(), rows.bit_length()))
+    """The tuned configuration tuple for this width, else for its bucket, or None."""
+    rows = rows.bit_length()
+    return (TABLE.get((gpu, op, dtype.itemsize, width, rows))
+            or TABLE.get((gpu, op, dtype.itemsize, (width - 1).bit_length(), rows)))
+
+
+def is_bucket(width: int) -> bool:
+    """Whether a key's width is a power-of-two bucket ((width - 1).bit_length()) rather than an exact width."""
+    return width < 64
 
 
 def shapes(op: str):
-    """(gpu, width, rows) inside each of `op`'s table buckets: what `specializations` launches so that every tuned
-    configuration is compile-checked."""
-    return sorted({(gpu, 1 << width, 1 << (rows - 1)) for gpu, o, _, width, rows in TABLE if o == op})
+    """(gpu, width, rows) of each of `op`'s table entries (an exact width, or inside the bucket): what
+    `specializations` launches so that every tuned configuration is compile-checked."""
+    return sorted({(gpu, 1 << width if is_bucket(width) else width, 1 << (rows - 1))
+                   for gpu, o, _, width, rows in TABLE if o == op})
 
 
 TABLE: dict = {('h100', 'add_rms_norm', 2, 12, 1): (0, 0, False, False),
