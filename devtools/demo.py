@@ -34,7 +34,7 @@ from benchmarks import harness as h
 
 from .checkpoints import ALL_FAMILIES
 
-KERNELS = ("norm", "mlp", "fused", "rope", "decoder")
+KERNELS = ("norm", "mlp", "fused", "rope", "decoder", "qkv")
 # Timing effort: decode = (generate(n) - generate(1)) / (n - 1), each the median of `decode_reps` runs.
 EFFORT = {"cuda": dict(prefill_reps=20, decode_reps=10, new_tokens=64),
           "cpu": dict(prefill_reps=5, decode_reps=3, new_tokens=32)}
@@ -91,7 +91,7 @@ def measure(family: str = "llama", *, size: str | None = None, layers: int = 2,
         try:
             mapping = ck.recommended_mapping(family, repo, norm="norm" in kernels, rope="rope" in kernels,
                                              mlp="fused" if "fused" in kernels else "merged" if "mlp" in kernels
-                                             else None, decoder="decoder" in kernels)
+                                             else None, decoder="decoder" in kernels, qkv="qkv" in kernels)
         except ValueError as e:  # e.g. no merged MLP for Gemma3: refuse before any work
             raise SystemExit(f"demo: --kernels {','.join(kernels)}: {e}") from None
         path = h.checkpoint(family, tiny=size == "tiny", layers=layers, dtype=dtype, cache=cache)

@@ -38,7 +38,10 @@ def cache(tmp_path_factory):
     ("gemma3", "norm,fused,rope", {"GemmaRMSNorm": 11, "GemmaRMSNormMLP": 2, "ApplyRotaryPosEmb": 1}),
     ("mistral", "mlp", {"SwiGLUMLP": 2}),
     # decoder: fused becomes the merged MLP (add_rms_norm is the norm before it); the norms keep their kernel
-    ("llama", "norm,fused,rope,decoder", {"DecoderLayer": 2, "RMSNorm": 5, "SwiGLUMLP": 2, "ApplyRotaryPosEmb": 1})])
+    ("llama", "norm,fused,rope,decoder", {"DecoderLayer": 2, "RMSNorm": 5, "SwiGLUMLP": 2, "ApplyRotaryPosEmb": 1}),
+    # qkv: one q/k/v GEMM per layer; Qwen3's q_norm/k_norm and RoPE inside it as qk_norm_rope (the modules stay)
+    ("qwen3", "norm,fused,rope,decoder,qkv", {"DecoderLayer": 2, "QKVAttention": 2, "RMSNorm": 9, "SwiGLUMLP": 2,
+                                              "ApplyRotaryPosEmb": 1})])
 def test_demo_reports_parity(tmp_path, capsys, repo_build, cache, family, kernels, layers):
     demo.main(["--family", family, "--kernels", kernels, "--no-liger", "--cache", str(cache),
                "--out", str(tmp_path / "report"), "--json", str(tmp_path / "r.json")])
