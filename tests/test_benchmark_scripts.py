@@ -10,6 +10,16 @@ import torch
 
 from benchmarks import (cold_start, compiled_decode, coverage, decode_layer, harness, launch_host, run_all,
                         train_step)
+from devtools.build import ROOT, build
+
+
+@pytest.fixture(scope="module", autouse=True)
+def repo_build():
+    """The scripts load this checkout's build/ under the repo id that the suite's other tests serve from their own
+    fresh build (conftest.kernel_repo). A build/ of an older commit carries another module id, and a KernelConfig
+    then took its layers from the suite's copy, not from the module the script checks against (seen on CPU: "0 of 1
+    decoder layers run the decoder layer kernel" after test_decoder_layer.py): make build/ this checkout's."""
+    build(ROOT / "build")
 
 
 @pytest.fixture(autouse=True)
