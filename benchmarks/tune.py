@@ -57,6 +57,8 @@ def candidates(op: str, width: int):
                 if width & (width - 1):  # rms_norm_bwd_split: two tiles per row (warps: cuTile's choice)
                     yield (tile_m, per_sm, per_sm if occupancy else 0, latency, 0, 1)
     elif op.endswith("_backward"):
+        for tile_n in (512, 1024, 2048):  # gated_act_bwd_row: one chunk of one row per block, gather/scatter
+            yield (0, tile_n, False)
         for tile_m, tile_n in itertools.product((1, 2, 4), (512, 1024, 2048, 4096)):
             if tile_m * tile_n <= 4096:
                 yield (tile_m, tile_n, True)

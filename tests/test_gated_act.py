@@ -85,6 +85,22 @@ def test_every_kind_of_tuned_forward_matches_float64(ck_gpu, config, monkeypatch
                 check_gated_act(ck_gpu, gate_up, act, f"{config} seed {seed}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(0, 512, False), (0, 1024, False), (0, 2048, False), (2, 2048, True)])
+def test_every_kind_of_tuned_backward_matches_float64(ck_gpu, config, monkeypatch):
+    """The backward's tuner candidates, run before one is chosen: gated_act_bwd_row (one chunk of one row per
+    block, gather/scatter) and 2-row tiles, at decode and prefill row counts, random widths (a partial last
+    chunk), both activations, bf16/fp16 and fp32."""
+    tune_everywhere(ck_gpu, monkeypatch, [f"{act}_backward" for act in ACTS], config, range(1, 17),
+                    dtype_sizes=(2, 4))
+    seed, rng = fresh_rng()
+    for rows, inter in [(1, 14336), (rng.randint(2, 64), rng.choice([9728, rng.randint(1, 4000)])),
+                        (rng.randint(65, 700), 11008)]:
+        for dtype in DTYPES:
+            for act in ACTS:
+                check_gated_act_backward(ck_gpu, rows, inter, dtype, act, "cuda")
+
+
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("act", ACTS)
 def test_gated_act_ci(ck_gpu, act):

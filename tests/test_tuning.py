@@ -183,3 +183,16 @@ def test_the_gated_row_kernel_keeps_its_grid_within_cuda_limits(rows, monkeypatc
         assert grid == (14336 // 512, rows)
     else:  # persistent blocks over 1-row tiles
         assert args[5:7] == (1, 512) and grid == (8 * 132,)
+
+
+@pytest.mark.parametrize("rows", [1, 65535, 65536, 1 << 20])
+def test_the_gated_backward_row_kernel_keeps_its_grid_within_cuda_limits(rows, monkeypatch):
+    """gated_act_bwd_row likewise: past 65535 rows its entry runs gated_act_bwd with 1-row tiles (rows on the grid's
+    x dimension, chunks on y)."""
+    for bucket in range(1, 22):
+        monkeypatch.setitem(TUNED.TABLE, ("test", "silu_backward", 2, 14, bucket), (0, 1024, False))
+    kernel, grid, args = plan("silu_backward", 14336, rows, ("test", 132))
+    name = kernel._annotated_function.pyfunc.__name__ if hasattr(kernel, "_annotated_function") else kernel.__name__
+    assert name == ("gated_act_bwd_row" if rows <= 65535 else "gated_act_bwd"), (rows, name)
+    assert grid == ((14336 // 1024, rows) if rows <= 65535 else (rows, 14336 // 1024))
+    assert args[-1] == 1024 and (rows <= 65535 or args[-2] == 1)

@@ -93,10 +93,15 @@ def forward_launch(gate, up, out, act: str, gpu):
 
 
 def backward_launch(gate, up, dy, dgate, dup, act: str, gpu):
-    """(kernel, grid, args) of gated_act_bwd."""
+    """(kernel, grid, args) of gated_act_bwd, or of gated_act_bwd_row for a tuned entry with TILE_M 0 (decode
+    sizes; past MAX_GRID_Y rows, gated_act_bwd with 1-row tiles)."""
     grid, tile_m, tile_n, *_ = _tiles(*dy.shape, act + "_backward", dy.dtype, gpu, (TILE_M, TILE_N, True))
-    return gated_act_bwd, grid, (gate, up, dy, dgate, dup, ACTIVATIONS[act], dy.dtype != torch.float32, tile_m,
-                                 tile_n)
+    arrays = (gate, up, dy, dgate, dup, ACTIVATIONS[act], dy.dtype != torch.float32)
+    if tile_m == ROW_GATHER:
+        if dy.shape[0] <= MAX_GRID_Y:
+            return gated_act_bwd_row, (grid[1], dy.shape[0]), (*arrays, tile_n)
+        grid, tile_m = (dy.shape[0], grid[1]), 1
+    return gated_act_bwd, grid, (*arrays, tile_m, tile_n)
 
 
 def specializations(array):
@@ -107,9 +112,10 @@ def specializations(array):
             t = array(dtype, (64, 1024))
             yield forward_launch(t, t, t, act, ("", 132))
             yield backward_launch(t, t, t, t, t, act, ("", 132))
-        for act in ACTIVATIONS:  # gated_act_row (tuned entries only)
+        for act in ACTIVATIONS:  # gated_act_row and gated_act_bwd_row (tuned entries only)
             t = array(dtype, (1, 14336))
             yield gated_act_row, (14, 1), (t, t, t, ACTIVATIONS[act], dtype != torch.float32, 1024)
+            yield gated_act_bwd_row, (14, 1), (t, t, t, t, t, ACTIVATIONS[act], dtype != torch.float32, 1024)
     seen = set()
     for act in ACTIVATIONS:  # every tuned configuration (bf16), once
         for key, n, m in shapes(act):
@@ -131,6 +137,27 @@ def gated_act_bwd(gate, up, dy, dgate, dup, ACT: ct.Constant[int], APPROX: ct.Co
     g = ct.astype(ct.load(gate, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
     u = ct.astype(ct.load(up, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
     d = ct.astype(ct.load(dy, (m, n), shape=(TILE_M, TILE_N), padding_mode=ct.PaddingMode.ZERO), ct.float32)
+    d_gate, d_up = _gradients(g, u, d, ACT, APPROX)
+    ct.store(dgate, (m, n), tile=ct.astype(d_gate, dgate.dtype))
+    ct.store(dup, (m, n), tile=ct.astype(d_up, dup.dtype))
+
+
+@ct.kernel
+def gated_act_bwd_row(gate, up, dy, dgate, dup, ACT: ct.Constant[int], APPROX: ct.Constant[bool],
+                      TILE_N: ct.Constant[int]):
+    """gated_act_bwd for decode sizes, as gated_act_row: block (j, i) takes columns [j * TILE_N, (j + 1) * TILE_N)
+    of row i through gather/scatter (past the row: read as zero, not written)."""
+    row, cols = ct.bid(1), ct.bid(0) * TILE_N + ct.arange(TILE_N, dtype=ct.int32)
+    g = ct.astype(ct.gather(gate, (row, cols), latency=1), ct.float32)
+    u = ct.astype(ct.gather(up, (row, cols), latency=1), ct.float32)
+    d = ct.astype(ct.gather(dy, (row, cols), latency=1), ct.float32)
+    d_gate, d_up = _gradients(g, u, d, ACT, APPROX)
+    ct.scatter(dgate, (row, cols), ct.astype(d_gate, dgate.dtype), latency=1)
+    ct.scatter(dup, (row, cols), ct.astype(d_up, dup.dtype), latency=1)
+
+
+def _gradients(g, u, d, ACT, APPROX):
+    """(d/dgate, d/dup) in fp32 of fp32 tiles: dy * up * act'(gate) and dy * act(gate)."""
     if ACT == SILU:
         if APPROX:
             s = ct.truediv(1.0, 1.0 + ct.exp2(g * -_LOG2E, flush_to_zero=True), rounding_mode=_APPROX,
@@ -144,5 +171,4 @@ def gated_act_bwd(gate, up, dy, dgate, dup, ACT: ct.Constant[int], APPROX: ct.Co
         th = ct.tanh(k0 * (g + 0.044715 * g * g * g))  # exact: 1 - th^2 cancels where |th| nears 1
         a = 0.5 * g * (1.0 + th)
         da = 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * k0 * (1.0 + 3.0 * 0.044715 * g * g)
-    ct.store(dgate, (m, n), tile=ct.astype(d * u * da, dgate.dtype))
-    ct.store(dup, (m, n), tile=ct.astype(d * a, dup.dtype))
+    return d * u * da, d * a
