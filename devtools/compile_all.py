@@ -184,6 +184,12 @@ def aot_plans(modules: dict):
                             yield gpu, norm.backward_launch(x, w, x, x, dw, 1e-6, gemma, gpu, dres=x)  # + residual
                             if blocks > 1:
                                 yield gpu, norm.dw_sum_launch(dw, w)
+                            if gemma:  # the sandwich's one-launch backward at decode sizes (None elsewhere)
+                                rows_dw = T(f32 if m > 1 else d, (m, n))
+                                plan = norm.sandwich_backward_launch(x, x, w, w, x, x, x, x, rows_dw, rows_dw,
+                                                                     1e-6, gpu)
+                                if plan is not None:
+                                    yield gpu, plan
         if "gated_act" in modules:
             act = modules["gated_act"]
             for n in AOT_DOMAIN["gated_widths"]:

@@ -213,6 +213,50 @@ def test_sandwich_registered_backward_equals_autograd_of_the_reference(ck):
     torch.library.opcheck(ck._ops.ops.sandwich_rms_norm.default, (*leaves, EPS))
 
 
+def test_sandwich_backward_op_formula_and_opcheck(ck):
+    """The sandwich's backward op (one launch at decode sizes on a GPU) returns (dx, d, [dweight | dpost_weight]):
+    its reference is autograd of the forward's reference, and its schema and fake pass opcheck."""
+    x, r = (torch.randn(3, 5, 48) for _ in range(2))  # fp32: transformers' norms compute in fp32 (no float64)
+    pw, w = torch.randn(48), torch.randn(48)
+    dn, ds = torch.randn_like(x), torch.randn_like(x)
+    leaves = [t.clone().requires_grad_() for t in (x, r, pw, w)]
+    normed, summed = ck.sandwich_rms_norm_reference(*leaves, EPS)
+    want = torch.autograd.grad((normed, summed), leaves, (dn, ds))
+    args = (x, summed.detach(), pw, w, dn, ds)
+    dx, d, dweights = ck._ops.ops.sandwich_rms_norm_backward(*args, EPS)
+    for got, expected in zip((dx, d, dweights[48:], dweights[:48]), want):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(ck._ops.ops.sandwich_rms_norm_backward.default, (*args, EPS))
+
+
+@pytest.mark.parametrize("rows", [1, 37, 100])
+def test_sandwich_backward_is_one_launch_at_decode_sizes(ck, monkeypatch, rows):
+    """The launcher's glue on CPU (launches recorded, not run; an untuned stand-in GPU): up to 64 rows one
+    sandwich_rms_norm_bwd_row launch, whose weight-term rows are the two halves of one buffer that (past one row)
+    a single dw_sum reduces; more rows take the two backward launches (and their sums)."""
+    plans = recorded_launches(ck, "rms_norm", monkeypatch)
+    x, summed, dn, ds = (torch.randn(rows, 96, dtype=torch.bfloat16) for _ in range(4))
+    pw, w = torch.randn(96, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
+    dx, d, dweights = ck.sandwich_rms_norm_backward_cutile(x, summed, pw, w, dn, ds, EPS)
+    assert dx.shape == d.shape == x.shape and dweights.shape == (192,) and dweights.dtype == torch.bfloat16
+    if rows > 64:
+        assert len(plans) >= 2 and torch.equal(plans[0][0], summed)  # the outer norm's backward first
+        return
+    fused, *sums = plans
+    assert len(sums) == (rows > 1) and len(fused) == 13
+    assert all(torch.equal(a, b) for a, b in zip(fused[:6], (x, summed, pw, w, dn, ds)))
+    assert (fused[6].data_ptr(), fused[7].data_ptr()) == (dx.data_ptr(), d.data_ptr())
+    dw_rows, dpw_rows = fused[8], fused[9]
+    assert dw_rows.shape == dpw_rows.shape == (rows, 96)
+    assert dpw_rows.data_ptr() - dw_rows.data_ptr() == 96 * dw_rows.element_size()  # [dweight | dpost] per row
+    assert dw_rows.dtype == (torch.float32 if rows > 1 else torch.bfloat16)
+    if sums:
+        partial, out, *_ = sums[0]
+        assert partial.data_ptr() == dw_rows.data_ptr() and partial.shape == (rows, 192) and out is dweights
+    else:
+        assert dweights.data_ptr() == dw_rows.data_ptr()
+
+
 @pytest.mark.parametrize("gemma", FORMS)
 def test_registered_backward_equals_autograd_of_the_reference(ck, gemma):
     leaves = [torch.randn(4, 7, 48, requires_grad=True), torch.randn(4, 7, 48, requires_grad=True),

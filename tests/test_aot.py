@@ -557,6 +557,10 @@ def _ops(ck, dtype, gen):
         "rms_norm_add": lambda: ck.rms_norm_add(x, r, w, 1e-6, True),
         "rms_norm_backward": lambda: ck.rms_norm_backward_cutile(x, w, dy, 1e-6, False),
         "rms_norm_backward + residual": lambda: ck.rms_norm_backward_cutile(x, w, dy, 1e-6, True, dres=r),
+        # the sandwich's backward: one launch up to 64 rows (here at most 37), the two-launch path past them
+        "sandwich_rms_norm_backward, decode": lambda: ck.sandwich_rms_norm_backward_cutile(
+            *(t[:37] for t in (x, r)), w, w, *(t[:37] for t in (dy, r)), 1e-6),
+        "sandwich_rms_norm_backward": lambda: ck.sandwich_rms_norm_backward_cutile(x, r, w, w, dy, r, 1e-6),
         "gated_act silu": lambda: ck.gated_act(gu, "silu"),
         "gated_act gelu": lambda: ck.gated_act(gu, "gelu_pytorch_tanh"),
         "gated_act_backward": lambda: ck.gated_act_backward_cutile(gu, gdy, "silu"),

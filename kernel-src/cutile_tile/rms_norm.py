@@ -310,6 +310,14 @@ def specializations(array):
                     partial = array(dtype if m == 1 else torch.float32, (1, n))
                     yield backward_launch(rows, w, rows, rows, partial, 1e-6, gemma, gpu)
                     yield backward_launch(rows, w, rows, rows, partial, 1e-6, gemma, gpu, dres=rows)
+        for n in (128, 4096, 16384):  # Gemma3's sandwich backward at decode sizes (one row: dweights direct)
+            for m in (1, BACKWARD_ROW_MAX):
+                rows, w = array(dtype, (m, n)), array(dtype, (n,))
+                partial = array(dtype if m == 1 else torch.float32, (m, n))
+                plan = sandwich_backward_launch(rows, rows, w, w, rows, rows, rows, rows, partial, partial, 1e-6,
+                                                gpu)
+                if plan is not None:
+                    yield plan
         # rms_norm_bwd_split (tuned entries only; compiles per width): one plan
         rows, w = array(dtype, (4096, 2560)), array(dtype, (2560,))
         yield (with_hints(rms_norm_bwd_split, 2), (264,), (rows, w, rows, rows, rows, array(torch.float32, (264, 2560)),
@@ -352,6 +360,19 @@ def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu,
     if parts:
         return with_hints(rms_norm_bwd_split, occupancy, warps), (blocks,), (*arrays, tile_m, *parts, latency)
     return with_hints(rms_norm_bwd, occupancy, warps), (blocks,), (*arrays, tile_m, tile_n, latency)
+
+
+def sandwich_backward_launch(x, summed, post_weight, weight, d_normed, d_summed, dx, d, dw_rows, dpw_rows,
+                             eps: float, gpu):
+    """(kernel, grid, args) of sandwich_rms_norm_bwd_row where this GPU's backward plan for these rows is the row
+    kernel (decode sizes), with its warps; else None: the launcher runs the two backward launches. dw_rows and
+    dpw_rows hold one row per input row (fp32, or the weights' dtype for one row)."""
+    _, (n, tile_m, tile_n, occupancy, _, *more) = _plan(summed, gpu, "rms_norm_backward", backward_config)
+    if tile_m != ROW_GATHER or tile_n > ROW_GATHER_MAX:
+        return None
+    warps = (*more, 0)[0] or (8 if tile_n >= 8192 else 0)  # two rows' worth of tiles: 4 warps spill at 8192 (sm_90)
+    return (with_hints(sandwich_rms_norm_bwd_row, occupancy, warps), (summed.shape[0],),
+            (x, summed, post_weight, weight, d_normed, d_summed, dx, d, dw_rows, dpw_rows, n, float(eps), tile_n))
 
 
 DW_TILE_N = 64  # rms_norm_bwd_dw_sum's columns per block: 64 blocks for 4096 columns
@@ -469,3 +490,26 @@ def rms_norm_bwd_row(x, weight, dy, dres, dx, dw_rows, n_cols: int, eps: float, 
         dxt = dxt + ct.astype(ct.gather(dres, (row, cols), latency=1), ct.float32)
     ct.scatter(dx, (row, cols), ct.astype(dxt, dx.dtype), latency=1)
     ct.scatter(dw_rows, (row, cols), ct.astype(dw_term, dw_rows.dtype), latency=1)
+
+
+@ct.kernel
+def sandwich_rms_norm_bwd_row(x, summed, post_weight, weight, d_normed, d_summed, dx, d, dw_rows, dpw_rows,
+                              n_cols: int, eps: float, TILE_N: ct.Constant[int]):
+    """Gemma3's sandwich backward for decode-size inputs in one launch, one row per block (as rms_norm_bwd_row):
+    the outer norm's backward of d_normed plus d_summed is d (the residual's gradient, rounded once to its dtype,
+    as rms_norm_bwd's ADD rounds it), and the inner norm's backward of that rounded d is dx; the weights' row terms
+    go to dw_rows[i] and dpw_rows[i] (fp32, summed by the launcher; with one row, the gradients themselves). The
+    two-launch path's numbers, from one pass over the row and one launch instead of two (four with the sums)."""
+    row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
+    d_outer, dw_term = _backward_terms(ct.astype(ct.gather(summed, (row, cols), latency=1), ct.float32),
+                                       ct.astype(ct.gather(d_normed, (row, cols), latency=1), ct.float32),
+                                       _gathered_weight(weight, cols, True, ct.float32), n_cols, eps, 0, x.dtype,
+                                       True)
+    d_row = ct.astype(d_outer + ct.astype(ct.gather(d_summed, (row, cols), latency=1), ct.float32), d.dtype)
+    ct.scatter(d, (row, cols), d_row, latency=1)
+    dxt, dpw_term = _backward_terms(ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32),
+                                    ct.astype(d_row, ct.float32), _gathered_weight(post_weight, cols, True, ct.float32),
+                                    n_cols, eps, 0, x.dtype, True)
+    ct.scatter(dx, (row, cols), ct.astype(dxt, dx.dtype), latency=1)
+    ct.scatter(dw_rows, (row, cols), ct.astype(dw_term, dw_rows.dtype), latency=1)
+    ct.scatter(dpw_rows, (row, cols), ct.astype(dpw_term, dpw_rows.dtype), latency=1)

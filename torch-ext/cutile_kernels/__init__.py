@@ -9,8 +9,8 @@ from .parallel import keep_tp_grad_hooks
 from .rms_norm import (add_rms_norm, add_rms_norm_cutile, add_rms_norm_reference, gemma_rms_norm,
                        gemma_rms_norm_reference, rms_norm, rms_norm_add, rms_norm_add_cutile, rms_norm_add_reference,
                        rms_norm_backward_cutile, rms_norm_backward_reference,
-                       rms_norm_cutile, rms_norm_reference, sandwich_rms_norm, sandwich_rms_norm_cutile,
-                       sandwich_rms_norm_reference)
+                       rms_norm_cutile, rms_norm_reference, sandwich_rms_norm, sandwich_rms_norm_backward_cutile,
+                       sandwich_rms_norm_backward_reference, sandwich_rms_norm_cutile, sandwich_rms_norm_reference)
 from .rope import (apply_rotary_pos_emb, qk_norm_rope, qk_norm_rope_cutile, qk_norm_rope_reference,
                    rope_backward_cutile, rope_backward_reference, rope_cutile, rope_reference)
 from .training import enable_training
@@ -23,4 +23,5 @@ __all__ = ["layers", "CutileFallbackWarning", "add_rms_norm", "add_rms_norm_cuti
            "rms_norm_backward_cutile", "rms_norm_backward_reference",
            "rms_norm_cutile", "rms_norm_reference", "recommended_mapping", "rope_backward_cutile",
            "rope_backward_reference", "rope_cutile", "rope_reference",
-           "sandwich_rms_norm", "sandwich_rms_norm_cutile", "sandwich_rms_norm_reference", "transformers_state_guard"]
+           "sandwich_rms_norm", "sandwich_rms_norm_backward_cutile", "sandwich_rms_norm_backward_reference",
+           "sandwich_rms_norm_cutile", "sandwich_rms_norm_reference", "transformers_state_guard"]

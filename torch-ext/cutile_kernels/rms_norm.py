@@ -302,13 +302,60 @@ def _sandwich_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[1], inputs[2], inputs[3])
 
 
+def sandwich_rms_norm_backward_reference(x, summed, post_weight, weight, d_normed, d_summed, eps: float):
+    """(dx, d, [dweight | dpost_weight]) of sandwich_rms_norm: the outer norm's input gradient plus d(summed) is d,
+    the residual's gradient and the inner norm's output gradient (the package's backward formula in PyTorch). The
+    two weight gradients come as one vector (a custom op's outputs may not alias: the fused kernel's sum writes
+    both into one buffer, split by the autograd function)."""
+    d, dweight = rms_norm_backward_reference(summed, weight, d_normed, eps, True, d_summed)
+    dx, dpost_weight = rms_norm_backward_reference(x, post_weight, d, eps, True)
+    return dx, d, torch.cat([dweight, dpost_weight])
+
+
+def sandwich_rms_norm_backward_cutile(x: torch.Tensor, summed: torch.Tensor, post_weight: torch.Tensor,
+                                      weight: torch.Tensor, d_normed: torch.Tensor, d_summed: torch.Tensor,
+                                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At decode sizes one launch (sandwich_rms_norm_bwd_row) and, past one row, one dw_sum of both weights' fp32
+    row terms side by side; elsewhere the outer norm's backward with d(summed) added in its kernel, then the
+    inner norm's. Returns as the reference."""
+    n = x.shape[-1]
+    rows, s, dn, ds = (t.reshape(-1, n).contiguous() for t in (x, summed, d_normed, d_summed))
+    m, index = rows.shape[0], x.get_device()
+    if m:
+        kernels, device = _kernels(), gpu(index)
+        dx, d = torch.empty_like(rows), torch.empty_like(rows)
+        terms = torch.empty(m, 2 * n, dtype=weight.dtype if m == 1 else torch.float32, device=x.device)
+        plan = kernels.sandwich_backward_launch(rows, s, post_weight, weight, dn, ds, dx, d, terms[:, :n],
+                                                terms[:, n:], eps, device)
+        if plan is not None:
+            launch(index, *plan)
+            if m == 1:
+                return dx.view(x.shape), d.view(x.shape), terms[0]
+            dweights = torch.empty(2 * n, dtype=weight.dtype, device=x.device)
+            launch(index, *kernels.dw_sum_launch(terms, dweights))
+            return dx.view(x.shape), d.view(x.shape), dweights
+    d, dweight = rms_norm_backward_cutile(summed, weight, d_normed, eps, True, dres=d_summed)
+    dx, dpost_weight = rms_norm_backward_cutile(x, post_weight, d, eps, True)
+    return dx, d, torch.cat([dweight, dpost_weight])
+
+
+def _sandwich_backward_check(x, summed, post_weight, weight, d_normed, d_summed, eps):
+    return (_sandwich_check(x, summed, post_weight, weight, eps) or _check(x, weight, eps, True, d_normed)
+            or _check(x, post_weight, eps, True, d_summed))
+
+
+SANDWICH_RMS_NORM_BACKWARD = CutileOp(
+    "sandwich_rms_norm_backward", launcher=sandwich_rms_norm_backward_cutile,
+    reference=sandwich_rms_norm_backward_reference, check=_sandwich_backward_check,
+    fake=lambda x, summed, post_weight, weight, d_normed, d_summed, eps: (
+        x.new_empty(x.shape), x.new_empty(x.shape), weight.new_empty(2 * weight.shape[0])))
+
+
 def _sandwich_backward(ctx, d_normed, d_summed):
-    """The outer norm's input gradient plus d(summed) (added in its kernel) is the residual's gradient and the
-    inner norm's output gradient; two backward launches."""
     x, summed, post_weight, weight = ctx.saved_tensors
-    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed, ctx.eps, True)
-    dx, dpost_weight = RMS_NORM_BACKWARD.op(x, post_weight, d, ctx.eps, True)
-    return dx, d, dpost_weight, dweight, None
+    dx, d, dweights = SANDWICH_RMS_NORM_BACKWARD.op(x, summed, post_weight, weight, d_normed, d_summed, ctx.eps)
+    n = weight.shape[0]
+    return dx, d, dweights[n:], dweights[:n], None
 
 
 SANDWICH_RMS_NORM = CutileOp(
