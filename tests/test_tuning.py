@@ -50,7 +50,6 @@ def test_every_table_entry_is_a_tuner_candidate():
 def test_an_exact_width_takes_its_own_entry_before_its_bucket(monkeypatch):
     """A tune of one width writes that width's entries and its bucket's (tune.keys): the width then runs its own
     choice, the bucket's other widths the last tuned width's, and the AOT build compiles both."""
-    norm = MODULES["rms_norm"]
     tuned_2560, bucket = (0, 0, False, False, 8), (2, 1, True, False)
     for rows_bucket in range(1, 18):
         exact_key, bucket_key = tune.keys("test", "rms_norm", 2560, rows_bucket)
@@ -172,7 +171,6 @@ def test_a_stopped_tune_leaves_the_buckets_it_did_not_measure():
 def test_the_gated_row_kernel_keeps_its_grid_within_cuda_limits(rows, monkeypatch):
     """gated_act_row puts rows on the grid's y dimension (at most 65535): a tuned row-kernel entry that a larger
     row count reaches (the table's last bucket covers every count above it) runs 1-row tiles instead."""
-    act = MODULES["gated_act"]
     for bucket in range(1, 22):
         monkeypatch.setitem(TUNED.TABLE, ("test", "silu", 2, 14, bucket), (0, 512, False, 0))
     kernel, grid, args = plan("silu", 14336, rows, ("test", 132))
