@@ -239,8 +239,11 @@ def test_sandwich_backward_is_one_launch_at_decode_sizes(ck, monkeypatch, rows):
     pw, w = torch.randn(96, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
     dx, d, dweights = ck.sandwich_rms_norm_backward_cutile(x, summed, pw, w, dn, ds, EPS)
     assert dx.shape == d.shape == x.shape and dweights.shape == (192,) and dweights.dtype == torch.bfloat16
-    if rows > 64:
-        assert len(plans) >= 2 and torch.equal(plans[0][0], summed)  # the outer norm's backward first
+    if rows > 64:  # the outer norm's backward, then the inner one's, their sums writing into one vector
+        outer, inner = [p for p in plans if len(p) > 4]  # (the dw sums take 4 arguments)
+        assert torch.equal(outer[0], summed) and torch.equal(inner[0], x) and torch.equal(inner[2], outer[4])
+        sums = [p for p in plans if len(p) == 4]
+        assert [s[1].data_ptr() for s in sums] == [dweights.data_ptr(), dweights[96:].data_ptr()][:len(sums)]
         return
     fused, *sums = plans
     assert len(sums) == (rows > 1) and len(fused) == 13

@@ -139,26 +139,26 @@ def rms_norm_backward_reference(x, weight, dy, eps: float, gemma: bool = False, 
 
 
 def rms_norm_backward_cutile(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, gemma: bool,
-                             dx: torch.Tensor | None = None,
-                             dres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             dx: torch.Tensor | None = None, dres: torch.Tensor | None = None,
+                             dw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dx per row in one pass; dweight as fp32 partial sums (one row per block), reduced by rms_norm_bwd_dw_sum,
     or, when one block takes every row, written by the kernel itself (one launch). `dx`, if given, is a contiguous
-    buffer of x's shape; `dres` (x's shape), if given, is added to dx in the kernel."""
+    buffer of x's shape; `dres` (x's shape), if given, is added to dx in the kernel; `dw`, if given, is a
+    contiguous (hidden,) buffer of the weight's dtype that receives dweight."""
     n = x.shape[-1]
     rows, d = x.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     res = None if dres is None else dres.reshape(-1, n).contiguous()
     m, index = rows.shape[0], x.get_device()
     dx = torch.empty_like(rows) if dx is None else dx.view(m, n)
     if not m:
-        return dx.view(x.shape), torch.zeros_like(weight)
+        return dx.view(x.shape), torch.zeros_like(weight) if dw is None else dw.zero_()
     kernels, device = _kernels(), gpu(index)
     blocks = kernels.backward_blocks(rows, device)
-    dw_partial = torch.empty(blocks, n, dtype=weight.dtype if blocks == 1 else torch.float32, device=x.device)
+    dw = torch.empty(n, dtype=weight.dtype, device=x.device) if dw is None else dw
+    dw_partial = dw.view(1, n) if blocks == 1 else torch.empty(blocks, n, dtype=torch.float32, device=x.device)
     launch(index, *kernels.backward_launch(rows, weight, d, dx, dw_partial, eps, gemma, device, dres=res))
-    if blocks == 1:
-        return dx.view(x.shape), dw_partial[0]
-    dw = torch.empty(n, dtype=weight.dtype, device=x.device)
-    launch(index, *kernels.dw_sum_launch(dw_partial, dw))
+    if blocks > 1:
+        launch(index, *kernels.dw_sum_launch(dw_partial, dw))
     return dx.view(x.shape), dw
 
 
@@ -334,9 +334,10 @@ def sandwich_rms_norm_backward_cutile(x: torch.Tensor, summed: torch.Tensor, pos
             dweights = torch.empty(2 * n, dtype=weight.dtype, device=x.device)
             launch(index, *kernels.dw_sum_launch(terms, dweights))
             return dx.view(x.shape), d.view(x.shape), dweights
-    d, dweight = rms_norm_backward_cutile(summed, weight, d_normed, eps, True, dres=d_summed)
-    dx, dpost_weight = rms_norm_backward_cutile(x, post_weight, d, eps, True)
-    return dx, d, torch.cat([dweight, dpost_weight])
+    dweights = torch.empty(2 * n, dtype=weight.dtype, device=x.device)  # both sums write into it: no cat
+    d, _ = rms_norm_backward_cutile(summed, weight, d_normed, eps, True, dres=d_summed, dw=dweights[:n])
+    dx, _ = rms_norm_backward_cutile(x, post_weight, d, eps, True, dw=dweights[n:])
+    return dx, d, dweights
 
 
 def _sandwich_backward_check(x, summed, post_weight, weight, d_normed, d_summed, eps):
