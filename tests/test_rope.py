@@ -162,7 +162,8 @@ def test_opcheck(ck, dtype, requires_grad, transposed):
     if not transposed:
         q, k = q.contiguous(), k.contiguous()
     for op in (ck._ops.ops.rope, ck._ops.ops.rope_backward):
-        torch.library.opcheck(op.default, (q.requires_grad_(requires_grad), k.requires_grad_(requires_grad), cos, sin, 1))
+        args = (q.requires_grad_(requires_grad), k.requires_grad_(requires_grad), cos, sin, 1)
+        torch.library.opcheck(op.default, args)
 
 
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])

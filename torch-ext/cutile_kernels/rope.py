@@ -159,11 +159,11 @@ ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_c
                  fake=lambda q, k, cos, sin, unsqueeze_dim: (torch.empty_like(q), torch.empty_like(k)),
                  conform=_conform_q_k, tokens=lambda q, k, cos, sin, unsqueeze_dim: _tokens(q, unsqueeze_dim),
                  backward=_rope_backward, setup_context=_rope_setup)
-ROPE_BACKWARD = CutileOp("rope_backward", launcher=rope_backward_cutile, reference=rope_backward_reference,
-                         check=_check, fake=lambda dq, dk, cos, sin, unsqueeze_dim: (torch.empty_like(dq),
-                                                                                     torch.empty_like(dk)),
-                         conform=_conform_q_k, tokens=lambda dq, dk, cos, sin, unsqueeze_dim: _tokens(dq, unsqueeze_dim),
-                         backward=_rope_backward_backward, setup_context=_rope_setup)
+ROPE_BACKWARD = CutileOp(
+    "rope_backward", launcher=rope_backward_cutile, reference=rope_backward_reference, check=_check,
+    fake=lambda dq, dk, cos, sin, unsqueeze_dim: (torch.empty_like(dq), torch.empty_like(dk)), conform=_conform_q_k,
+    tokens=lambda dq, dk, cos, sin, unsqueeze_dim: _tokens(dq, unsqueeze_dim),
+    backward=_rope_backward_backward, setup_context=_rope_setup)
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
