@@ -63,24 +63,19 @@ def assert_grads_close(pairs, dtype: torch.dtype, where) -> None:
 
 def tune_everywhere(ck, monkeypatch, ops, config, widths, dtype_sizes=(2,)) -> None:
     """This GPU's launch table (the variant's tile/tuned.py) holds `config` for `ops` at every width bucket in
-    `widths`, element size in `dtype_sizes` and row bucket: what the tuner may write, run before it is chosen."""
+    `widths`, element size in `dtype_sizes` and row bucket, also where an exact width of such a bucket has entries
+    of its own (the lookup tries those first): what the tuner may write, run before it is chosen; undone after the
+    test."""
     tuned = importlib.import_module(f"{ck.__name__}.tile.tuned")
     gpu = tuned.gpu_key(torch.cuda.get_device_name())
     for op in ops:
         for size in dtype_sizes:
             for width_bucket in widths:
-                set_bucket(tuned, monkeypatch, (gpu, op, size, width_bucket), config)
-
-
-def set_bucket(tuned, monkeypatch, key: tuple, config) -> None:
-    """`tuned.TABLE` gives `config` for (gpu, op, element size, width bucket) = `key` at every row bucket, also where
-    an exact width of that bucket has entries of its own (the lookup tries those first); undone after the test."""
-    gpu, op, size, width_bucket = key
-    exact = {k[3] for k in tuned.TABLE if k[:3] == (gpu, op, size) and not tuned.is_bucket(k[3])
-             and (k[3] - 1).bit_length() == width_bucket}
-    for width in (width_bucket, *exact):
-        for rows_bucket in range(1, 18):
-            monkeypatch.setitem(tuned.TABLE, (gpu, op, size, width, rows_bucket), config)
+                exact = {k[3] for k in tuned.TABLE if k[:3] == (gpu, op, size) and not tuned.is_bucket(k[3])
+                         and (k[3] - 1).bit_length() == width_bucket}
+                for width in (width_bucket, *exact):
+                    for rows_bucket in range(1, 18):
+                        monkeypatch.setitem(tuned.TABLE, (gpu, op, size, width, rows_bucket), config)
 
 
 def reset_fallback_warnings(ck) -> None:

@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from devtools.checkpoints import ALL_FAMILIES
 
 from ._helpers import (CI_DEVICE, DEVICES, DTYPES, assert_close_to_float64, assert_grads_close, fresh_rng, logits,
-                       no_fallback, poisoned, recorded_launches, reset_fallback_warnings, set_bucket)
+                       no_fallback, poisoned, recorded_launches, reset_fallback_warnings, tune_everywhere)
 
 
 def rope64(x, cos, sin, unsqueeze_dim):
@@ -87,12 +87,6 @@ def test_rope(device_ck, device, dtype):
 REAL_HEADS = [(32, 8, 128), (28, 4, 128), (16, 8, 256), (8, 4, 256), (3, 1, 64)]  # q heads, kv heads, head_dim
 
 
-def table_everywhere(ck_gpu, op: str, d: int, config, monkeypatch) -> None:
-    """This GPU's table gives `config` for `op` at head_dim d in every token bucket (undone after the test)."""
-    tuned = importlib.import_module(f"{ck_gpu.__name__}.tile.tuned")
-    set_bucket(tuned, monkeypatch, (tuned.gpu_key(torch.cuda.get_device_name()), op, 2, (d - 1).bit_length()), config)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 2, 8), (1, 32, 1), (1, 32, 2), (2, 8, 3),
                                     (16, 1, 4), (8, 1, 40), (8, 1, 40, 1), (1, 32, 2, 1), (8, 1, 40, 1, 10)])
@@ -103,7 +97,7 @@ def test_every_kind_of_tuned_choice_matches_float64(ck_gpu, config, monkeypatch)
     both layouts, two dtypes (every dtype takes the 16-bit entries); each forward and inverse (the backward)."""
     seed, rng = fresh_rng()
     for hq, hk, d in REAL_HEADS:
-        table_everywhere(ck_gpu, "rope", d, config, monkeypatch)
+        tune_everywhere(ck_gpu, monkeypatch, ("rope",), config, ((d - 1).bit_length(),))
         for dtype in (torch.bfloat16, torch.float32):
             b, s, unsqueeze_dim = rng.choice([1, 2]), rng.choice([1, 3, 17, 300]), rng.choice([1, 2])
             inputs = make_inputs(b, s, hq, hk, d, unsqueeze_dim, dtype, "cuda")
@@ -297,7 +291,7 @@ def test_every_kind_of_tuned_qk_choice_matches_float64(ck_gpu, config, monkeypat
     counts (padded head tiles included), both forms, before the tuner may pick them."""
     seed, rng = fresh_rng()
     for hq, hk, d in REAL_HEADS:
-        table_everywhere(ck_gpu, "qk_norm_rope", d, config, monkeypatch)
+        tune_everywhere(ck_gpu, monkeypatch, ("qk_norm_rope",), config, ((d - 1).bit_length(),))
         for gemma in (False, True):
             inputs = qk_inputs(rng.choice([1, 2]), rng.choice([1, 3, 17, 300]), hq, hk, d, torch.bfloat16, "cuda")
             check_qk_norm_rope(ck_gpu, *inputs, gemma, f"config {config} seed {seed}")

@@ -85,8 +85,7 @@ def forward_launch(gate, up, out, act: str, gpu):
         if out.shape[0] <= MAX_GRID_Y:
             return (with_hints(gated_act_row, 0, warps), (tn, out.shape[0]),
                     (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_n))
-        # more rows than a grid's y dimension takes: 1-row tiles, persistent blocks (8 per SM)
-        (tm, tn), tile_m, per_sm = (out.shape[0], tn), 1, 8
+        tile_m, per_sm = 1, 8  # more rows than a grid's y dimension takes: 1-row tiles (tm = rows already), 8 per SM
     blocks = min(tm * tn, per_sm * gpu[1]) if per_sm else tm * tn
     return (with_hints(gated_act_fwd, 0, warps), (blocks,),
             (gate, up, out, ACTIVATIONS[act], out.dtype != torch.float32, tile_m, tile_n, tma))
@@ -100,7 +99,7 @@ def backward_launch(gate, up, dy, dgate, dup, act: str, gpu):
     if tile_m == ROW_GATHER:
         if dy.shape[0] <= MAX_GRID_Y:
             return gated_act_bwd_row, (grid[1], dy.shape[0]), (*arrays, tile_n)
-        grid, tile_m = (dy.shape[0], grid[1]), 1
+        tile_m = 1  # 1-row tiles: _tiles' grid already has a block row per row
     return gated_act_bwd, grid, (*arrays, tile_m, tile_n)
 
 

@@ -138,7 +138,7 @@ def rms_norm_row(x, weight, out, n_cols: int, eps: float, GEMMA: ct.Constant[boo
     tensor views to set up, the shortest prologue for decode-size inputs (H200, 16 x 4096: 1.95 µs where the
     tiled kernel takes 2.34)."""
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
-    xf = ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32)
+    xf = _gathered(x, row, cols)
     _normalize_scatter(xf, _gathered_weight(weight, cols, GEMMA, x.dtype), out, row, cols, n_cols, eps, x.dtype,
                        GEMMA)
 
@@ -151,6 +151,11 @@ def _normalized_row(xf, w, n_cols, eps, dtype, GEMMA):
 def _normalize_scatter(xf, w, out, row, cols, n_cols, eps, dtype, GEMMA):
     # columns past n_cols are not written (bounds-checked)
     ct.scatter(out, (row, cols), ct.astype(_normalized_row(xf, w, n_cols, eps, dtype, GEMMA), out.dtype), latency=1)
+
+
+def _gathered(a, row, cols):
+    # row `row` of a at `cols` in fp32 (the one-row kernels; columns past the row read as zero)
+    return ct.astype(ct.gather(a, (row, cols), latency=1), ct.float32)
 
 
 def _gathered_weight(weight, cols, GEMMA, dtype):
@@ -362,14 +367,21 @@ def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu,
     return with_hints(rms_norm_bwd, occupancy, warps), (blocks,), (*arrays, tile_m, tile_n, latency)
 
 
+def sandwich_backward_fits(summed, gpu) -> bool:
+    """Whether this GPU's backward plan for these rows is the row kernel (decode sizes), so that the sandwich's
+    backward runs as sandwich_rms_norm_bwd_row: what the launcher asks before it allocates that path's buffers."""
+    _, (_, tile_m, tile_n, *_) = _plan(summed, gpu, "rms_norm_backward", backward_config)
+    return tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX
+
+
 def sandwich_backward_launch(x, summed, post_weight, weight, d_normed, d_summed, dx, d, dw_rows, dpw_rows,
                              eps: float, gpu):
-    """(kernel, grid, args) of sandwich_rms_norm_bwd_row where this GPU's backward plan for these rows is the row
-    kernel (decode sizes), with its warps; else None: the launcher runs the two backward launches. dw_rows and
-    dpw_rows hold one row per input row (fp32, or the weights' dtype for one row)."""
-    _, (n, tile_m, tile_n, occupancy, _, *more) = _plan(summed, gpu, "rms_norm_backward", backward_config)
-    if tile_m != ROW_GATHER or tile_n > ROW_GATHER_MAX:
+    """(kernel, grid, args) of sandwich_rms_norm_bwd_row with the row kernel's warps where `sandwich_backward_fits`,
+    else None (the launcher runs the two backward launches). dw_rows and dpw_rows hold one row per input row (fp32,
+    or the weights' dtype for one row)."""
+    if not sandwich_backward_fits(summed, gpu):
         return None
+    _, (n, _, tile_n, occupancy, _, *more) = _plan(summed, gpu, "rms_norm_backward", backward_config)
     warps = (*more, 0)[0] or (8 if tile_n >= 8192 else 0)  # two rows' worth of tiles: 4 warps spill at 8192 (sm_90)
     return (with_hints(sandwich_rms_norm_bwd_row, occupancy, warps), (summed.shape[0],),
             (x, summed, post_weight, weight, d_normed, d_summed, dx, d, dw_rows, dpw_rows, n, float(eps), tile_n))
@@ -483,11 +495,10 @@ def rms_norm_bwd_row(x, weight, dy, dres, dx, dw_rows, n_cols: int, eps: float, 
     dw_rows[i] (fp32, summed by the launcher; with one row, dw itself in the weight's dtype); ADD and dres as
     rms_norm_bwd's."""
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
-    dxt, dw_term = _backward_terms(ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32),
-                                   ct.astype(ct.gather(dy, (row, cols), latency=1), ct.float32),
+    dxt, dw_term = _backward_terms(_gathered(x, row, cols), _gathered(dy, row, cols),
                                    _gathered_weight(weight, cols, GEMMA, ct.float32), n_cols, eps, 0, x.dtype, GEMMA)
     if ADD:
-        dxt = dxt + ct.astype(ct.gather(dres, (row, cols), latency=1), ct.float32)
+        dxt = dxt + _gathered(dres, row, cols)
     ct.scatter(dx, (row, cols), ct.astype(dxt, dx.dtype), latency=1)
     ct.scatter(dw_rows, (row, cols), ct.astype(dw_term, dw_rows.dtype), latency=1)
 
@@ -501,15 +512,13 @@ def sandwich_rms_norm_bwd_row(x, summed, post_weight, weight, d_normed, d_summed
     go to dw_rows[i] and dpw_rows[i] (fp32, summed by the launcher; with one row, the gradients themselves). The
     two-launch path's numbers, from one pass over the row and one launch instead of two (four with the sums)."""
     row, cols = ct.bid(0), ct.arange(TILE_N, dtype=ct.int32)
-    d_outer, dw_term = _backward_terms(ct.astype(ct.gather(summed, (row, cols), latency=1), ct.float32),
-                                       ct.astype(ct.gather(d_normed, (row, cols), latency=1), ct.float32),
-                                       _gathered_weight(weight, cols, True, ct.float32), n_cols, eps, 0, x.dtype,
-                                       True)
-    d_row = ct.astype(d_outer + ct.astype(ct.gather(d_summed, (row, cols), latency=1), ct.float32), d.dtype)
+    d_outer, dw_term = _backward_terms(_gathered(summed, row, cols), _gathered(d_normed, row, cols),
+                                       _gathered_weight(weight, cols, True, ct.float32), n_cols, eps, 0, x.dtype, True)
+    d_row = ct.astype(d_outer + _gathered(d_summed, row, cols), d.dtype)
     ct.scatter(d, (row, cols), d_row, latency=1)
-    dxt, dpw_term = _backward_terms(ct.astype(ct.gather(x, (row, cols), latency=1), ct.float32),
-                                    ct.astype(d_row, ct.float32), _gathered_weight(post_weight, cols, True, ct.float32),
-                                    n_cols, eps, 0, x.dtype, True)
+    dxt, dpw_term = _backward_terms(_gathered(x, row, cols), ct.astype(d_row, ct.float32),
+                                    _gathered_weight(post_weight, cols, True, ct.float32), n_cols, eps, 0, x.dtype,
+                                    True)
     ct.scatter(dx, (row, cols), ct.astype(dxt, dx.dtype), latency=1)
     ct.scatter(dw_rows, (row, cols), ct.astype(dw_term, dw_rows.dtype), latency=1)
     ct.scatter(dpw_rows, (row, cols), ct.astype(dpw_term, dpw_rows.dtype), latency=1)

@@ -259,7 +259,7 @@ def _add_rms_norm_setup(ctx, inputs, output):
 def _add_rms_norm_backward(ctx, d_normed, d_summed):
     """Both inputs get d(summed) plus the norm's input gradient; the weight the norm's."""
     summed, weight = ctx.saved_tensors
-    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed.contiguous(), d_summed, ctx.eps, ctx.gemma)
+    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed, d_summed, ctx.eps, ctx.gemma)
     return d, d, dweight, None, None
 
 
@@ -318,22 +318,21 @@ def sandwich_rms_norm_backward_cutile(x: torch.Tensor, summed: torch.Tensor, pos
     """At decode sizes one launch (sandwich_rms_norm_bwd_row) and, past one row, one dw_sum of both weights' fp32
     row terms side by side; elsewhere the outer norm's backward with d(summed) added in its kernel, then the
     inner norm's. Returns as the reference."""
-    n = x.shape[-1]
-    rows, s, dn, ds = (t.reshape(-1, n).contiguous() for t in (x, summed, d_normed, d_summed))
-    m, index = rows.shape[0], x.get_device()
-    if m:
-        kernels, device = _kernels(), gpu(index)
+    n, index = x.shape[-1], x.get_device()
+    s = summed.reshape(-1, n)
+    m = s.shape[0]
+    kernels, device = _kernels(), gpu(index)
+    if m and kernels.sandwich_backward_fits(s, device):  # asked before the row terms' buffer is made
+        rows, s, dn, ds = (t.reshape(-1, n).contiguous() for t in (x, s, d_normed, d_summed))
         dx, d = torch.empty_like(rows), torch.empty_like(rows)
         terms = torch.empty(m, 2 * n, dtype=weight.dtype if m == 1 else torch.float32, device=x.device)
-        plan = kernels.sandwich_backward_launch(rows, s, post_weight, weight, dn, ds, dx, d, terms[:, :n],
-                                                terms[:, n:], eps, device)
-        if plan is not None:
-            launch(index, *plan)
-            if m == 1:
-                return dx.view(x.shape), d.view(x.shape), terms[0]
-            dweights = torch.empty(2 * n, dtype=weight.dtype, device=x.device)
-            launch(index, *kernels.dw_sum_launch(terms, dweights))
-            return dx.view(x.shape), d.view(x.shape), dweights
+        launch(index, *kernels.sandwich_backward_launch(rows, s, post_weight, weight, dn, ds, dx, d, terms[:, :n],
+                                                        terms[:, n:], eps, device))
+        if m == 1:
+            return dx.view(x.shape), d.view(x.shape), terms[0]
+        dweights = torch.empty(2 * n, dtype=weight.dtype, device=x.device)
+        launch(index, *kernels.dw_sum_launch(terms, dweights))
+        return dx.view(x.shape), d.view(x.shape), dweights
     dweights = torch.empty(2 * n, dtype=weight.dtype, device=x.device)  # both sums write into it: no cat
     d, _ = rms_norm_backward_cutile(summed, weight, d_normed, eps, True, dres=d_summed, dw=dweights[:n])
     dx, _ = rms_norm_backward_cutile(x, post_weight, d, eps, True, dw=dweights[n:])
