@@ -2,14 +2,17 @@
 kernel by name, with launch counts. Its table decides what to fuse next.
 
     python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048] [--decoder]
+    python -m benchmarks.coverage --family llama --train     (one training step of 1 x --prefill tokens instead)
     python -m benchmarks.coverage --tiny      (CPU: a tiny model, the profiler's CPU operator times)
 
 An 8B-wide random checkpoint of the family (harness.MODELS widths), bf16. Two steps, each profiled once after a
 warm-up with torch.profiler: prefill (1 x --prefill tokens) and one decode step (one token over a DynamicCache of
 the prefill). Plain transformers, then ours (KernelConfig with recommended_mapping; --decoder: with decoder=True,
-the decoder layer kernel in every layer, profiled as "ours + decoder"). On a GPU the times are device times of CUDA
-kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md, or
-coverage_<family>_decoder.md (shares per category, the top kernels by time, launches per step, wall time) and a
+the decoder layer kernel in every layer, profiled as "ours + decoder"). --train profiles one training step instead
+(forward with labels + loss.backward(), no optimizer, as benchmarks.train_step): plain in train(), ours after
+enable_training(model), which is what runs our backward kernels. On a GPU the times are device times of CUDA
+kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md
+(coverage_<family>_decoder.md, coverage_<family>_train.md) (shares per category, the top kernels by time, launches per step, wall time) and a
 stacked bar chart (.png).
 """
 from __future__ import annotations
@@ -31,8 +34,11 @@ CATEGORIES = [
     # attention before GEMM: cuDNN's attention kernels carry 'sm90_' in their names; its decode attention ends in
     # a `cudnn::fusion::lean_reduction_kernel`
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product|cudnn::fusion::lean_reduction"),
+    # the loss of a training step: log-softmax and NLL over the vocabulary, forward and backward
+    ("loss", r"softmax|nll_loss|cross_entropy"),
     # cuBLASLt's split-K GEMMs (decode) finish in a splitKreduce_kernel launch of their own
-    ("GEMM", r"gemm|gemv|nvjet|cutlass|xmma|sm90_|matmul|splitKreduce|aten::mm|aten::addmm|aten::linear|aten::bmm"),
+    ("GEMM", r"gemm|gemv|nvjet|cutlass|xmma|sm90_|matmul|splitKreduce|aten::mm|aten::addmm|aten::linear|aten::bmm|"
+             r"mmBackward"),
     ("copies, casts", r"copy|cat|CatArray|cast|aten::to$|contiguous|transpose|clone"),
     ("elementwise", r"elementwise|vectorized|add|mul|silu|gelu|rsqrt|pow|mean|reduce|neg|where|embedding|index"),
 ]
@@ -92,6 +98,17 @@ def steps(model, prompt: int):
     return {"prefill": prefill, "decode": decode}
 
 
+def train_steps(model, tokens: int):
+    """{"train": one training step}: zero_grad, forward with labels = the inputs, loss.backward()."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=h.DEVICE)
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    return {"train": train}
+
+
 def summarize(kernels: dict[str, tuple[float, int]]) -> dict[str, float]:
     shares = collections.Counter()
     for name, (us, _) in kernels.items():
@@ -101,9 +118,11 @@ def summarize(kernels: dict[str, tuple[float, int]]) -> dict[str, float]:
 
 def report(results: dict, notes: list[str], args, family: str) -> str:
     ours = "with our kernels + decoder layer (decoder=True)" if args.decoder else "with our kernels"
-    lines = [h.header(f"Coverage of {family}'s forward: where the time goes, plain and {ours}", args),
-             f"{'tiny' if args.tiny else '8B'} widths, {args.layers} layers, bf16; prefill 1 x {args.prefill}, one "
-             f"decode step over its cache. {'CUDA kernel device times' if h.DEVICE == 'cuda' else 'CPU operator times'}"
+    what = "training step" if args.train else "forward"
+    steps_said = (f"one training step of 1 x {args.prefill} tokens (forward + loss.backward(); ours after "
+                  "enable_training)" if args.train else f"prefill 1 x {args.prefill}, one decode step over its cache")
+    lines = [h.header(f"Coverage of {family}'s {what}: where the time goes, plain and {ours}", args),
+             f"{'tiny' if args.tiny else '8B'} widths, {args.layers} layers, bf16; {steps_said}. {'CUDA kernel device times' if h.DEVICE == 'cuda' else 'CPU operator times'}"
              " from torch.profiler, one profiled call after a warm-up.\n"]
     cats = [c for c, _ in CATEGORIES] + ["other"]
     rows = []
@@ -131,27 +150,34 @@ def main(argv=None) -> None:
         p.add_argument("--prefill", type=int, default=2048)
         p.add_argument("--top", type=int, default=12, help="kernels listed per step")
         p.add_argument("--decoder", action="store_true", help="ours with decoder=True (the decoder layer kernel)")
+        p.add_argument("--train", action="store_true", help="profile one training step instead of prefill + decode")
 
     args = h.arguments("benchmarks.coverage", __doc__, argv, add=add, out="coverage.md")
     if args.tiny:
         args.prefill, args.layers = min(args.prefill, 32), min(args.layers, 2)
     elif args.out.name == "coverage.md":
-        args.out = args.out.with_name(f"coverage_{args.family}{'_decoder' if args.decoder else ''}.md")
+        args.out = args.out.with_name(f"coverage_{args.family}{'_decoder' if args.decoder else ''}"
+                                      f"{'_train' if args.train else ''}.md")
     dtype = torch.bfloat16
     path = h.checkpoint(args.family, tiny=args.tiny, layers=args.layers, dtype=dtype, cache=args.cache)
     results, notes = {}, []
+    make_steps = train_steps if args.train else steps
     model = h.load_model(path, dtype)
-    for step, fn in steps(model, args.prefill).items():
+    if args.train:
+        model.train()
+    for step, fn in make_steps(model, args.prefill).items():
         results[("plain", step)] = profile(fn)
     del model
     h.free()
     ours = "ours + decoder" if args.decoder else "ours"
     with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
         model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder))
+        if args.train:
+            ck.enable_training(model).train()
         applied = h.kernel_layers(model, ck)
         if args.decoder:
             h.require_decoder_layers("coverage", ours, applied, model.config.num_hidden_layers)
-        for step, fn in steps(model, args.prefill).items():
+        for step, fn in make_steps(model, args.prefill).items():
             results[(ours, step)] = profile(fn)
         del model
     h.free()

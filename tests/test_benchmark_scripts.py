@@ -180,6 +180,18 @@ def test_coverage_tiny(tmp_path, cache):
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
+def test_coverage_tiny_train(tmp_path, cache):
+    """--train: one training step per config instead of prefill and decode; ours ran enable_training's layers (their
+    backward is what the step profiles), the shares add up, and the loss has its own category."""
+    text = run(coverage, tmp_path, cache, "--family", "llama", "--top", "40", "--train")
+    assert "Coverage of llama's training step" in text.splitlines()[0]
+    table = {k: v for k, v in rows(text).items() if k.startswith(("plain |", "ours |"))}
+    assert set(table) == {"plain | train", "ours | train"}
+    for cells in table.values():
+        assert abs(sum(finite(c)[0] for c in cells[5:]) - 100) < 0.5, cells
+    assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x" in text and "| loss |" in text
+
+
 def test_coverage_counts_every_cutile_kernel_as_ours():
     """Every @ct.kernel of the package, as the profiler names it (function name, then cuTile's specialization
     suffix), falls in ours: an H100 profile had filed rms_norm_row under "other"."""
