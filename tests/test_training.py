@@ -116,6 +116,7 @@ def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family):
     layers, calls = model.config.num_hidden_layers, counted.calls
     assert calls["rms_norm_backward"] >= layers and calls["gated_act_backward"] == layers, calls
     assert calls["rope"] == calls["rope_backward"] == layers, calls  # the backward: the inverse rotation
+    assert calls["cross_entropy"] == calls["cross_entropy_backward"] == 1, calls  # enable_training's loss
     ref_loss, plain_loss = runs["fp32"][0], runs["plain"][0]
     assert abs(out.loss.item() - ref_loss) <= 2 * abs(plain_loss - ref_loss) + 2e-3
     want32, want16 = dict(fp32.named_parameters()), dict(reference.named_parameters())
