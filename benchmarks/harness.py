@@ -375,15 +375,16 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False, backend="inductor" if DEVICE == "cuda" else "aot_eager")
 
 
-def apply_liger(family: str, model) -> None:
-    """Liger-Kernel's own patch of a loaded model: RoPE, RMSNorm and the gated MLP; no loss kernels. Raises
+def apply_liger(family: str, model, loss: bool = False) -> None:
+    """Liger-Kernel's own patch of a loaded model: RoPE, RMSNorm and the gated MLP; with `loss` also its fused
+    linear cross-entropy (Liger's default: the LM head and the loss in chunks, no logits for the loss). Raises
     ImportError without liger_kernel. It patches transformers' modules process-wide: run it last."""
     lt = peer("liger_kernel.transformers")
     if lt is None:
         raise ImportError("liger_kernel does not import")
     mlp = {"geglu": True} if family == "gemma3" else {"swiglu": True}
     getattr(lt, f"apply_liger_kernel_to_{LIGER_NAME[family]}")(
-        model=model, rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False, **mlp)
+        model=model, rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=loss, **mlp)
 
 
 # --- the demo's results (devtools.demo.measure; benchmarks.e2e collects them) -------------------------------------

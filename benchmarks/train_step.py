@@ -13,7 +13,8 @@ Ours runs twice. transformers 5.22 maps a KernelConfig for the mode the model is
 does not fall back from TRAINING to INFERENCE, so after model.train() every layer runs transformers' own forward.
 The second row first calls the package's enable_training(model). Each row reports the kernel layers the model runs
 in train() (harness.kernel_layers) and the package's fallback warnings. Liger patches transformers process-wide,
-so it runs last.
+so it runs last: first its RoPE, RMSNorm and gated MLP, then (on a fresh model) also its fused linear
+cross-entropy, Liger's default, against which enable_training's cross-entropy (cross_entropy.py) is measured.
 """
 from __future__ import annotations
 
@@ -86,24 +87,29 @@ def main(argv=None) -> None:
             results[name]["ran"] = h.layer_list(ran) or "none (transformers')"
             results[name]["notes"] = notes
             print(f"      kernel layers in train(): {results[name]['ran']}; {len(notes)} fallback warning(s)")
-    print(f"[4/4] Liger-Kernel (apply_liger_kernel_to_{h.LIGER_NAME[args.family]}: rope, rms_norm, "
-          f"{'geglu' if args.family == 'gemma3' else 'swiglu'})", flush=True)
     liger_note = None
-    try:
-        model = h.load_model(path, dtype)
-        h.apply_liger(args.family, model)
-        results["liger"] = measure(model.train(), ids, args)
-    except ImportError as e:
-        liger_note = f"skipped: {e}"
-    except Exception as e:  # noqa: BLE001 - keep the other rows when Liger does not fit this transformers
-        liger_note = f"failed: {type(e).__name__}: {e}"
+    for name, loss in (("liger", False), ("liger+loss", True)):
+        print(f"[4/4] Liger-Kernel (apply_liger_kernel_to_{h.LIGER_NAME[args.family]}: rope, rms_norm, "
+              f"{'geglu' if args.family == 'gemma3' else 'swiglu'}{', fused_linear_cross_entropy' if loss else ''})",
+              flush=True)
+        try:
+            model = h.load_model(path, dtype)
+            h.apply_liger(args.family, model, loss=loss)
+            results[name] = measure(model.train(), ids, args)
+            del model
+            h.free()
+        except ImportError as e:
+            liger_note = f"skipped: {e}"
+        except Exception as e:  # noqa: BLE001 - keep the other rows when Liger does not fit this transformers
+            liger_note = f"failed: {type(e).__name__}: {e}"
     h.write_report(args.out, report(results, title, args, liger_note))
 
 
 def report(results: dict, title: str, args, liger_note: str | None) -> str:
     rows, details, plain = [], [], results["plain"]
     for name, label in (("plain", "plain transformers"), ("ours", "cuTile kernels: KernelConfig + train()"),
-                        ("ours+train", "cuTile kernels: + enable_training(model)"), ("liger", "Liger-Kernel")):
+                        ("ours+train", "cuTile kernels: + enable_training(model) (incl. its cross-entropy)"),
+                        ("liger", "Liger-Kernel"), ("liger+loss", "Liger-Kernel + fused linear cross-entropy")):
         if (r := results.get(name)) is None:
             rows.append([label, liger_note, "", "", "", ""])
             continue
