@@ -29,7 +29,8 @@ from . import harness as h
 CATEGORIES = [
     ("ours (cuTile)", r"rms_norm_fwd|rms_norm_row|rms_norm_bwd|gated_act_fwd|gated_act_row|gated_act_bwd|"
                       r"rope_fwd|rope_row|"
-                      r"add_rms_norm_fwd|rms_norm_add_fwd|rms_norm_add_row|qk_norm_rope|"
+                      r"add_rms_norm_fwd|rms_norm_add_fwd|rms_norm_add_row|qk_norm_rope|cross_entropy_fwd|"
+                      r"cross_entropy_bwd|"
                       r"cutile_kernels"),
     # attention before GEMM: cuDNN's attention kernels carry 'sm90_' in their names; its decode attention ends in
     # a `cudnn::fusion::lean_reduction_kernel`

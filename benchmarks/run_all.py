@@ -19,7 +19,8 @@ counted for "% of copy": forward norms read x, w and write y; backward norms rea
 add_rms_norm (residual add + RMSNorm, Liger's fused_add_rms_norm the peer) reads x, residual, w and writes the
 normed and summed rows, its backward reads summed, both output gradients and w and writes one input gradient
 and dw; the gated activation reads gate_up (and dy) and writes its output (d gate_up); RoPE and qk_norm_rope (Qwen3's
-q_norm, k_norm and RoPE) read and write q and k (their backwards also read dq and dk).
+q_norm, k_norm and RoPE) read and write q and k (their backwards also read dq and dk); the cross-entropy reads the
+logits (its backward also writes their gradient; Liger's forward writes it already, its backward scales it).
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def rope64(q, k, cos, sin):
 def grads64(f, n_diff: int, n_grads: int = 1):
     """The float64 reference of a backward row: autograd through `f` on (*inputs, *grads)."""
     def ref(*args):
-        inputs = [t.double().requires_grad_(i < n_diff) for i, t in enumerate(args[:-n_grads])]
+        inputs = [t.double().requires_grad_(i < n_diff) if t.is_floating_point() else t  # targets stay integers
+                  for i, t in enumerate(args[:-n_grads])]
         outs = f(*inputs)
         return torch.autograd.grad(outs, inputs[:n_diff], [g.double() for g in args[-n_grads:]])
     return ref
@@ -82,17 +84,19 @@ def backward(forward, n_diff: int, n_grads: int = 1):
     return prepare, call
 
 
-def pair(name, make, ref, impls, nbytes, widths, *, op, eager_bwd, bwd_nbytes, bwd_widths, n_diff, n_grads=1):
+def pair(name, make, ref, impls, nbytes, widths, *, op, eager_bwd, bwd_nbytes, bwd_widths, n_diff, n_grads=1,
+         max_rows=None):
     """The forward case of an op and its backward case: make(rows, width, bwd) -> inputs (+ grads), ref (float64),
     impls, nbytes(rows, width). Backward: ours is the package's custom op `op` (its registered backward), compile
-    and Liger their own autograd nodes, eager the package's backward formula `eager_bwd`."""
+    and Liger their own autograd nodes, eager the package's backward formula `eager_bwd`. max_rows: the largest
+    row count run (an op whose rows are a vocabulary wide)."""
     impls = {k: v for k, v in impls.items() if v}
     bwd = dict(cutile=backward(op, n_diff, n_grads), eager=eager_bwd,
                **{k: backward(impls[k], n_diff, n_grads) for k in ("compile", "liger") if k in impls})
     return [dict(op=name, make=lambda m, w: make(m, w, False), ref=ref, nbytes=nbytes, widths=widths,
-                 impls={k: (None, v) for k, v in impls.items()}),
+                 impls={k: (None, v) for k, v in impls.items()}, max_rows=max_rows),
             dict(op=f"{name} bwd", make=lambda m, w: make(m, w, True), ref=grads64(ref, n_diff, n_grads),
-                 nbytes=bwd_nbytes, widths=bwd_widths,
+                 nbytes=bwd_nbytes, widths=bwd_widths, max_rows=max_rows,
                  impls={k: v if isinstance(v, tuple) else (None, v) for k, v in bwd.items()})]
 
 
@@ -230,8 +234,25 @@ def cases(ck, tiny: bool) -> list[dict]:
               rope_bytes, [shape] if tiny else [h.MODELS["qwen3-8b"]],
               op=lambda q, k, wq, wk, c, s: ops.qk_norm_rope(q, k, wq, wk, c, s, EPS, False), eager_bwd=qk_eager_bwd,
               bwd_nbytes=lambda t, s: 3 * rope_bytes(t, s) // 2, bwd_widths=[shape], n_diff=4, n_grads=2)
+
+    def cross_entropy():  # the loss over Llama 3's vocabulary; eager and compile: transformers' fp32 upcast
+        lg_ce = h.peer("liger_kernel.ops.cross_entropy")
+        ref = lambda x, t: F.cross_entropy(x.float(), t, reduction="none")  # noqa: E731
+
+        def liger(x, t):  # Liger writes the logits' gradient into x during its forward
+            out = lg_ce.LigerCrossEntropyFunction.apply(x, t, None, -100, 0.0, 0.0, "none")
+            return out[0] if isinstance(out, tuple) else out
+        return pair(
+            "cross_entropy", lambda m, v, bwd: (rand(m, v) * 4, torch.randint(0, v, (m,), device=h.DEVICE),
+                                                *[torch.randn(m, device=h.DEVICE)][:bwd]),
+            lambda x, t: F.cross_entropy(x.double(), t, reduction="none"),
+            dict(cutile=ck.cross_entropy, eager=ref, compile=h.compiled(ref), liger=lg_ce and liger),
+            lambda m, v: 2 * m * v, [shape.vocab], op=lambda x, t: ops.cross_entropy(x, t, -100)[0],
+            eager_bwd=lambda x, t, d: ck.cross_entropy_backward_reference(x, t, torch.logsumexp(x.float(), -1), d,
+                                                                          -100),
+            bwd_nbytes=lambda m, v: 4 * m * v, bwd_widths=[shape.vocab], n_diff=1, max_rows=4096)
     found = [norm(False), norm(True), add_norm(False), add_norm(True), sandwich(), norm_add(), gated("silu"),
-             gated(h.GELU), rope, qk]
+             gated(h.GELU), rope, qk, cross_entropy()]
     return [p[0] for p in found] + [p[1] for p in found]
 
 
@@ -317,7 +338,8 @@ def main(argv=None) -> None:
     ck = h.local_kernel(args.kernel_root)
     todo = [(c, m, w) for c in cases(ck, args.tiny) if not wanted or c["op"] in wanted
             for w in (c["widths"][:1] if args.quick else c["widths"])
-            for m in ((2, 16) if args.tiny else h.ROWS[::2] if args.quick else h.ROWS)]
+            for m in ((2, 16) if args.tiny else h.ROWS[::2] if args.quick else h.ROWS)
+            if m <= (c["max_rows"] or m)]
     results = []
     for k, (case, m, w) in enumerate(todo, 1):
         results.append(r := measure(case, m, w, args.tiny, ck))

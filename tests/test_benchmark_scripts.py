@@ -73,7 +73,8 @@ def test_run_all_tiny(tmp_path, cache):
                                                          "silu_mul", "gelu_tanh_mul")]
     want = {f"{op} | {m} x {w}" for op in ops for m in (2, 16)
             for w in ([64] if "norm" in op else [160])} | {f"{op}{d} | {m} x 4q+2kv x 16" for d in ("", " bwd")
-                                                            for m in (2, 16) for op in ("rope", "qk_norm_rope")}
+                                                            for m in (2, 16) for op in ("rope", "qk_norm_rope")} \
+        | {f"cross_entropy{d} | {m} x {harness.TINY.vocab}" for d in ("", " bwd") for m in (2, 16)}
     assert set(table) == want
     for name, cells in table.items():  # every backward too: ours, eager and compile passed the float64 check
         for cell in (cells[2], *cells[4:6]):
