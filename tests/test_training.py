@@ -2,6 +2,7 @@
 for a KernelConfig-loaded model, and on a GPU a bf16 training step whose loss and gradients stay as accurate as
 plain transformers' while the cuTile backward ops run. Each op's backward alone: tests/test_<op>.py."""
 import collections
+import importlib
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_kernelize_in_training_mode(checkpoints, hub, ck_hub):
 
 
 class OpCalls(TorchDispatchMode):
-    """Counts the calls of `ck`'s custom ops (forward and the backward autograd runs)."""
+    """Counts the dispatches of `ck`'s custom ops."""
 
     def __init__(self, ck):
         super().__init__()
@@ -85,9 +86,48 @@ class OpCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def counted_launchers(ck, monkeypatch) -> collections.Counter:
+    """Calls of each op's cuTile launcher (forward, and the backward autograd runs), by op name, counted while the
+    launchers run."""
+    calls, op_class = collections.Counter(), importlib.import_module(f"{ck.__name__}._op").CutileOp
+    ops = {id(op): op for stem in ("rms_norm", "gated_act", "rope", "cross_entropy")
+           for op in vars(importlib.import_module(f"{ck.__name__}.{stem}")).values() if isinstance(op, op_class)}
+    for op in ops.values():  # once each (rope.py imports rms_norm.py's backward op)
+        def counted(*args, _name=op.name, _launcher=op.launcher):
+            calls[_name] += 1
+            return _launcher(*args)
+        monkeypatch.setattr(op, "launcher", counted)
+    return calls
+
+
+def test_eager_autograd_runs_the_launchers_without_the_custom_op(ck, monkeypatch):
+    """Where autograd records (training), a differentiable op runs as its autograd.Function: the forward launcher,
+    then in backward the backward op's launcher, with no custom-op dispatch (its host cost); an op without a
+    backward formula runs as the custom op, so a gradient through it raises rather than coming out missing. The
+    launchers stand in (CPU): the routing is what is tested."""
+    rms = importlib.import_module(f"{ck.__name__}.rms_norm")
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+    dx, dw = torch.randn(3, 8), torch.randn(8)
+    monkeypatch.setattr(rms.RMS_NORM, "check", lambda *a: None)
+    monkeypatch.setattr(rms.RMS_NORM_BACKWARD, "check", lambda *a: None)
+    monkeypatch.setattr(rms.RMS_NORM, "launcher", lambda x, w, eps, gemma, out=None: torch.zeros_like(x))
+    monkeypatch.setattr(rms.RMS_NORM_BACKWARD, "launcher",
+                        lambda x, w, dy, eps, gemma, dres=None, dw_out=None: (dx.clone(), dw.clone()))
+    calls = counted_launchers(ck, monkeypatch)
+    with OpCalls(ck) as dispatched:
+        ck.rms_norm(x, w, 1e-6).backward(torch.ones(3, 8))
+    assert calls == {"rms_norm": 1, "rms_norm_backward": 1} and not dispatched.calls
+    assert torch.equal(x.grad, dx) and torch.equal(w.grad, dw)
+    with OpCalls(ck) as dispatched:
+        grads = rms.RMS_NORM_BACKWARD(x, w, torch.randn(3, 8), 1e-6, False)
+    assert dispatched.calls == {"rms_norm_backward": 1}
+    with pytest.raises(RuntimeError, match="autograd"):
+        grads[0].sum().backward()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family):
+def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family, monkeypatch):
     """model.train() through KernelConfig runs the cuTile forward and backward ops (counted; none falls back),
     and the bf16 step is as accurate as plain transformers' bf16 step: against a float32 plain step, the loss and
     every gradient of the kernel model stay within 2x (+ a small floor) of plain bf16's own error. bf16 rounding
@@ -110,10 +150,10 @@ def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda", use_kernels=True,
                                                      kernel_config=KernelConfig(mapping, inherit_mapping=False))
         ck_hub.enable_training(model).train()
-        with OpCalls(ck_hub) as counted:
-            out = model(ids, labels=ids)
-            out.loss.backward()
-    layers, calls = model.config.num_hidden_layers, counted.calls
+        calls = counted_launchers(ck_hub, monkeypatch)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+    layers = model.config.num_hidden_layers
     assert calls["rms_norm_backward"] >= layers and calls["gated_act_backward"] == layers, calls
     assert calls["rope"] == calls["rope_backward"] == layers, calls  # the backward: the inverse rotation
     assert calls["cross_entropy"] == calls["cross_entropy_backward"] == 1, calls  # enable_training's loss

@@ -102,7 +102,7 @@ def _cross_entropy_setup(ctx, inputs, output):
 
 def _cross_entropy_backward(ctx, dloss, _dlse):
     logits, target, lse = ctx.saved_tensors
-    return CROSS_ENTROPY_BACKWARD.op(logits, target, lse, dloss, ctx.ignore_index), None, None
+    return CROSS_ENTROPY_BACKWARD.in_backward(logits, target, lse, dloss, ctx.ignore_index), None, None
 
 
 CROSS_ENTROPY = CutileOp(

@@ -109,7 +109,7 @@ def _gated_act_setup(ctx, inputs, output):
 
 def _gated_act_backward(ctx, dy):
     (gate_up,) = ctx.saved_tensors
-    return GATED_ACT_BACKWARD.op(gate_up, dy, ctx.act), None
+    return GATED_ACT_BACKWARD.in_backward(gate_up, dy, ctx.act), None
 
 
 GATED_ACT = CutileOp("gated_act", launcher=gated_act_cutile, reference=gated_act_reference, check=_check,

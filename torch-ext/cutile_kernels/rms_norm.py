@@ -199,7 +199,7 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dweight = RMS_NORM_BACKWARD.op(x, weight, dy, ctx.eps, ctx.gemma)
+    dx, dweight = RMS_NORM_BACKWARD.in_backward(x, weight, dy, ctx.eps, ctx.gemma)
     return dx, dweight, None, None
 
 
@@ -259,7 +259,7 @@ def _add_rms_norm_setup(ctx, inputs, output):
 def _add_rms_norm_backward(ctx, d_normed, d_summed):
     """Both inputs get d(summed) plus the norm's input gradient; the weight the norm's."""
     summed, weight = ctx.saved_tensors
-    d, dweight = RMS_NORM_BACKWARD_ADD.op(summed, weight, d_normed, d_summed, ctx.eps, ctx.gemma)
+    d, dweight = RMS_NORM_BACKWARD_ADD.in_backward(summed, weight, d_normed, d_summed, ctx.eps, ctx.gemma)
     return d, d, dweight, None, None
 
 
@@ -353,7 +353,7 @@ SANDWICH_RMS_NORM_BACKWARD = CutileOp(
 
 def _sandwich_backward(ctx, d_normed, d_summed):
     x, summed, post_weight, weight = ctx.saved_tensors
-    dx, d, dweights = SANDWICH_RMS_NORM_BACKWARD.op(x, summed, post_weight, weight, d_normed, d_summed, ctx.eps)
+    dx, d, dweights = SANDWICH_RMS_NORM_BACKWARD.in_backward(x, summed, post_weight, weight, d_normed, d_summed, ctx.eps)
     n = weight.shape[0]
     return dx, d, dweights[n:], dweights[:n], None
 
@@ -409,7 +409,7 @@ def _rms_norm_add_setup(ctx, inputs, output):
 def _rms_norm_add_backward(ctx, d_summed):
     """The residual gets d(summed); x and the weight the norm's gradients of it."""
     x, weight = ctx.saved_tensors
-    dx, dweight = RMS_NORM_BACKWARD.op(x, weight, d_summed.contiguous(), ctx.eps, ctx.gemma)
+    dx, dweight = RMS_NORM_BACKWARD.in_backward(x, weight, d_summed.contiguous(), ctx.eps, ctx.gemma)
     return dx, d_summed, dweight, None, None
 
 

@@ -126,7 +126,7 @@ def _rope_setup(ctx, inputs, output):
 def _rotated_grads(op, dq, dk, cos, sin, unsqueeze_dim):
     """Gradients through `op` (a rotation's transpose is the rotation by the opposite angle, and back)."""
     dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))
-    return op.op(dq, dk, cos, sin, unsqueeze_dim)
+    return op.in_backward(dq, dk, cos, sin, unsqueeze_dim)
 
 
 def _rope_backward(ctx, dq, dk):
@@ -230,8 +230,8 @@ def _qk_backward(ctx, dq, dk):
     kernel recomputes x̂ from q and k)."""
     q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
     dq, dk = _rotated_grads(ROPE_BACKWARD, dq, dk, cos, sin, 1)
-    dq, dq_weight = RMS_NORM_BACKWARD.op(q, q_weight, dq, ctx.eps, ctx.gemma)
-    dk, dk_weight = RMS_NORM_BACKWARD.op(k, k_weight, dk, ctx.eps, ctx.gemma)
+    dq, dq_weight = RMS_NORM_BACKWARD.in_backward(q, q_weight, dq, ctx.eps, ctx.gemma)
+    dk, dk_weight = RMS_NORM_BACKWARD.in_backward(k, k_weight, dk, ctx.eps, ctx.gemma)
     return dq, dk, dq_weight, dk_weight, None, None, None, None
 
 
