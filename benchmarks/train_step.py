@@ -1,6 +1,6 @@
 """One training step (forward + loss.backward(), no optimizer): plain transformers, our kernels, Liger-Kernel.
 
-    python -m benchmarks.train_step [--family llama|qwen3|mistral|gemma3] [--layers 4] [--tokens 2048]
+    python -m benchmarks.train_step [--family llama|qwen3|mistral|gemma3] [--layers 4] [--tokens 2048] [--decoder]
                                     [--out benchmarks/results/<gpu>/train_step_<family>.md]
     python -m benchmarks.train_step --tiny        (CPU: tiny config, 2 layers, 64 tokens, few steps)
 
@@ -60,15 +60,18 @@ def main(argv=None) -> None:
         p.add_argument("--family", choices=["llama", "qwen3", "mistral", "gemma3"], default="llama")
         p.add_argument("--layers", type=int, default=4)
         p.add_argument("--tokens", type=int, default=2048)
+        p.add_argument("--decoder", action="store_true", help="ours with decoder=True (the decoder layer kernel: the "
+                       "residual adds and their gradients fused into the norms)")
 
     args = h.arguments("benchmarks.train_step", __doc__, argv, add=add, out="train_step.md")
     if args.out and args.out.name == "train_step.md":
-        args.out = args.out.with_name(f"train_step_{args.family}.md")
+        args.out = args.out.with_name(f"train_step_{args.family}{'_decoder' if args.decoder else ''}.md")
     (tokens, layers), dtype = (64, 2) if args.tiny else (args.tokens, args.layers), torch.bfloat16
     path = h.checkpoint(args.family, tiny=args.tiny, layers=layers, dtype=dtype, cache=args.cache)
     ids = torch.randint(0, (h.TINY if args.tiny else h.SIZE_8B).vocab, (1, tokens),
                         generator=torch.Generator().manual_seed(0)).to(h.DEVICE)
-    title = f"Training step, {args.family}, {path.name}, 1x{tokens} tokens, bf16, forward + loss.backward()"
+    title = (f"Training step, {args.family}, {path.name}, 1x{tokens} tokens, bf16, forward + loss.backward()"
+             + (", ours with the decoder layer kernel" if args.decoder else ""))
     print(f"[1/4] plain transformers: {title}", flush=True)
     results = {"plain": measure(h.load_model(path, dtype).train(), ids, args)}
     h.free()
@@ -77,7 +80,7 @@ def main(argv=None) -> None:
             print(f"[{step}/4] ours through KernelConfig, " + ("enable_training(model), " if name == "ours+train"
                                                                  else "") + "then model.train()", flush=True)
             with ck.transformers_state_guard(), h.fallbacks(ck) as notes:
-                model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo))
+                model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder))
                 if name == "ours+train":
                     ck.enable_training(model)
                 results[name] = measure(model.train(), ids, args)

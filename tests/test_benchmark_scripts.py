@@ -166,6 +166,13 @@ def test_train_step_tiny(tmp_path, cache):
     assert "RMSNormMLP x2;" in text and float(re.search(r"ours\+train: \|loss - plain\| = (\S+);", text)[1]) < 1e-5
 
 
+def test_train_step_tiny_decoder(tmp_path, cache):
+    """--decoder: ours trains through the decoder layer kernel (every layer), and the title says so."""
+    text = run(train_step, tmp_path, cache, "--family", "llama", "--decoder")
+    assert "ours with the decoder layer kernel" in text.splitlines()[0]
+    assert re.search(r"- ours\+train: kernel layers in train\(\): .*DecoderLayer x2", text), text
+
+
 def test_coverage_tiny(tmp_path, cache):
     """Both configs and both steps profiled; the category shares of each step add up to 100 %; ours ran our layers
     (on CPU their reference) and the time lists named kernels."""
