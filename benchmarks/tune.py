@@ -1,7 +1,8 @@
 """Choose every kernel's launch parameters for this GPU and write them into the per-GPU table.
 
     python -m benchmarks.tune [--ops rms_norm,gemma_rms_norm,add_rms_norm,gemma_add_rms_norm,silu,gelu_pytorch_tanh,
-                               rope,qk_norm_rope] [--quick]
+                               rope,qk_norm_rope,rms_norm_backward,silu_backward,gelu_pytorch_tanh_backward,
+                               cross_entropy,cross_entropy_backward] [--quick]
                               [--widths 128] [--rows 1,16,64]
                               [--write kernel-src/cutile_tile/tuned.py] [--out DIR] [--workers 12]
     python -m benchmarks.tune --check     (every table bucket of this GPU against float64, poisoned outputs)
@@ -37,11 +38,19 @@ WIDTHS = {"rms_norm": [128, 4096, 5120], "gemma_rms_norm": [256, 2560, 5376], "s
 # backward plans (RMSNorm's both forms share one key; the backward kernels take rows per tile and blocks per SM, or
 # the tile shape, of the same tuples)
 BACKWARD = {"rms_norm_backward": [4096, 5120], "silu_backward": [14336], "gelu_pytorch_tanh_backward": [15360]}
-ALL = {**WIDTHS, **BACKWARD}
+# the loss over Llama 3's and Mistral's vocabularies (rows: tokens, at most MAX_ROWS: a float64 reference of 4096 x
+# 128256 takes 4 GB)
+LOSS = {"cross_entropy": [128256, 32000], "cross_entropy_backward": [128256, 32000]}
+MAX_ROWS = {"cross_entropy": 4096, "cross_entropy_backward": 4096}
+ALL = {**WIDTHS, **BACKWARD, **LOSS}
 TOL = 1e-2  # bf16: two roundings (see tests/conftest.py GPU_REL_TOL)
 
 
 def candidates(op: str, width: int):
+    if op in LOSS:  # (columns per tile, warps per block: 0 = cuTile's choice)
+        for tile_n, warps in itertools.product((2048, 4096, 8192, 16384), (0, 8)):
+            yield (tile_n, warps)
+        return
     if op == "rms_norm_backward":  # the row kernel, or persistent grids with one dw partial row per block
         tile_n = max(64, 1 << (width - 1).bit_length())
         if tile_n <= 8192:  # rms_norm_bwd_row: one row per block, fp32 dw rows summed by the launcher
@@ -125,6 +134,21 @@ def problem(ck, op: str, rows: int, width: int):
         else:
             run = lambda o: ck.qk_norm_rope_cutile(q, k, w, w, cos, sin, 1e-6, False, o[0], o[1])  # noqa: E731
         return run, ref, outs, 2 * 2 * rows * 40 * width + 2 * 2 * rows * width
+    if op in LOSS:  # rows of logits (scale 4, a tenth of the targets ignored): (loss, lse) or d(logits)
+        x = (torch.randn(rows, width, device=dev) * 4).to(bf16)
+        t = torch.randint(0, width, (rows,), device=dev)
+        t[torch.rand(rows, device=dev) < 0.1] = -100
+        lse64 = torch.logsumexp(x.double(), -1)
+        if op == "cross_entropy":
+            loss64 = torch.nn.functional.cross_entropy(x.double(), t, reduction="none")
+            row = torch.empty(rows, device=dev)
+            run = lambda o: ck.cross_entropy_cutile(x, t, -100, loss=o[0], lse=o[1])  # noqa: E731
+            return run, torch.cat([loss64, lse64]), (row, torch.empty_like(row)), 2 * rows * width
+        d = torch.randn(rows, device=dev)
+        ref = ck.cross_entropy_backward_reference(x.double(), t, lse64, d.double(), -100)
+        lse = lse64.float()
+        run = lambda o: ck.cross_entropy_backward_cutile(x, t, lse, d, -100, dlogits=o[0])  # noqa: E731
+        return run, ref, (torch.empty_like(x),), 4 * rows * width
     if op == "rms_norm_backward":  # (dx into the poisoned buffer, dweight) against float64
         x = torch.randn(rows, width, device=dev, dtype=bf16)
         w, dy = (1 + 0.1 * torch.randn(width, device=dev)).to(bf16), torch.randn(rows, width, device=dev, dtype=bf16)
@@ -313,7 +337,8 @@ def main() -> None:
     rows_list = [int(r) for r in args.rows.split(",")] if args.rows else [1, 512, 32768] if args.quick else ROWS
     planned = sorted(set(ROWS) | set(rows_list)) if args.rows else rows_list  # the buckets a partial run leaves
     if args.workers:
-        warm(sorted({(op, w, min(r, 4096)) for op in ops for w in widths[op] for r in rows_list}), args.workers)
+        warm(sorted({(op, w, min(r, 64 if op in LOSS else 4096)) for op in ops for w in widths[op] for r in rows_list}),
+             args.workers)
     ck, tuned, gpu = _load()
     props = torch.cuda.get_device_properties(0)
     print(f"tune: {props.name} ({gpu}), {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
@@ -327,7 +352,7 @@ def main() -> None:
     for op in ops:
         for width in widths[op]:
             best = {}
-            for rows in rows_list:
+            for rows in [r for r in rows_list if r <= MAX_ROWS.get(op, r)]:
                 t0 = time.perf_counter()
                 results, default, failed, nbytes = tune_shape(ck, tuned.TABLE, gpu, op, rows, width)
                 if not results:  # keep the default; say why every candidate was refused

@@ -31,6 +31,11 @@ def plan(op: str, width: int, rows: int, gpu):
         if op == "qk_norm_rope":
             return rope.qk_norm_launch(q, k, cs, cs, cs, cs, q, k, 1e-6, False, gpu)
         return rope.forward_launch(q, k, cs, cs, q, k, gpu)
+    if op in ("cross_entropy", "cross_entropy_backward"):
+        ce, t, row = MODULES["cross_entropy"], T(torch.int64, (rows,)), T(torch.float32, (rows,))
+        if op == "cross_entropy":
+            return ce.forward_launch(x, t, row, row, -100, gpu)
+        return ce.backward_launch(x, t, row, row, x, -100, gpu)
     if op.endswith("_backward"):
         return act.backward_launch(x, x, x, x, x, op[:-len("_backward")], gpu)
     return act.forward_launch(x, x, x, op, gpu)

@@ -7,10 +7,14 @@ Llama 3's 128256-word vocabulary that is about nine passes over 0.5-1 GB. Here t
 and writes the gradient in the logits' dtype: three passes of the bf16 logits.
 
 Compile-time constants: the dtypes, TILE_N (columns per tile). Rows, vocabulary size and ignore_index are runtime
-values, so a model compiles one forward and one backward per dtype.
+values, so a model compiles one forward and one backward per dtype. TILE_N and the warps per block come from the
+per-GPU table (`tuned.py`, keys "cross_entropy" and "cross_entropy_backward"), else the defaults below.
 """
 import cuda.tile as ct
 import torch
+
+from . import with_hints
+from .tuned import lookup, shapes
 
 TILE_N = 4096  # columns per tile: 8 KB of bf16 logits, 32 fp32 values per thread of a 4-warp block
 
@@ -61,22 +65,39 @@ def cross_entropy_bwd(logits, target, lse, dloss, dlogits, n_cols: int, ignore_i
     ct.store(dlogits, (ct.bid(0), ct.bid(1)), tile=ct.astype(d, dlogits.dtype), allow_tma=False)
 
 
+def _config(op, logits, gpu) -> tuple[int, int]:
+    """(TILE_N, warps per block: 0 = cuTile's choice) for these logits on this GPU."""
+    return lookup(gpu[0], op, logits.dtype, logits.shape[1], logits.shape[0]) or (TILE_N, 0)
+
+
 def forward_launch(logits, target, loss, lse, ignore_index: int, gpu):
     """(kernel, grid, args) of cross_entropy_fwd: logits (rows, vocab), target (rows,) -> loss, lse (rows,) fp32."""
-    return (cross_entropy_fwd, (logits.shape[0],),
-            (logits, target, loss, lse, logits.shape[1], int(ignore_index), TILE_N))
+    tile_n, warps = _config("cross_entropy", logits, gpu)
+    return (with_hints(cross_entropy_fwd, 0, warps), (logits.shape[0],),
+            (logits, target, loss, lse, logits.shape[1], int(ignore_index), tile_n))
 
 
 def backward_launch(logits, target, lse, dloss, dlogits, ignore_index: int, gpu):
     """(kernel, grid, args) of cross_entropy_bwd: one block per tile of each row."""
-    return (cross_entropy_bwd, (logits.shape[0], -(-logits.shape[1] // TILE_N)),
-            (logits, target, lse, dloss, dlogits, logits.shape[1], int(ignore_index), TILE_N))
+    tile_n, warps = _config("cross_entropy_backward", logits, gpu)
+    return (with_hints(cross_entropy_bwd, 0, warps), (logits.shape[0], -(-logits.shape[1] // tile_n)),
+            (logits, target, lse, dloss, dlogits, logits.shape[1], int(ignore_index), tile_n))
 
 
 def specializations(array):
     """Every launch the launchers ask for (`array(dtype, shape)` stands for a tensor): forward and backward per
-    logits dtype, int64 targets (transformers' labels), fp32 losses."""
+    logits dtype, int64 targets (transformers' labels), fp32 losses; then every tuned configuration (bf16), once."""
+    def plans(dtype, rows, vocab, gpu):
+        logits, target, row = array(dtype, (rows, vocab)), array(torch.int64, (rows,)), array(torch.float32, (rows,))
+        return (forward_launch(logits, target, row, row, -100, gpu),
+                backward_launch(logits, target, row, row, logits, -100, gpu))
+
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        logits, target, rows = array(dtype, (64, 128256)), array(torch.int64, (64,)), array(torch.float32, (64,))
-        yield forward_launch(logits, target, rows, rows, -100, ("", 132))
-        yield backward_launch(logits, target, rows, rows, logits, -100, ("", 132))
+        yield from plans(dtype, 64, 128256, ("", 132))
+    seen = set()
+    for op, which in (("cross_entropy", 0), ("cross_entropy_backward", 1)):
+        for key, vocab, rows in shapes(op):
+            plan = plans(torch.bfloat16, rows, vocab, (key, 132))[which]
+            if (plan[0], plan[2][-1]) not in seen:  # the kernel carries its hints (warps), the last argument TILE_N
+                seen.add((plan[0], plan[2][-1]))
+                yield plan
