@@ -3,6 +3,7 @@ for a KernelConfig-loaded model, and on a GPU a bf16 training step whose loss an
 plain transformers' while the cuTile backward ops run. Each op's backward alone: tests/test_<op>.py."""
 import collections
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -123,6 +124,60 @@ def test_eager_autograd_runs_the_launchers_without_the_custom_op(ck, monkeypatch
     assert dispatched.calls == {"rms_norm_backward": 1}
     with pytest.raises(RuntimeError, match="autograd"):
         grads[0].sum().backward()
+
+
+def gpu_routing(ck, monkeypatch) -> None:
+    """Every op routes as on a GPU (its check passes) with its reference standing in for its launcher: the eager
+    autograd path (the Functions and in_backward) runs on CPU."""
+    op_class = importlib.import_module(f"{ck.__name__}._op").CutileOp
+    for stem in ("rms_norm", "gated_act", "rope", "cross_entropy"):
+        for op in vars(importlib.import_module(f"{ck.__name__}.{stem}")).values():
+            if isinstance(op, op_class):
+                n = len(inspect.signature(op.reference).parameters)
+                monkeypatch.setattr(op, "check", lambda *a: None)
+                monkeypatch.setattr(op, "launcher", lambda *a, _ref=op.reference, _n=n: _ref(*a[:_n]))
+
+
+def test_eager_autograd_gradients_equal_the_references(ck, monkeypatch):
+    """The Functions' backward (the backward ops through in_backward) gives autograd's gradients of each op's
+    reference, for every differentiable op (the norms' references compute in fp32, as transformers does, hence
+    the tolerance); RoPE's also twice (its backward's backward is RoPE: gradgradcheck, float64 exact)."""
+    gpu_routing(ck, monkeypatch)
+    t = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    emb = torch.rand(2, 3, 4, dtype=torch.float64).repeat(1, 1, 2)
+    cos, sin, target = emb.cos(), emb.sin(), torch.tensor([1, -100, 4])
+    cases = {  # name: (ours, its reference, inputs)
+        "rms_norm": (lambda x, w: ck.rms_norm(x, w, 1e-6), lambda x, w: ck.rms_norm_reference(x, w, 1e-6),
+                     (t(3, 8), t(8))),
+        "gemma_rms_norm": (lambda x, w: ck.gemma_rms_norm(x, w, 1e-6),
+                           lambda x, w: ck.gemma_rms_norm_reference(x, w, 1e-6), (t(3, 8), t(8))),
+        "add_rms_norm": (lambda x, r, w: ck.add_rms_norm(x, r, w, 1e-6),
+                         lambda x, r, w: ck.add_rms_norm_reference(x, r, w, 1e-6), (t(3, 8), t(3, 8), t(8))),
+        "sandwich_rms_norm": (lambda *a: ck.sandwich_rms_norm(*a, 1e-6), lambda *a: ck.sandwich_rms_norm_reference(
+            *a, 1e-6), (t(3, 8), t(3, 8), t(8), t(8))),
+        "rms_norm_add": (lambda x, r, w: ck.rms_norm_add(x, r, w, 1e-6, True),
+                         lambda x, r, w: ck.rms_norm_add_reference(x, r, w, 1e-6, True), (t(3, 8), t(3, 8), t(8))),
+        "gated_act": (lambda gu: ck.gated_act(gu, "gelu_pytorch_tanh"),
+                      lambda gu: ck.gated_act_reference(gu, "gelu_pytorch_tanh"), (t(3, 16),)),
+        "rope": (lambda q, k: ck.apply_rotary_pos_emb(q, k, cos, sin), lambda q, k: ck.rope_reference(q, k, cos, sin),
+                 (t(2, 2, 3, 8), t(2, 1, 3, 8))),
+        "qk_norm_rope": (lambda *a: ck.qk_norm_rope(*a, cos, sin, 1e-6),
+                         lambda *a: ck.qk_norm_rope_reference(*a, cos, sin, 1e-6),
+                         (t(2, 2, 3, 8), t(2, 1, 3, 8), t(8), t(8))),
+        "cross_entropy": (lambda x: ck.cross_entropy(x, target), lambda x: ck.cross_entropy_reference(x, target, -100)[0],
+                          (t(3, 5),)),
+    }
+    with OpCalls(ck) as dispatched:
+        for name, (ours, reference, inputs) in cases.items():
+            outs = ours(*inputs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            grads = [torch.randn_like(o) for o in outs]
+            got = torch.autograd.grad(outs, inputs, grads)
+            want = torch.autograd.grad(reference(*inputs), inputs, grads)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.autograd.gradgradcheck(cases["rope"][0], cases["rope"][2])
+    assert not dispatched.calls  # all through the Functions
 
 
 @pytest.mark.gpu
