@@ -12,8 +12,9 @@ the cuTile JIT; `cubin` the same op on the build's precompiled cubins (`devtools
 without them), so a release with cubins can be checked to lose no device time against the JIT.
 
 Backward rows time the backward alone. The forward runs once, outside the timing, on inputs that require grad; the
-timed call is `torch.autograd.grad` through the graph it recorded (kept between calls): for ours the custom op's registered backward
-(the cuTile backward kernels), for Liger its autograd Function's backward, for compile the backward graph that
+timed call is `torch.autograd.grad` through the graph it recorded (kept between calls): for ours the public function's
+eager autograd path (the op's torch.autograd.Function, whose backward runs the cuTile backward kernels; what a
+training step runs), for Liger its autograd Function's backward, for compile the backward graph that
 AOTAutograd and Inductor built for the reference. Eager is the package's backward formula in PyTorch. Bytes
 counted for "% of copy": forward norms read x, w and write y; backward norms read x, w, dy and write dx, dw;
 add_rms_norm (residual add + RMSNorm, Liger's fused_add_rms_norm the peer) reads x, residual, w and writes the
@@ -24,7 +25,6 @@ logits (its backward also reads them and writes their gradient).
 """
 from __future__ import annotations
 
-import importlib
 import math
 import statistics
 
@@ -84,14 +84,14 @@ def backward(forward, n_diff: int, n_grads: int = 1):
     return prepare, call
 
 
-def pair(name, make, ref, impls, nbytes, widths, *, op, eager_bwd, bwd_nbytes, bwd_widths, n_diff, n_grads=1,
+def pair(name, make, ref, impls, nbytes, widths, *, eager_bwd, bwd_nbytes, bwd_widths, n_diff, n_grads=1,
          max_rows=None):
     """The forward case of an op and its backward case: make(rows, width, bwd) -> inputs (+ grads), ref (float64),
-    impls, nbytes(rows, width). Backward: ours is the package's custom op `op` (its registered backward), compile
+    impls, nbytes(rows, width). Backward: ours is the public function's autograd (its Function's backward), compile
     and Liger their own autograd nodes, eager the package's backward formula `eager_bwd`. max_rows: the largest
     row count run (an op whose rows are a vocabulary wide)."""
     impls = {k: v for k, v in impls.items() if v}
-    bwd = dict(cutile=backward(op, n_diff, n_grads), eager=eager_bwd,
+    bwd = dict(cutile=backward(impls["cutile"], n_diff, n_grads), eager=eager_bwd,
                **{k: backward(impls[k], n_diff, n_grads) for k in ("compile", "liger") if k in impls})
     return [dict(op=name, make=lambda m, w: make(m, w, False), ref=ref, nbytes=nbytes, widths=widths,
                  impls={k: (None, v) for k, v in impls.items()}, max_rows=max_rows),
@@ -102,7 +102,7 @@ def pair(name, make, ref, impls, nbytes, widths, *, op, eager_bwd, bwd_nbytes, b
 
 def cases(ck, tiny: bool) -> list[dict]:
     """Every op's forward case, then every backward case (see `pair`)."""
-    ops, dt = importlib.import_module(f"{ck.__name__}._ops").ops, dict(device=h.DEVICE, dtype=torch.bfloat16)
+    dt = dict(device=h.DEVICE, dtype=torch.bfloat16)
     shape = h.TINY if tiny else h.SIZE_8B
     ws = lambda attr, gemma: [getattr(h.TINY, attr)] if tiny else h.widths(attr, gemma=gemma)  # noqa: E731
     rand = lambda *s: torch.randn(*s, **dt)  # noqa: E731
@@ -124,7 +124,7 @@ def cases(ck, tiny: bool) -> list[dict]:
                  liger=lg_norm and (lambda x, w: lg_norm.LigerRMSNormFunction.apply(x, w, EPS, offset, form, False)),
                  tilegym=tg_norm and (lambda x, w: tg_norm.rms_norm(x, None, w, EPS, **({"offset": 1.0} if gemma
                                                                                         else {})))),
-            lambda m, n: 4 * m * n + 2 * n, ws("hidden", gemma), op=lambda x, w: ops.rms_norm(x, w, EPS, gemma),
+            lambda m, n: 4 * m * n + 2 * n, ws("hidden", gemma),
             eager_bwd=lambda x, w, dy: ck.rms_norm_backward_reference(x, w, dy, EPS, gemma),
             bwd_nbytes=lambda m, n: 6 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=2)
 
@@ -142,8 +142,7 @@ def cases(ck, tiny: bool) -> list[dict]:
             dict(cutile=lambda x, r, w: ck.add_rms_norm(x, r, w, EPS, gemma), eager=ref, compile=h.compiled(ref),
                  liger=lg_add and (lambda x, r, w: lg_add.LigerFusedAddRMSNormFunction.apply(
                      x, r, w, EPS, 1.0 if gemma else 0.0, "gemma" if gemma else "llama", False))),
-            lambda m, n: 8 * m * n + 2 * n, ws("hidden", gemma),
-            op=lambda x, r, w: ops.add_rms_norm(x, r, w, EPS, gemma), eager_bwd=eager_bwd,
+            lambda m, n: 8 * m * n + 2 * n, ws("hidden", gemma), eager_bwd=eager_bwd,
             bwd_nbytes=lambda m, n: 8 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=3, n_grads=2)
 
     def sandwich():  # Gemma3's post-attention norm, residual add and pre-feedforward norm; Liger: its two ops
@@ -162,8 +161,7 @@ def cases(ck, tiny: bool) -> list[dict]:
             lambda x, r, pw, w: (norm64(r.double() + norm64(x, pw, True), w, True), r.double() + norm64(x, pw, True)),
             dict(cutile=lambda x, r, pw, w: ck.sandwich_rms_norm(x, r, pw, w, EPS), eager=ref,
                  compile=h.compiled(ref), liger=liger),
-            lambda m, n: 8 * m * n + 4 * n, ws("hidden", True),
-            op=lambda x, r, pw, w: ops.sandwich_rms_norm(x, r, pw, w, EPS), eager_bwd=eager_bwd,
+            lambda m, n: 8 * m * n + 4 * n, ws("hidden", True), eager_bwd=eager_bwd,
             bwd_nbytes=lambda m, n: 8 * m * n + 8 * n, bwd_widths=[shape.hidden], n_diff=4, n_grads=2)
 
     def norm_add():  # Gemma3's post-feedforward norm and last residual add; Liger: its norm, then a torch add
@@ -180,8 +178,7 @@ def cases(ck, tiny: bool) -> list[dict]:
             lambda x, r, w: r.double() + norm64(x, w, True),
             dict(cutile=lambda x, r, w: ck.rms_norm_add(x, r, w, EPS, True), eager=ref, compile=h.compiled(ref),
                  liger=liger),
-            lambda m, n: 6 * m * n + 2 * n, ws("hidden", True),
-            op=lambda x, r, w: ops.rms_norm_add(x, r, w, EPS, True), eager_bwd=eager_bwd,
+            lambda m, n: 6 * m * n + 2 * n, ws("hidden", True), eager_bwd=eager_bwd,
             bwd_nbytes=lambda m, n: 6 * m * n + 4 * n, bwd_widths=[shape.hidden], n_diff=3)
 
     def gated(act: str):
@@ -192,7 +189,7 @@ def cases(ck, tiny: bool) -> list[dict]:
             "silu_mul" if act == "silu" else "gelu_tanh_mul", lambda m, i, bwd: (rand(m, 2 * i), *[rand(m, i)][:bwd]),
             lambda gu: act64(gu, act), dict(cutile=lambda gu: ck.gated_act(gu, act), eager=ref, compile=h.compiled(ref),
                                             liger=liger, tilegym=tg_swiglu and act == "silu" and tg_swiglu.silu_and_mul),
-            lambda m, i: 6 * m * i, ws("intermediate", act != "silu"), op=lambda gu: ops.gated_act(gu, act),
+            lambda m, i: 6 * m * i, ws("intermediate", act != "silu"),
             eager_bwd=lambda gu, dy: ck.gated_act_backward_reference(gu, dy, act),
             bwd_nbytes=lambda m, i: 10 * m * i, bwd_widths=[shape.intermediate], n_diff=1)
 
@@ -206,7 +203,6 @@ def cases(ck, tiny: bool) -> list[dict]:
                                                   compile=h.compiled(ck.rope_reference),
                                                   liger=lg_rope and lg_rope.liger_rotary_pos_emb),
                 rope_bytes, [shape] if tiny else [h.MODELS["llama3-8b"], h.MODELS["gemma3-12b"]],
-                op=lambda q, k, c, s: ops.rope(q, k, c, s, 1),
                 eager_bwd=lambda q, k, c, s, dq, dk: ck.rope_backward_reference(dq, dk, c, s),
                 bwd_nbytes=rope_bytes, bwd_widths=[shape], n_diff=2, n_grads=2)
     def qk_inputs(t, s, bwd):  # rope_inputs with q_norm / k_norm weights
@@ -231,8 +227,7 @@ def cases(ck, tiny: bool) -> list[dict]:
               lambda q, k, wq, wk, c, s: rope64(norm64(q, wq), norm64(k, wk), c, s),
               dict(cutile=lambda *a: ck.qk_norm_rope(*a, EPS), eager=qk_ref, compile=h.compiled(qk_ref),
                    liger=lg_norm and lg_rope and liger_qk),
-              rope_bytes, [shape] if tiny else [h.MODELS["qwen3-8b"]],
-              op=lambda q, k, wq, wk, c, s: ops.qk_norm_rope(q, k, wq, wk, c, s, EPS, False), eager_bwd=qk_eager_bwd,
+              rope_bytes, [shape] if tiny else [h.MODELS["qwen3-8b"]], eager_bwd=qk_eager_bwd,
               bwd_nbytes=lambda t, s: 3 * rope_bytes(t, s) // 2, bwd_widths=[shape], n_diff=4, n_grads=2)
 
     def cross_entropy():  # the loss over Llama 3's and Mistral's vocabularies; eager and compile: transformers' path
@@ -245,7 +240,6 @@ def cases(ck, tiny: bool) -> list[dict]:
             lambda x, t: F.cross_entropy(x.double(), t, reduction="none"),
             dict(cutile=ck.cross_entropy, eager=ref, compile=h.compiled(ref)),
             lambda m, v: 2 * m * v, [shape.vocab] if tiny else [h.MODELS["llama3-8b"].vocab, h.SIZE_8B.vocab],
-            op=lambda x, t: ops.cross_entropy(x, t, -100)[0],
             eager_bwd=lambda x, t, d: ck.cross_entropy_backward_reference(x, t, torch.logsumexp(x.float(), -1), d,
                                                                           -100),
             bwd_nbytes=lambda m, v: 4 * m * v, bwd_widths=[shape.vocab] if tiny else [h.MODELS["llama3-8b"].vocab],
