@@ -549,6 +549,13 @@ def _ops(ck, dtype, gen):
     q, k = torch.randn(2, 32, s, hd, device=dev, dtype=dtype), torch.randn(2, 8, s, hd, device=dev, dtype=dtype)
     cos, sin = torch.randn(2, s, hd, device=dev, dtype=dtype), torch.randn(2, s, hd, device=dev, dtype=dtype)
     wq, wk = torch.randn(hd, device=dev, dtype=dtype), torch.randn(hd, device=dev, dtype=dtype)
+    # the loss: rows a multiple of 4 (16-byte int64 targets and fp32 row outputs), real vocabularies
+    ce_rows = 4 * int(torch.randint(1, 256, (1,), generator=gen))
+    vocab = (32000, 128256, 151936, 262208)[int(torch.randint(0, 4, (1,), generator=gen))]
+    logits = torch.randn(ce_rows, vocab, device=dev, dtype=dtype) * 4
+    target = torch.randint(0, vocab, (ce_rows,), device=dev)
+    target[::5] = -100
+    lse, dloss = torch.logsumexp(logits.float(), -1), torch.randn(ce_rows, device=dev)
     return {
         "rms_norm": lambda: ck.rms_norm(x, w, 1e-6),
         "gemma_rms_norm": lambda: ck.gemma_rms_norm(x, w, 1e-6),
@@ -569,6 +576,8 @@ def _ops(ck, dtype, gen):
         "rope, positions shared by the batch": lambda: ck.apply_rotary_pos_emb(q, k, cos[:1], sin[:1]),
         "qk_norm_rope": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, False),
         "qk_norm_rope gemma": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, True),
+        "cross_entropy": lambda: ck.cross_entropy_cutile(logits, target, -100),
+        "cross_entropy_backward": lambda: ck.cross_entropy_backward_cutile(logits, target, lse, dloss, -100),
     }
 
 
