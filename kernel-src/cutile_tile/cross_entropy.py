@@ -40,9 +40,9 @@ def cross_entropy_fwd(logits, target, loss, lse, n_cols: int, ignore_index: int,
         s = s * ct.exp(m - m_new) + ct.sum(ct.exp(x - m_new), axis=1, keepdims=True)
         m = m_new
     row_lse = ct.reshape(m + ct.log(s), (1,))
-    t = ct.astype(ct.gather(target, rows), ct.int32)
-    picked = ct.astype(ct.gather(logits, (rows, t)), ct.float32)
+    t = ct.gather(target, rows)  # compared in its own (int64) type: a huge target must not wrap into range
     valid = (t >= 0) & (t < n_cols)
+    picked = ct.astype(ct.gather(logits, (rows, ct.astype(ct.where(valid, t, 0), ct.int32))), ct.float32)
     row_loss = ct.where(t == ignore_index, 0.0, ct.where(valid, row_lse - picked, float("nan")))
     ct.scatter(lse, rows, row_lse)
     ct.scatter(loss, rows, ct.astype(row_loss, loss.dtype))
