@@ -155,7 +155,10 @@ def test_decode_layer_tiny(tmp_path, cache):
 
 def test_train_step_tiny(tmp_path, cache):
     text = run(train_step, tmp_path, cache, "--family", "qwen3")
-    configs = [k.split(" | ")[0] for k in rows(text)]
+    table = rows(text)
+    assert table["config | step ms"][2] == "host ms"
+    assert all(finite(cells[2])[0] > 0 for name, cells in table.items() if name.startswith(("plain", "cuTile")))
+    configs = [k.split(" | ")[0] for k in table]
     assert configs == ["config", "plain transformers", "cuTile kernels: KernelConfig + train()",
                        "cuTile kernels: + enable_training(model) (incl. its cross-entropy)", "Liger-Kernel",
                        "Liger-Kernel + fused linear cross-entropy"]
