@@ -27,7 +27,7 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(logits, target, ignore_index, *grads) -> str | None:
+def _check(logits, target, ignore_index) -> str | None:
     """None when the cuTile kernels take these arguments, else why not; mismatched shapes raise."""
     if logits.dim() != 2 or target.dim() != 1 or target.shape[0] != logits.shape[0]:
         raise ValueError(f"cutile_kernels.cross_entropy: logits must be (rows, vocab) and target (rows,); got "
