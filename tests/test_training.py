@@ -87,13 +87,19 @@ class OpCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def cutile_ops(ck) -> list:
+    """Every op description of `ck`, once each (rope.py imports rms_norm.py's backward op)."""
+    op_class = importlib.import_module(f"{ck.__name__}._op").CutileOp
+    return list({id(op): op for stem in ("rms_norm", "gated_act", "rope", "cross_entropy")
+                 for op in vars(importlib.import_module(f"{ck.__name__}.{stem}")).values()
+                 if isinstance(op, op_class)}.values())
+
+
 def counted_launchers(ck, monkeypatch) -> collections.Counter:
     """Calls of each op's cuTile launcher (forward, and the backward autograd runs), by op name, counted while the
     launchers run."""
-    calls, op_class = collections.Counter(), importlib.import_module(f"{ck.__name__}._op").CutileOp
-    ops = {id(op): op for stem in ("rms_norm", "gated_act", "rope", "cross_entropy")
-           for op in vars(importlib.import_module(f"{ck.__name__}.{stem}")).values() if isinstance(op, op_class)}
-    for op in ops.values():  # once each (rope.py imports rms_norm.py's backward op)
+    calls = collections.Counter()
+    for op in cutile_ops(ck):
         def counted(*args, _name=op.name, _launcher=op.launcher):
             calls[_name] += 1
             return _launcher(*args)
@@ -113,7 +119,7 @@ def test_eager_autograd_runs_the_launchers_without_the_custom_op(ck, monkeypatch
     monkeypatch.setattr(rms.RMS_NORM_BACKWARD, "check", lambda *a: None)
     monkeypatch.setattr(rms.RMS_NORM, "launcher", lambda x, w, eps, gemma, out=None: torch.zeros_like(x))
     monkeypatch.setattr(rms.RMS_NORM_BACKWARD, "launcher",
-                        lambda x, w, dy, eps, gemma, dres=None, dw_out=None: (dx.clone(), dw.clone()))
+                        lambda x, w, dy, eps, gemma, *buffers: (dx.clone(), dw.clone()))
     calls = counted_launchers(ck, monkeypatch)
     with OpCalls(ck) as dispatched:
         ck.rms_norm(x, w, 1e-6).backward(torch.ones(3, 8))
@@ -129,13 +135,10 @@ def test_eager_autograd_runs_the_launchers_without_the_custom_op(ck, monkeypatch
 def gpu_routing(ck, monkeypatch) -> None:
     """Every op routes as on a GPU (its check passes) with its reference standing in for its launcher: the eager
     autograd path (the Functions and in_backward) runs on CPU."""
-    op_class = importlib.import_module(f"{ck.__name__}._op").CutileOp
-    for stem in ("rms_norm", "gated_act", "rope", "cross_entropy"):
-        for op in vars(importlib.import_module(f"{ck.__name__}.{stem}")).values():
-            if isinstance(op, op_class):
-                n = len(inspect.signature(op.reference).parameters)
-                monkeypatch.setattr(op, "check", lambda *a: None)
-                monkeypatch.setattr(op, "launcher", lambda *a, _ref=op.reference, _n=n: _ref(*a[:_n]))
+    for op in cutile_ops(ck):
+        n = len(inspect.signature(op.reference).parameters)
+        monkeypatch.setattr(op, "check", lambda *a: None)
+        monkeypatch.setattr(op, "launcher", lambda *a, _ref=op.reference, _n=n: _ref(*a[:_n]))
 
 
 def test_eager_autograd_gradients_equal_the_references(ck, monkeypatch):

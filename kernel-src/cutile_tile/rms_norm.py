@@ -367,11 +367,19 @@ def backward_launch(x, weight, dy, dx, dw_partial, eps: float, gemma: bool, gpu,
     return with_hints(rms_norm_bwd, occupancy, warps), (blocks,), (*arrays, tile_m, tile_n, latency)
 
 
+def _sandwich_plan(summed, gpu):
+    """(width, TILE_N, occupancy, warps) of the row kernel where this GPU's backward plan for these rows is the row
+    kernel (decode sizes), else None."""
+    _, (n, tile_m, tile_n, occupancy, _, *more) = _plan(summed, gpu, "rms_norm_backward", backward_config)
+    if tile_m != ROW_GATHER or tile_n > ROW_GATHER_MAX:
+        return None
+    return n, tile_n, occupancy, (*more, 0)[0]
+
+
 def sandwich_backward_fits(summed, gpu) -> bool:
-    """Whether this GPU's backward plan for these rows is the row kernel (decode sizes), so that the sandwich's
-    backward runs as sandwich_rms_norm_bwd_row: what the launcher asks before it allocates that path's buffers."""
-    _, (_, tile_m, tile_n, *_) = _plan(summed, gpu, "rms_norm_backward", backward_config)
-    return tile_m == ROW_GATHER and tile_n <= ROW_GATHER_MAX
+    """Whether the sandwich's backward runs as sandwich_rms_norm_bwd_row here: what the launcher asks before it
+    allocates that path's buffers."""
+    return _sandwich_plan(summed, gpu) is not None
 
 
 def sandwich_backward_launch(x, summed, post_weight, weight, d_normed, d_summed, dx, d, dw_rows, dpw_rows,
@@ -379,10 +387,11 @@ def sandwich_backward_launch(x, summed, post_weight, weight, d_normed, d_summed,
     """(kernel, grid, args) of sandwich_rms_norm_bwd_row with the row kernel's warps where `sandwich_backward_fits`,
     else None (the launcher runs the two backward launches). dw_rows and dpw_rows hold one row per input row (fp32,
     or the weights' dtype for one row)."""
-    if not sandwich_backward_fits(summed, gpu):
+    plan = _sandwich_plan(summed, gpu)
+    if plan is None:
         return None
-    _, (n, _, tile_n, occupancy, _, *more) = _plan(summed, gpu, "rms_norm_backward", backward_config)
-    warps = (*more, 0)[0] or (8 if tile_n >= 8192 else 0)  # two rows' worth of tiles: 4 warps spill at 8192 (sm_90)
+    n, tile_n, occupancy, warps = plan
+    warps = warps or (8 if tile_n >= 8192 else 0)  # two rows' worth of tiles: 4 warps spill at 8192 (sm_90)
     return (with_hints(sandwich_rms_norm_bwd_row, occupancy, warps), (summed.shape[0],),
             (x, summed, post_weight, weight, d_normed, d_summed, dx, d, dw_rows, dpw_rows, n, float(eps), tile_n))
 

@@ -79,16 +79,18 @@ class CutileOp:
         reason = self.check(*args)
         if reason is not None:
             warn_fallback(self.name, reason)
-        out = None
-        if reason is None:
-            try:
-                out = self.launcher(*args)
-            except KernelUnavailable as e:  # no cubin for these inputs and no cuda.tile: the reference
-                warn_fallback(self.name, str(e))
-        if out is None:
-            out = self.reference(*args)
+        out = self.reference(*args) if reason is not None else self.launched(*args)
         # laid out as the fake promises (a reference or a transposed launch may return other strides)
         return self.conform(out, *args)
+
+    def launched(self, *args):
+        """The launcher on arguments `check` passed; the reference where it cannot launch (no cubin for these
+        inputs and no cuda.tile; outputs are fresh tensors either way)."""
+        try:
+            return self.launcher(*args)
+        except KernelUnavailable as e:
+            warn_fallback(self.name, str(e))
+            return self.reference(*args)
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
@@ -101,11 +103,7 @@ class CutileOp:
             return self.reference(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.function.apply(*args) if self.differentiable else self.op(*args)
-        try:
-            return self.launcher(*args)
-        except KernelUnavailable as e:  # no cubin for these inputs and no cuda.tile (outputs are fresh tensors)
-            warn_fallback(self.name, str(e))
-            return self.reference(*args)
+        return self.launched(*args)
 
     def in_backward(self, *args):
         """What a backward description calls: the custom op, except inside an eager Function's backward, where the
@@ -114,11 +112,11 @@ class CutileOp:
 
 
 def _eager_function(op: CutileOp, backward, setup_context):
-    """A torch.autograd.Function of `op`'s description: forward `op.run`, the same setup_context and backward. The
-    forward calls setup_context itself (the separate-setup_context form binds default arguments through
-    inspect.signature on every call: 10 µs of host time)."""
+    """A torch.autograd.Function of `op`'s description: forward `op.launched` (only `__call__` applies it, after the
+    check), the same setup_context and backward. The forward calls setup_context itself (the separate-setup_context
+    form binds default arguments through inspect.signature on every call: 10 µs of host time)."""
     def forward(ctx, *args):
-        out = op.run(*args)
+        out = op.launched(*args)
         setup_context(ctx, args, out)
         return out
 

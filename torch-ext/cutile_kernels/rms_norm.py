@@ -409,7 +409,7 @@ def _rms_norm_add_setup(ctx, inputs, output):
 def _rms_norm_add_backward(ctx, d_summed):
     """The residual gets d(summed); x and the weight the norm's gradients of it."""
     x, weight = ctx.saved_tensors
-    dx, dweight = RMS_NORM_BACKWARD.in_backward(x, weight, d_summed.contiguous(), ctx.eps, ctx.gemma)
+    dx, dweight = RMS_NORM_BACKWARD.in_backward(x, weight, d_summed, ctx.eps, ctx.gemma)
     return dx, d_summed, dweight, None, None
 
 
