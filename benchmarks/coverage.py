@@ -1,5 +1,6 @@
 """Where a forward's time goes, plain and with our kernels: cuTile kernels, GEMMs, attention, and every other
-kernel by name, with launch counts. Its table decides what to fuse next.
+kernel by name, with launch counts, and on a GPU where it waited for the host. Its table decides what to fuse
+next.
 
     python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048] [--decoder]
     python -m benchmarks.coverage --family llama --train     (one training step of 1 x --prefill tokens instead)
@@ -12,7 +13,7 @@ the decoder layer kernel in every layer, profiled as "ours + decoder"). --train 
 (forward with labels + loss.backward(), no optimizer, as benchmarks.train_step): plain in train(), ours after
 enable_training(model), which is what runs our backward kernels. On a GPU the times are device times of CUDA
 kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md
-(coverage_<family>_decoder.md, coverage_<family>_train.md) (shares per category, the top kernels by time, launches per step, wall time) and a
+(coverage_<family>_decoder.md, coverage_<family>_train.md) (shares per category, the top kernels by time, launches per step, wall time, on a GPU its idle time and longest waits) and a
 stacked bar chart (.png).
 """
 from __future__ import annotations
@@ -49,8 +50,9 @@ def category(name: str) -> str:
     return next((c for c, pat in CATEGORIES if re.search(pat, name, re.IGNORECASE)), "other")
 
 
-def profile(step) -> tuple[dict[str, tuple[float, int]], float]:
-    """({kernel or operator name: (µs, launches)}, wall ms) of one call of `step` after a warm-up."""
+def profile(step) -> tuple[dict[str, tuple[float, int]], float, dict | None]:
+    """({kernel or operator name: (µs, launches)}, wall ms, GPU idle (`idle`; None on CPU)) of one call of `step`
+    after a warm-up."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     step()
@@ -62,18 +64,35 @@ def profile(step) -> tuple[dict[str, tuple[float, int]], float]:
         h.sync()
         wall = (time.perf_counter() - t0) * 1e3
     found: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    spans = []
     for e in prof.events():
         if h.DEVICE == "cuda":
             if e.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             us = e.device_time
+            spans.append((e.time_range.start, e.time_range.end, e.name))
         else:
             if e.cpu_parent is not None:  # top-level operators only, so nothing counts twice
                 continue
             us = e.self_cpu_time_total + sum(c.cpu_time_total for c in e.cpu_children)
         found[e.name][0] += us
         found[e.name][1] += 1
-    return {k: (v[0], v[1]) for k, v in found.items()}, wall
+    return {k: (v[0], v[1]) for k, v in found.items()}, wall, idle(spans) if spans else None
+
+
+def idle(spans: list[tuple[float, float, str]], top: int = 8) -> dict:
+    """Where the GPU waited between its first and last kernel of a step (for the host, or for a sync), from the
+    kernels' (start µs, end µs, name): {"span", "idle" (µs), "gaps": the `top` largest gaps as (µs, kernel before,
+    kernel after)}. Kernels on several streams may overlap: a gap is time no kernel runs."""
+    spans = sorted(spans)
+    gaps, end, last = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    return {"span": end - spans[0][0], "idle": sum(g for g, _, _ in gaps),
+            "gaps": sorted(gaps, key=lambda g: -g[0])[:top]}
 
 
 def steps(model, prompt: int):
@@ -127,19 +146,30 @@ def report(results: dict, notes: list[str], args, family: str) -> str:
              " from torch.profiler, one profiled call after a warm-up.\n"]
     cats = [c for c, _ in CATEGORIES] + ["other"]
     rows = []
-    for (config, step), (kernels, wall) in results.items():
+    for (config, step), (kernels, wall, gpu_idle) in results.items():
         total = sum(us for us, _ in kernels.values()) or 1.0
         shares = summarize(kernels)
         rows.append([config, step, f"{total:.0f}", str(sum(n for _, n in kernels.values())), f"{wall:.2f}",
+                     f"{gpu_idle['idle']:.0f}" if gpu_idle else "–",
                      *(f"{100 * shares.get(c, 0) / total:.1f} %" for c in cats)])
-    lines += h.table(["config", "step", "time µs", "launches", "wall ms", *cats], rows)
-    for (config, step), (kernels, _) in results.items():
+    lines += h.table(["config", "step", "time µs", "launches", "wall ms", "GPU idle µs", *cats], rows)
+    if any(gpu_idle for _, _, gpu_idle in results.values()):
+        lines += ["", "GPU idle µs: time between the step's first and last kernel in which no kernel runs (the GPU "
+                  "waits for the host, or for a sync); wall ms also holds the time before the first kernel and after "
+                  "the last."]
+    for (config, step), (kernels, _, gpu_idle) in results.items():
         total = sum(us for us, _ in kernels.values()) or 1.0
         top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]
         lines += ["", f"**{config}, {step}**: the {len(top)} largest of {len(kernels)} kernels", "",
                   *h.table(["kernel", "category", "µs", "%", "launches"],
                            [[f"`{name[:90]}`", category(name), f"{us:.1f}", f"{100 * us / total:.1f}", str(n)]
                             for name, (us, n) in top])]
+        if gpu_idle and gpu_idle["gaps"]:
+            lines += ["", f"{config}, {step}: the GPU idle {gpu_idle['idle']:.0f} µs of a {gpu_idle['span']:.0f} µs "
+                      f"span; its {len(gpu_idle['gaps'])} longest waits", "",
+                      *h.table(["µs", "after kernel", "before kernel"],
+                               [[f"{us:.1f}", f"`{before[:60]}`", f"`{after[:60]}`"]
+                                for us, before, after in gpu_idle["gaps"]])]
     lines += ["", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
@@ -198,7 +228,7 @@ def main(argv=None) -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
         bottom = [0.0] * len(results)
         for c in cats:
-            ys = [summarize(k).get(c, 0) / 1e3 for k, _ in results.values()]
+            ys = [summarize(k).get(c, 0) / 1e3 for k, _, _ in results.values()]
             ax.bar(labels, ys, bottom=bottom, label=c)
             bottom = [b + y for b, y in zip(bottom, ys)]
         ax.set_ylabel("ms per step")
