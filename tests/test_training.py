@@ -231,3 +231,49 @@ def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family, monk
         assert rel_err(p.grad, g32) <= 2 * rel_err(g16, g32) + 1e-2, (name, rel_err(p.grad, g32), rel_err(g16, g32))
         checked += 1
     assert checked == len(want32) - model.config.num_hidden_layers  # gate and up count once, merged
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("decoder", [False, True])
+def test_gradient_checkpointing_through_the_eager_functions(checkpoints, hub, ck_hub, cpu_kernel_config, monkeypatch,
+                                                           family, decoder):
+    """model.gradient_checkpointing_enable() with every kernel of recommended_mapping (and the decoder layer) on the
+    route a GPU takes (`gpu_routing`: the eager autograd.Functions, their references standing in for the launchers):
+    the checkpointed layers run their forward ops again during the backward (the Functions' forwards inside
+    autograd's backward pass), and the loss and every gradient equal the same model's without checkpointing and the
+    plain model's."""
+    reference = plain(checkpoints[family])
+    mapping = ck_hub.recommended_mapping(family, hub, decoder=decoder)
+    gpu_routing(ck_hub, monkeypatch)
+    grads, launched, calls = {}, {}, counted_launchers(ck_hub, monkeypatch)
+    for checkpointing in (False, True):
+        model, _ = load(checkpoints[family], mapping)
+        ck_hub.enable_training(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        calls.clear()
+        out = model(IDS, labels=IDS)
+        out.loss.backward()
+        grads[checkpointing] = out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+        launched[checkpointing] = collections.Counter(calls)
+    # the backward ops run once either way; with checkpointing the layers' forward ops run again (the recompute)
+    backward = {k: v for k, v in launched[False].items() if k.endswith("_backward")}
+    assert backward["cross_entropy_backward"] == 1 and len(backward) >= 3, backward
+    assert backward == {k: v for k, v in launched[True].items() if k.endswith("_backward")}
+    assert sum(launched[True].values()) > sum(launched[False].values()), launched
+    reference.train()
+    ref = reference(IDS, labels=IDS)
+    ref.loss.backward()
+    assert torch.allclose(grads[True][0], ref.loss, rtol=1e-5) and torch.equal(grads[True][0], grads[False][0])
+    for name, g in grads[True][1].items():
+        assert g is not None and torch.equal(g, grads[False][1][name]), name
+    want = {n: p.grad for n, p in reference.named_parameters()}
+    fused = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    for name, g in grads[True][1].items():
+        if name.endswith("gate_up_proj.weight"):
+            mlp = name.replace(f"{fused}.gate_up_proj.weight", "mlp.").replace("mlp.gate_up_proj.weight", "mlp.")
+            w = torch.cat([want[mlp + "gate_proj.weight"], want[mlp + "up_proj.weight"]])
+        else:
+            w = want[name.replace(f"{fused}.down_proj", "mlp.down_proj")]
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), name
