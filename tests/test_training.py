@@ -235,13 +235,15 @@ def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family, monk
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("decoder", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_through_the_eager_functions(checkpoints, hub, ck_hub, cpu_kernel_config, monkeypatch,
-                                                           family, decoder):
+                                                           family, decoder, reentrant):
     """model.gradient_checkpointing_enable() with every kernel of recommended_mapping (and the decoder layer) on the
     route a GPU takes (`gpu_routing`: the eager autograd.Functions, their references standing in for the launchers):
     the checkpointed layers run their forward ops again during the backward (the Functions' forwards inside
     autograd's backward pass), and the loss and every gradient equal the same model's without checkpointing and the
-    plain model's."""
+    plain model's. Both of torch's checkpoint forms: transformers' default (use_reentrant=False) recomputes when the
+    backward unpacks a saved tensor; the reentrant one runs a nested backward inside its own Function's."""
     reference = plain(checkpoints[family])
     mapping = ck_hub.recommended_mapping(family, hub, decoder=decoder)
     gpu_routing(ck_hub, monkeypatch)
@@ -250,7 +252,7 @@ def test_gradient_checkpointing_through_the_eager_functions(checkpoints, hub, ck
         model, _ = load(checkpoints[family], mapping)
         ck_hub.enable_training(model)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
         model.train()
         calls.clear()
         out = model(IDS, labels=IDS)
