@@ -2,14 +2,14 @@
 kernel by name, with launch counts, and on a GPU where it waited for the host. Its table decides what to fuse
 next.
 
-    python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048] [--decoder]
+    python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048] [--decoder] [--qkv]
     python -m benchmarks.coverage --family llama --train     (one training step of 1 x --prefill tokens instead)
     python -m benchmarks.coverage --tiny      (CPU: a tiny model, the profiler's CPU operator times)
 
 An 8B-wide random checkpoint of the family (harness.MODELS widths), bf16. Two steps, each profiled once after a
 warm-up with torch.profiler: prefill (1 x --prefill tokens) and one decode step (one token over a DynamicCache of
 the prefill). Plain transformers, then ours (KernelConfig with recommended_mapping; --decoder: with decoder=True,
-the decoder layer kernel in every layer, profiled as "ours + decoder"). --train profiles one training step instead
+the decoder layer kernel in every layer, profiled as "ours + decoder"; --qkv: with qkv=True, QKVAttention). --train profiles one training step instead
 (forward with labels + loss.backward(), no optimizer, as benchmarks.train_step): plain in train(), ours after
 enable_training(model), which is what runs our backward kernels. On a GPU the times are device times of CUDA
 kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md
@@ -137,7 +137,8 @@ def summarize(kernels: dict[str, tuple[float, int]]) -> dict[str, float]:
 
 
 def report(results: dict, notes: list[str], args, family: str) -> str:
-    ours = "with our kernels + decoder layer (decoder=True)" if args.decoder else "with our kernels"
+    ours = ("with our kernels" + (" + decoder layer (decoder=True)" if args.decoder else "")
+            + (" + q/k/v as one GEMM (qkv=True)" if args.qkv else ""))
     what = "training step" if args.train else "forward"
     steps_said = (f"one training step of 1 x {args.prefill} tokens (forward + loss.backward(); ours after "
                   "enable_training)" if args.train else f"prefill 1 x {args.prefill}, one decode step over its cache")
@@ -181,6 +182,7 @@ def main(argv=None) -> None:
         p.add_argument("--prefill", type=int, default=2048)
         p.add_argument("--top", type=int, default=12, help="kernels listed per step")
         p.add_argument("--decoder", action="store_true", help="ours with decoder=True (the decoder layer kernel)")
+        p.add_argument("--qkv", action="store_true", help="ours with qkv=True (QKVAttention: q, k, v from one GEMM)")
         p.add_argument("--train", action="store_true", help="profile one training step instead of prefill + decode")
 
     args = h.arguments("benchmarks.coverage", __doc__, argv, add=add, out="coverage.md")
@@ -188,6 +190,7 @@ def main(argv=None) -> None:
         args.prefill, args.layers = min(args.prefill, 32), min(args.layers, 2)
     elif args.out.name == "coverage.md":
         args.out = args.out.with_name(f"coverage_{args.family}{'_decoder' if args.decoder else ''}"
+                                      f"{'_qkv' if args.qkv else ''}"
                                       f"{'_train' if args.train else ''}.md")
     dtype = torch.bfloat16
     path = h.checkpoint(args.family, tiny=args.tiny, layers=args.layers, dtype=dtype, cache=args.cache)
@@ -200,9 +203,10 @@ def main(argv=None) -> None:
         results[("plain", step)] = profile(fn)
     del model
     h.free()
-    ours = "ours + decoder" if args.decoder else "ours"
+    ours = "ours" + (" + decoder" if args.decoder else "") + (" + qkv" if args.qkv else "")
     with h.kernel_hub(args.kernel_root) as (repo, ck), ck.transformers_state_guard(), h.fallbacks(ck) as fell:
-        model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder))
+        model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder,
+                                                                     qkv=args.qkv))
         if args.train:
             ck.enable_training(model).train()
         applied = h.kernel_layers(model, ck)

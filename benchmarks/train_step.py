@@ -1,6 +1,6 @@
 """One training step (forward + loss.backward(), no optimizer): plain transformers, our kernels, Liger-Kernel.
 
-    python -m benchmarks.train_step [--family llama|qwen3|mistral|gemma3] [--layers 4] [--tokens 2048] [--decoder]
+    python -m benchmarks.train_step [--family llama|qwen3|mistral|gemma3] [--layers 4] [--tokens 2048] [--decoder] [--qkv]
                                     [--out benchmarks/results/<gpu>/train_step_<family>.md]
     python -m benchmarks.train_step --tiny        (CPU: tiny config, 2 layers, 64 tokens, few steps)
 
@@ -33,15 +33,20 @@ BOUND_FLOOR = 1e-2
 
 
 def watched(model, family: str) -> dict:
-    """A few gradients to compare, found by name (our fused MLP moves down_proj into the norm's slot)."""
+    """A few gradients to compare, found by name (our fused MLP moves down_proj into the norm's slot; with q/k/v as
+    one GEMM, q_proj's gradient is the first rows of qkv_proj's)."""
     params, last = dict(model.named_parameters()), model.config.num_hidden_layers - 1
     norm = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
     down = next(n for n in params if n.startswith("model.layers.0.") and n.endswith("down_proj.weight"))
     names = {"embed_tokens": "model.embed_tokens.weight", "layers.0.input_layernorm":
              "model.layers.0.input_layernorm.weight", f"layers.0.{norm}": f"model.layers.0.{norm}.weight",
-             "layers.0 down_proj": down, f"layers.{last}.q_proj": f"model.layers.{last}.self_attn.q_proj.weight",
-             "final norm": "model.norm.weight"}
-    return {label: params[name] for label, name in names.items()}
+             "layers.0 down_proj": down, "final norm": "model.norm.weight"}
+    grads = {label: params[name].grad for label, name in names.items()}
+    attn = f"model.layers.{last}.self_attn"
+    q = params.get(f"{attn}.q_proj.weight")
+    grads[f"layers.{last}.q_proj"] = q.grad if q is not None else \
+        params[f"{attn}.qkv_proj.weight"].grad[:model.get_submodule(attn).qkv_split[0]]
+    return {label: g.detach().float().cpu() for label, g in grads.items()}
 
 
 def reference(path, ids, family: str) -> dict:
@@ -50,7 +55,7 @@ def reference(path, ids, family: str) -> dict:
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     loss = loss.item()
-    grads = {k: p.grad.detach().float().cpu() for k, p in watched(model, family).items()}
+    grads = watched(model, family)
     del model
     h.free()
     return dict(loss=loss, grads=grads)
@@ -77,7 +82,7 @@ def measure(model, ids, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     loss = step().item()
     peak = torch.cuda.max_memory_allocated() / 2**30 if h.DEVICE == "cuda" else None
-    grads = {k: p.grad.detach().float().cpu() for k, p in watched(model, args.family).items()}
+    grads = watched(model, args.family)
     return dict(ms=ms, host_ms=statistics.median(host), peak=peak, loss=loss, grads=grads)
 
 
@@ -88,16 +93,20 @@ def main(argv=None) -> None:
         p.add_argument("--tokens", type=int, default=2048)
         p.add_argument("--decoder", action="store_true", help="ours with decoder=True (the decoder layer kernel: the "
                        "residual adds and their gradients fused into the norms)")
+        p.add_argument("--qkv", action="store_true", help="ours with qkv=True (QKVAttention: q, k and v from one GEMM, "
+                       "forward and backward)")
 
     args = h.arguments("benchmarks.train_step", __doc__, argv, add=add, out="train_step.md")
     if args.out and args.out.name == "train_step.md":
-        args.out = args.out.with_name(f"train_step_{args.family}{'_decoder' if args.decoder else ''}.md")
+        args.out = args.out.with_name(f"train_step_{args.family}{'_decoder' if args.decoder else ''}"
+                                      f"{'_qkv' if args.qkv else ''}.md")
     (tokens, layers), dtype = (64, 2) if args.tiny else (args.tokens, args.layers), torch.bfloat16
     path = h.checkpoint(args.family, tiny=args.tiny, layers=layers, dtype=dtype, cache=args.cache)
     ids = torch.randint(0, (h.TINY if args.tiny else h.SIZE_8B).vocab, (1, tokens),
                         generator=torch.Generator().manual_seed(0)).to(h.DEVICE)
     title = (f"Training step, {args.family}, {path.name}, 1x{tokens} tokens, bf16, forward + loss.backward()"
-             + (", ours with the decoder layer kernel" if args.decoder else ""))
+             + (", ours with the decoder layer kernel" if args.decoder else "")
+             + (", ours with q/k/v as one GEMM" if args.qkv else ""))
     print(f"[1/4] plain transformers (float32 for reference, then bf16): {title}", flush=True)
     results = {"fp32": reference(path, ids, args.family),
                "plain": measure(h.load_model(path, dtype).train(), ids, args)}
@@ -107,7 +116,8 @@ def main(argv=None) -> None:
             print(f"[{step}/4] ours through KernelConfig, " + ("enable_training(model), " if name == "ours+train"
                                                                  else "") + "then model.train()", flush=True)
             with ck.transformers_state_guard(), h.fallbacks(ck) as notes:
-                model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder))
+                model = h.load_model(path, dtype, ck.recommended_mapping(args.family, repo, decoder=args.decoder,
+                                                                         qkv=args.qkv))
                 if name == "ours+train":
                     ck.enable_training(model)
                 results[name] = measure(model.train(), ids, args)

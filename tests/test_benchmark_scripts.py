@@ -181,6 +181,16 @@ def test_train_step_tiny_decoder(tmp_path, cache):
     assert re.search(r"- ours\+train: kernel layers in train\(\): .*DecoderLayer x2", text), text
 
 
+def test_train_step_tiny_qkv(tmp_path, cache):
+    """--qkv: ours trains through QKVAttention (one q/k/v GEMM), and q_proj's gradient (qkv_proj's first rows) is
+    compared with the float32 model's like the others."""
+    text = run(train_step, tmp_path, cache, "--family", "qwen3", "--qkv")
+    assert "ours with q/k/v as one GEMM" in text.splitlines()[0]
+    assert re.search(r"- ours\+train: kernel layers in train\(\): .*QKVAttention x2", text), text
+    err = float(re.search(r"- ours\+train: .* layers\.1\.q_proj (\S+)", text)[1])
+    assert 0 < err < 0.1
+
+
 def test_coverage_tiny(tmp_path, cache):
     """Both configs and both steps profiled; the category shares of each step add up to 100 %; ours ran our layers
     (on CPU their reference) and the time lists named kernels."""
