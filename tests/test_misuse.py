@@ -8,6 +8,7 @@
 4   process state: a plain load after a kernel load in the same process gets plain modules without the guard;
     leftovers of a load that failed after registering are refused at the next load, naming the guard.
     enable_training on a model whose KernelConfig was never applied raises the intended ValueError.
+6   a quantized load: the Layouts that concatenate checkpoint weights refuse it.
 7   accelerate (the README example's device_map=) is a requirement.
 
 The unguarded behaviour runs inside one test (the autouse guard only restores at its end).
@@ -239,6 +240,36 @@ def test_leftovers_of_a_failed_load_are_refused_once_naming_the_guard(checkpoint
     assert torch.equal(logits(later), want)
 
 
+@pytest.fixture(scope="module")
+def quantized(checkpoints, tmp_path_factory) -> Path:
+    """The tiny Llama checkpoint declared FP8-quantized: on CPU transformers builds the model with its
+    quantization_config set (and dequantizes), which is what every quantized load gives the Layouts."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("quantized") / "llama-fp8"
+    shutil.copytree(checkpoints["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("options,kernel,merged", [({}, "RMSNormMLP", "gate_up_proj"),
+                                                   (dict(mlp="merged"), "SwiGLUMLP", "gate_up_proj"),
+                                                   (dict(mlp=None, qkv=True), "QKVAttention", "qkv_proj")])
+def test_merging_layouts_refuse_a_quantized_load(quantized, checkpoints, hub, ck_hub, cpu_kernel_config, options,
+                                                 kernel, merged):
+    """The Layouts that concatenate checkpoint weights refuse a quantized model (its checkpoint stores them packed,
+    and the merged Linear would keep random values); the keys that merge nothing load it."""
+    with pytest.raises(ValueError, match=f"{kernel} cannot load a quantized model \\(quant_method=fp8\\): it builds "
+                                         f"{merged} by concatenating checkpoint weights"):
+        load(quantized, ck_hub.recommended_mapping("llama", hub, **options))
+    assert_process_clean(checkpoints)
+    model, info = load(quantized, ck_hub.recommended_mapping("llama", hub, mlp=None, decoder=True))
+    assert not any(info.values()) and layouts(model)
+
+
 def test_enable_training_on_an_unapplied_kernel_config(ck, checkpoints, hub):
     """Before: "'str' object has no attribute 'items'"."""
     model = plain(checkpoints["llama"])
@@ -280,6 +311,8 @@ def test_readme_what_happens_when_table_quotes_the_errors():
         "Llama, Mistral, Qwen2 and Qwen3 only.",
         "SwiGLUMLP replaces one module, but a fusion (tuple) key handed it LlamaRMSNorm and LlamaMLP",
         "KernelConfig key '^LlamaAttention$' -> QKVAttention cannot load under tensor parallelism (tp_size=2)",
+        "SwiGLUMLP cannot load a quantized model (quant_method=fp8): it builds gate_up_proj by concatenating "
+        "checkpoint weights at load",
         "Drop the key from the KernelConfig under tp_plan",
         "KernelConfig key 'Attention' -> QKVAttention hits Olmo2Attention; QKVAttention merges the q, k and v "
         "projections of LlamaAttention, MistralAttention, Qwen2Attention, Qwen3Attention and Gemma3Attention only. "

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .checks import DECODER_FAMILIES, Layout, _patch_keys, check_replacement, refuse
+from .checks import DECODER_FAMILIES, Layout, _patch_keys, check_replacement, refuse, refuse_quantized
 from .parallel import sharded_load
 from .rope import apply_rotary_pos_emb, head_dim_supported, qk_norm_rope
 
@@ -242,6 +242,7 @@ class QKVAttentionLayout(Layout):
 
     def __init__(self, config, layer_idx: int | None = None, *modules):  # a fusion (tuple) key: modules (refused)
         site = check_replacement(type(self), config, layer_idx, *modules)  # the five attention classes only
+        refuse_quantized(type(self), config, "qkv_proj", site)
         sharding = sharded_load(config)
         if sharding is not None:
             keys = ", ".join(repr(k) for k in _patch_keys(type(self), site.replaced)) if site else ""

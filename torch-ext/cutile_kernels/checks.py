@@ -213,6 +213,23 @@ def refuse(message: str, site: Site | None = None) -> None:
     raise ValueError(f"cutile_kernels: {message}")
 
 
+def refuse_quantized(layout_cls: type, config, merged: str, site: Site | None) -> None:
+    """Refuse a Layout that concatenates checkpoint tensors at load (`merged`: what it builds) when the model loads
+    quantized (`config.quantization_config`, which from_pretrained sets before it builds the model): a quantized
+    checkpoint stores those tensors packed (qweight, scales, ...) under keys the rules do not take, and the
+    quantizer swaps nn.Linear for its own layers, so the merged Linear would keep its random initialization."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = (quantization.get("quant_method") if isinstance(quantization, dict)
+              else getattr(quantization, "quant_method", None))
+    kernel = layout_cls.__name__.removesuffix("Layout")
+    refuse(f"{kernel} cannot load a quantized model (quant_method={getattr(method, 'value', method)}): it builds "
+           f"{merged} by concatenating checkpoint weights at load, which a quantized checkpoint stores in its own "
+           f"packed form, so {merged} would stay uninitialized. Drop the {kernel} key; the norm, RoPE and "
+           "decoder-layer keys merge no weights.", site)
+
+
 def _stale(site: Site, kernel: str, found: str) -> None:
     load = site.load
     if load.kernel_config is _UNKNOWN:  # a transformers whose from_pretrained has no such local: cannot tell

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import Layout, check_fusion, check_replacement, refuse
+from .checks import Layout, check_fusion, check_replacement, refuse, refuse_quantized
 from .gated_act import check_activation, gated_act, gated_act_reference
 from .parallel import declare_merged_mlp_sharding
 from .rms_norm import gemma_rms_norm, gemma_rms_norm_reference, rms_norm, rms_norm_reference
@@ -85,6 +85,7 @@ class SwiGLUMLPLayout(_MergedGateUp):
 
     def __init__(self, config, *modules):  # more arguments: transformers hands it a fusion's modules (refused)
         site = check_replacement(type(self), config, *modules)  # LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP
+        refuse_quantized(type(self), config, "gate_up_proj", site)
         super().__init__()
         self._init_projections(config.hidden_size, config.intermediate_size,
                                bool(getattr(config, "mlp_bias", False)), _activation(config, site))
@@ -100,6 +101,7 @@ class _NormMLPLayout(_MergedGateUp):
     """Takes the first child's slot (the norm); keeps the norm's `weight`, so its key is unchanged."""
 
     def _init_from(self, norm: nn.Module, mlp: nn.Module, site) -> None:
+        refuse_quantized(type(self), mlp.config, "gate_up_proj", site)
         self.weight = nn.Parameter(torch.empty(norm.weight.shape))
         self._init_projections(mlp.gate_proj.in_features, mlp.gate_proj.out_features,
                                mlp.gate_proj.bias is not None, _activation(mlp.config, site))
