@@ -2,19 +2,21 @@
 kernel by name, with launch counts, and on a GPU where it waited for the host. Its table decides what to fuse
 next.
 
-    python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048] [--decoder] [--qkv]
+    python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048]
+                                  [--decoder] [--qkv]
     python -m benchmarks.coverage --family llama --train     (one training step of 1 x --prefill tokens instead)
     python -m benchmarks.coverage --tiny      (CPU: a tiny model, the profiler's CPU operator times)
 
 An 8B-wide random checkpoint of the family (harness.MODELS widths), bf16. Two steps, each profiled once after a
 warm-up with torch.profiler: prefill (1 x --prefill tokens) and one decode step (one token over a DynamicCache of
 the prefill). Plain transformers, then ours (KernelConfig with recommended_mapping; --decoder: with decoder=True,
-the decoder layer kernel in every layer, profiled as "ours + decoder"; --qkv: with qkv=True, QKVAttention). --train profiles one training step instead
-(forward with labels + loss.backward(), no optimizer, as benchmarks.train_step): plain in train(), ours after
-enable_training(model), which is what runs our backward kernels. On a GPU the times are device times of CUDA
-kernels (sum over launches); on CPU, self times of top-level operators. Writes coverage_<family>.md
-(coverage_<family>_decoder.md, coverage_<family>_train.md) (shares per category, the top kernels by time, launches per step, wall time, on a GPU its idle time and longest waits) and a
-stacked bar chart (.png).
+the decoder layer kernel in every layer, profiled as "ours + decoder"; --qkv: with qkv=True, QKVAttention).
+--train profiles one training step instead (forward with labels + loss.backward(), no optimizer, as
+benchmarks.train_step): plain in train(), ours after enable_training(model), which is what runs our backward
+kernels. On a GPU the times are device times of CUDA kernels (sum over launches); on CPU, self times of top-level
+operators. Writes coverage_<family>[_decoder][_qkv][_train].md (shares per category, the top kernels by time,
+launches per step, wall time; on a GPU the time it idled between kernels and its longest waits) and a stacked bar
+chart (.png).
 """
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """One training step (forward + loss.backward(), no optimizer): plain transformers, our kernels, Liger-Kernel.
 
-    python -m benchmarks.train_step [--family llama|qwen3|mistral|gemma3] [--layers 4] [--tokens 2048] [--decoder] [--qkv]
-                                    [--out benchmarks/results/<gpu>/train_step_<family>.md]
+    python -m benchmarks.train_step [--family llama|qwen3|mistral|gemma3] [--layers 4] [--tokens 2048] [--decoder]
+                                    [--qkv] [--out benchmarks/results/<gpu>/train_step_<family>.md]
     python -m benchmarks.train_step --tiny        (CPU: tiny config, 2 layers, 64 tokens, few steps)
 
 8B widths (harness.SIZE_8B), random weights, bf16, batch 1, labels = input ids. A step is zero_grad(set_to_none) +
 forward + backward; with no optimizer the weights (and the loss) stay the same, so the gradients can be compared.
 Per config: median step time (harness.wall_ms, 3 warm-up, 10 reps), peak memory of one step (weights included,
 one model on the GPU at a time), the loss, the largest relative L2 error of a few gradients against the float32
-model's (plain bf16's own error sets the bound: 2x it + 0.01), and the host time of a step (median, until backward() returns, before waiting for the GPU): where it comes near the
-step time, the GPU waits for Python.
+model's (plain bf16's own error sets the bound: 2x it + 0.01), and the host time of a step (median, until
+backward() returns, before waiting for the GPU): where it comes near the step time, the GPU waits for Python.
 
 Ours runs twice. transformers 5.22 maps a KernelConfig for the mode the model is loaded in (inference) and kernels
 does not fall back from TRAINING to INFERENCE, so after model.train() every layer runs transformers' own forward.

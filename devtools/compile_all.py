@@ -207,6 +207,9 @@ def aot_plans(modules: dict):
                         for d in dtypes:
                             q, k, cs = T(d, (1, hq, s, hd)), T(d, (1, hk, s, hd)), T(d, (1, s, hd))
                             yield gpu, rope.forward_launch(q, k, cs, cs, q, k, gpu)
+                            if d is not f32:  # float32 cos/sin (a float32 model under autocast): float32 outputs
+                                cs32, q32, k32 = T(f32, cs.shape), T(f32, q.shape), T(f32, k.shape)
+                                yield gpu, rope.forward_launch(q, k, cs32, cs32, q32, k32, gpu)
                             for gemma in (False, True):  # q_norm / k_norm + RoPE (Qwen3, Gemma3)
                                 w = T(d, (hd,))
                                 yield gpu, rope.qk_norm_launch(q, k, w, w, cs, cs, q, k, 1e-6, gemma, gpu)

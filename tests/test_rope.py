@@ -241,6 +241,68 @@ def test_launcher_hands_the_kernel_full_cos_and_outputs_in_q_layout(ck, monkeypa
     assert (q_rows.data_ptr(), k_rows.data_ptr()) == (q_out.data_ptr(), k_out.data_ptr())
 
 
+# --- 16-bit q and k with float32 cos and sin (a float32 model under torch.autocast) ------------------------------
+
+def test_float32_cos_sin_take_the_kernel_with_float32_outputs(ck, monkeypatch):
+    """Under torch.autocast a float32 model's projections give bf16/fp16 q and k while its rotary embedding stays
+    float32; transformers then rotates (and returns) in float32. The check takes that pair (not other mixes; not
+    the fused qk_norm_rope), the launcher allocates float32 outputs laid out as q and k and plans the float32
+    rotation (NATIVE off), and the op's fake and reference agree (opcheck)."""
+    rope = importlib.import_module(f"{ck.__name__}.rope")
+    q, k, cos, sin = make_inputs(2, 5, 4, 2, 64, 1, torch.bfloat16, "cpu")
+    cos32, sin32 = cos.float(), sin.float()
+    for op in (ck._ops.ops.rope, ck._ops.ops.rope_backward):  # the reference (CPU) against the fake
+        torch.library.opcheck(op.default, (q, k, cos32, sin32, 1))
+    want = apply_rotary_pos_emb(q, k, cos32, sin32)
+    assert all(torch.equal(g, w) for g, w in zip(ck.rope_reference(q, k, cos32, sin32), want))
+    monkeypatch.setattr(rope, "device_unsupported", lambda x, dtypes: None)  # as on a GPU
+    assert rope._check(q, k, cos32, sin32, 1) is None
+    assert rope._check(q.half(), k.half(), cos32, sin32, 1) is None
+    assert "one dtype, or 16-bit q and k with float32 cos and sin" in rope._check(q.float(), k.float(), cos, sin, 1)
+    assert "one dtype" in rope._check(q, k.half(), cos32, sin32, 1)
+    assert "cos/sin" in rope._qk_check(q, k, torch.ones(64, dtype=q.dtype), torch.ones(64, dtype=q.dtype), cos32,
+                                        sin32, 1e-6, False)
+    plans = recorded_launches(ck, "rope", monkeypatch)
+    tile = importlib.import_module(f"{ck.__name__}.tile.rope")
+    for config, native_at in ((tile.ROW_NATIVE, -1), ((1, 1, 6, 1), -2)):  # rope_row's NATIVE; rope_fwd's (LATENCY)
+        monkeypatch.setattr(tile, "lookup", lambda *args, _config=config: _config)  # a native-dtype table entry
+        q_out, k_out = ck.rope_cutile(q, k, cos32, sin32, 1)
+        assert q_out.dtype == k_out.dtype == torch.float32
+        assert (q_out.stride(), k_out.stride()) == (q.stride(), k.stride())
+        ck.rope_cutile(q, k, cos, sin, 1)
+        assert plans[-2][native_at] is False and plans[-1][native_at] is True  # float32 rotation / bf16's own
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_cos_sin_on_gpu(ck_gpu, dtype):
+    """16-bit q and k with float32 cos/sin: float32 outputs within float32 rounding of float64 (poisoned
+    buffers), and through autograd (the Function, then rope_backward in float32) q's gradient in q's dtype within
+    its bounds; no fallback."""
+    seed, rng = fresh_rng()
+    for _ in range(6):
+        b, s, d, unsqueeze_dim = rng.choice([1, 2]), rng.choice([1, 7, 300, 2048]), rng.choice([64, 128, 256]), \
+            rng.choice([1, 2])
+        q, k, cos, sin = make_inputs(b, s, 8, 2, d, unsqueeze_dim, dtype, "cuda")
+        cos, sin = cos.float(), sin.float()
+        got = ck_gpu.rope_cutile(q, k, cos, sin, unsqueeze_dim, q_out=poisoned(q.shape, cos),
+                                 k_out=poisoned(k.shape, cos))
+        for out, x in zip(got, (q, k)):
+            assert out.dtype == torch.float32
+            assert_close_to_float64(out, rope64(x, cos, sin, unsqueeze_dim), torch.float32, f"seed {seed}")
+    q, k, cos, sin = make_inputs(2, 300, 8, 2, 128, 1, dtype, "cuda")
+    q, k, cos, sin = q.requires_grad_(), k.requires_grad_(), cos.float(), sin.float()
+    dq, dk = torch.randn(q.shape, device="cuda"), torch.randn(k.shape, device="cuda")
+    with no_fallback(ck_gpu):
+        out = ck_gpu.apply_rotary_pos_emb(q, k, cos, sin)
+        assert out[0].dtype == torch.float32
+        torch.autograd.backward(out, (dq, dk))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    torch.autograd.backward(ck_gpu.rope_reference(q64, k64, cos.double(), sin.double()), (dq.double(), dk.double()))
+    assert q.grad.dtype == dtype
+    assert_grads_close([(q.grad, q64.grad), (k.grad, k64.grad)], dtype, f"seed {seed}")
+
+
 # --- qk_norm_rope: Qwen3's / Gemma3's q_norm and k_norm with RoPE in one launch ---------------------------------
 
 def norm64(x, w, eps, gemma):

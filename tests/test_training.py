@@ -279,3 +279,35 @@ def test_gradient_checkpointing_through_the_eager_functions(checkpoints, hub, ck
         else:
             w = want[name.replace(f"{fused}.down_proj", "mlp.down_proj")]
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_autocast_training_of_a_float32_model_through_the_eager_functions(checkpoints, hub, ck_hub,
+                                                                        cpu_kernel_config, monkeypatch, family):
+    """Mixed precision as transformers' Trainer runs it (float32 weights, torch.autocast to bf16) on the route a GPU
+    takes (`gpu_routing`): the ops get mixed dtypes (16-bit q and k with float32 cos/sin in RoPE, float32 norms,
+    bf16 gate_up), their Functions return and take gradients in the dtypes autograd expects, and the loss and every
+    gradient equal the plain model's under the same autocast (within bf16 GEMM rounding)."""
+    reference = plain(checkpoints[family])
+    gpu_routing(ck_hub, monkeypatch)
+    calls = counted_launchers(ck_hub, monkeypatch)
+    model, _ = load(checkpoints[family], ck_hub.recommended_mapping(family, hub))
+    ck_hub.enable_training(model).train()
+    reference.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = model(IDS, labels=IDS), reference(IDS, labels=IDS)
+        out.loss.backward()
+        ref.loss.backward()
+    assert calls["rope"] and calls["rope_backward"] and calls["gated_act_backward"], calls
+    assert torch.allclose(out.loss, ref.loss, rtol=1e-5)  # causal_lm_loss sums then divides
+    # bf16 GEMMs: the merged gate_up GEMM rounds as two GEMMs do, but CPU kernels may block its sums differently
+    want = {n: p.grad for n, p in reference.named_parameters()}
+    fused = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    for name, g in model.named_parameters():
+        if name.endswith("gate_up_proj.weight"):
+            mlp = name.replace(f"{fused}.gate_up_proj.weight", "mlp.")
+            w = torch.cat([want[mlp + "gate_proj.weight"], want[mlp + "up_proj.weight"]])
+        else:
+            w = want[name.replace(f"{fused}.down_proj", "mlp.down_proj")]
+        assert g.grad is not None and g.grad.dtype == torch.float32, name
+        assert rel_err(g.grad, w) < 1e-2, (name, rel_err(g.grad, w))

@@ -3,7 +3,9 @@
 Layout as transformers passes it: q (B, Hq, S, D) and k (B, Hk, S, D) with any strides (usually transposed
 views of the projections), cos/sin (B, S, D) or (1, S, D) (one row for every batch row) holding the
 half-duplicated frequencies. Rounding follows
-transformers: q*cos and rotate_half(q)*sin are each rounded to the input dtype, then their sum.
+transformers: q*cos and rotate_half(q)*sin are each rounded to the output dtype, then their sum. The output dtype
+is q's, or float32 for 16-bit q and k with float32 cos/sin (a float32 model under torch.autocast), as PyTorch's
+promotion gives it.
 
 Work split: q's heads are cut into chunks of TILE_H heads, k's into chunks of TILE_HK = min(TILE_H, k's heads
 rounded up to a power of two); q's chunks come first, then k's. A block takes TILE_S positions of one batch row and
@@ -56,7 +58,7 @@ def _rotate(x, out, b, c, s, c1, c2, s1, s2, TILE_H, TILE_S, HALF, NATIVE, LATEN
     if NATIVE:
         y1, y2 = _summed_products(x1, c1, -x2, s1), _summed_products(x2, c2, x1, s2)
     else:
-        y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
+        y1, y2 = _rotated(x1, -x2, c1, s1, out.dtype), _rotated(x2, x1, c2, s2, out.dtype)
     _store_halves(out, b, c, s, y1, y2, TILE_H, TILE_S, HALF)
 
 
@@ -142,7 +144,7 @@ def _rotate_rows(x, out, b, s, c1, c2, s1, s2, TILE_H, HALF, NATIVE):
         y1, y2 = _summed_products(x1, c1, -x2, s1), _summed_products(x2, c2, x1, s2)
     else:
         x1, x2 = ct.astype(x1, ct.float32), ct.astype(x2, ct.float32)
-        y1, y2 = _rotated(x1, -x2, c1, s1, x.dtype), _rotated(x2, x1, c2, s2, x.dtype)
+        y1, y2 = _rotated(x1, -x2, c1, s1, out.dtype), _rotated(x2, x1, c2, s2, out.dtype)
     _scatter_halves(out, b, h, s, d, y1, y2, HALF)
 
 
@@ -344,10 +346,12 @@ def forward_launch(q, k, cos, sin, q_out, k_out, gpu, config=None, inverse: bool
     hk = k.shape[1]
     config = (config or lookup(gpu[0], "rope", torch.bfloat16, d, b * s)
               or lookup(REFERENCE_GPU, "rope", torch.bfloat16, d, b * s) or default_config(b * s, hq + hk, gpu[1]))
+    same = cos.dtype == q.dtype  # else 16-bit q and k with float32 cos/sin (autocast): the rotation in float32
     if config[:3] in (ROW, ROW_TILED, ROW_NATIVE):
         return _row_kernel(rope_row, config), (s, b), (q, k, cos, sin, q_out, k_out, int(inverse), d // 2, _pow2(hq),
-                                                       _pow2(hk), config[:3] != ROW, config[:3] == ROW_NATIVE)
+                                                       _pow2(hk), config[:3] != ROW, config[:3] == ROW_NATIVE and same)
     native, latency = _tile_knobs(config)
+    native = native and same
     grid, q_chunks, chunks, tile_s, tile_h, tile_hk, per_block = _tiled_plan(s, b, hq, hk, config[:3])
     return rope_fwd, grid, (q, k, cos, sin, q_out, k_out, q_chunks, chunks, per_block, int(inverse), d // 2, tile_s,
                             tile_h, tile_hk, native, latency)
@@ -362,6 +366,9 @@ def specializations(array):
             for s in (1, 4096):
                 q, k, cs = array(dtype, (1, 32, s, d)), array(dtype, (1, 8, s, d)), array(dtype, (1, s, d))
                 yield forward_launch(q, k, cs, cs, q, k, ("", 132))
+                if dtype is not torch.float32:  # float32 cos/sin (autocast): float32 outputs
+                    cs, qo, ko = (array(torch.float32, t.shape) for t in (cs, q, k))
+                    yield forward_launch(q, k, cs, cs, qo, ko, ("", 132))
             one, cs = array(dtype, (1, 1, 1, d)), array(dtype, (1, 1, d))  # rope_row (a tuned choice at decode)
             yield rope_row, (1, 1), (one, one, cs, cs, one, one, 0, d // 2, 32, 8, False, False)
             if d == 128 and dtype is not torch.float16:  # the tuner's native-dtype candidates compile
@@ -384,9 +391,13 @@ def specializations(array):
         for key, d, tokens in shapes(op):  # every tuned configuration (bf16; qk_norm_rope: Llama form), once
             q, k = array(torch.bfloat16, (1, 32, tokens, d)), array(torch.bfloat16, (1, 8, tokens, d))
             cs, w = array(torch.bfloat16, (1, tokens, d)), array(torch.bfloat16, (d,))
-            plan = (forward_launch(q, k, cs, cs, q, k, (key, 132)) if op == "rope" else
-                    qk_norm_launch(q, k, w, w, cs, cs, q, k, 1e-6, False, (key, 132)))
-            constants = (plan[0], tuple(a for a in plan[2] if not hasattr(a, "shape")))
-            if constants not in seen:
-                seen.add(constants)
-                yield plan
+            plans = ([forward_launch(q, k, cs, cs, q, k, (key, 132))] if op == "rope" else
+                     [qk_norm_launch(q, k, w, w, cs, cs, q, k, 1e-6, False, (key, 132))])
+            if op == "rope":  # and with float32 cos/sin (autocast)
+                cs, qo, ko = (array(torch.float32, t.shape) for t in (cs, q, k))
+                plans.append(forward_launch(q, k, cs, cs, qo, ko, (key, 132)))
+            for plan in plans:
+                constants = (plan[0], tuple(a.dtype if hasattr(a, "shape") else a for a in plan[2]))
+                if constants not in seen:
+                    seen.add(constants)
+                    yield plan

@@ -39,6 +39,17 @@ def head_dim_supported(d: int) -> bool:
     return d >= 32 and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0
 
 
+# (q and k, cos and sin) dtypes the kernels take besides one dtype for all: under torch.autocast a float32 model's
+# projections give 16-bit q and k while its rotary embedding stays float32; transformers then computes (and returns)
+# the rotation in float32, and so do the kernels (`rope_dtype`)
+MIXED = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+
+
+def rope_dtype(q: torch.Tensor, cos: torch.Tensor) -> torch.dtype:
+    """The outputs' dtype: PyTorch's promotion of q's and cos's, as transformers' element-wise RoPE gives it."""
+    return q.dtype if cos.dtype is q.dtype else torch.promote_types(q.dtype, cos.dtype)
+
+
 def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
     """None when the cuTile kernel takes these arguments, else why not."""
     reason = device_unsupported(q, DTYPES) or device_unsupported(k, DTYPES)
@@ -49,8 +60,12 @@ def _check(q, k, cos, sin, unsqueeze_dim) -> str | None:
         return f"the layout is not (B, H, S, D) with cos (B, S, D) (unsqueeze_dim={unsqueeze_dim})"
     if not head_dim_supported(d) or k.shape[-1] != d or cos.shape[-1] != d:
         return f"head_dim {d} is not twice a power of two (>= 32) for q, k, cos and sin alike"
-    if not (k.dtype is q.dtype and cos.dtype is q.dtype and sin.dtype is q.dtype) or cos.shape != sin.shape:
-        return "q, k, cos and sin differ in dtype or cos/sin in shape"
+    same = k.dtype is q.dtype and sin.dtype is cos.dtype
+    if not (same and (cos.dtype is q.dtype or (q.dtype, cos.dtype) in MIXED)):
+        return (f"q, k, cos and sin are {q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype} (one dtype, or 16-bit q and k "
+                "with float32 cos and sin)")
+    if cos.shape != sin.shape:
+        return "cos and sin differ in shape"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         return "a last dimension is not contiguous"
     return None
@@ -83,9 +98,10 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, q_out, k_out, inverse: bool):
                                    None if q_out is None else q_out.transpose(1, 2),
                                    None if k_out is None else k_out.transpose(1, 2), inverse)
         return q_embed.transpose(1, 2), k_embed.transpose(1, 2)
+    dtype = rope_dtype(q, cos)
     cos, sin = _cos_sin_for(q, cos, sin)
-    q_out = torch.empty_like(q) if q_out is None else q_out
-    k_out = torch.empty_like(k) if k_out is None else k_out
+    q_out = torch.empty_like(q, dtype=dtype) if q_out is None else q_out
+    k_out = torch.empty_like(k, dtype=dtype) if k_out is None else k_out
     if q.numel() and k.numel():
         index = q.get_device()
         launch(index, *_kernels().forward_launch(q, k, cos, sin, q_out, k_out, gpu(index), inverse=inverse))
@@ -138,11 +154,11 @@ def _rope_backward_backward(ctx, ddq, ddk):
 
 
 def _laid_out_like(out, x):
-    """`out` in the layout of torch.empty_like(x) (what the launcher allocates and the fake promises): x's strides
-    when x is dense, which the first comparison takes without an allocation."""
+    """`out` in the layout of torch.empty_like(x) (what the launcher allocates and the fake promises; out's dtype):
+    x's strides when x is dense, which the first comparison takes without an allocation."""
     if out.stride() == x.stride():
         return out
-    like = torch.empty_like(x)
+    like = torch.empty_like(x, dtype=out.dtype)
     return out if out.stride() == like.stride() else like.copy_(out)
 
 
@@ -155,13 +171,16 @@ def _conform_q_k(out, q, k, *_):
     return _laid_out_like(out[0], q), _laid_out_like(out[1], k)
 
 
-ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check,
-                 fake=lambda q, k, cos, sin, unsqueeze_dim: (torch.empty_like(q), torch.empty_like(k)),
+def _rope_fake(q, k, cos, sin, unsqueeze_dim):
+    return torch.empty_like(q, dtype=rope_dtype(q, cos)), torch.empty_like(k, dtype=rope_dtype(q, cos))
+
+
+ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check, fake=_rope_fake,
                  conform=_conform_q_k, tokens=lambda q, k, cos, sin, unsqueeze_dim: _tokens(q, unsqueeze_dim),
                  backward=_rope_backward, setup_context=_rope_setup)
 ROPE_BACKWARD = CutileOp(
     "rope_backward", launcher=rope_backward_cutile, reference=rope_backward_reference, check=_check,
-    fake=lambda dq, dk, cos, sin, unsqueeze_dim: (torch.empty_like(dq), torch.empty_like(dk)), conform=_conform_q_k,
+    fake=_rope_fake, conform=_conform_q_k,
     tokens=lambda dq, dk, cos, sin, unsqueeze_dim: _tokens(dq, unsqueeze_dim),
     backward=_rope_backward_backward, setup_context=_rope_setup)
 
@@ -199,6 +218,8 @@ def _qk_check(q, k, q_weight, k_weight, cos, sin, eps, gemma):
             raise ValueError(f"cutile_kernels.qk_norm_rope: {name} has shape {tuple(w.shape)}, q "
                              f"{tuple(q.shape)}; it must be ({q.shape[-1]},)")
     reason = _check(q, k, cos, sin, 1)
+    if reason is None and cos.dtype is not q.dtype:  # the fused norm + RoPE takes one dtype
+        reason = f"q is {q.dtype} and cos/sin {cos.dtype}"
     if reason is None and not all(w.dtype is q.dtype and w.get_device() == q.get_device()
                                   for w in (q_weight, k_weight)):
         reason = f"the norm weights are {q_weight.dtype}/{k_weight.dtype} on {q_weight.device}, q {q.dtype}"
