@@ -140,7 +140,7 @@ def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
     layer calls the module itself, and the hook sees it; a head_dim the kernel does not take (the other tests'
     16) keeps the module."""
     assert ck.decoder._fused_norm_form(plain_model(family, "cpu", torch.float32).model.layers[0].self_attn,
-                                       (torch.ones(1), torch.ones(1))) is None
+                                       torch.ones(1), (torch.ones(1), torch.ones(1))) is None
     reference = plain_model(family, "cpu", torch.float32, head_dim=32)
     ours = with_our_layers(ck, reference)
     calls = []
@@ -247,6 +247,23 @@ def test_kernel_config(ck_hub, checkpoints, hub, cpu_kernel_config, tmp_path, de
             assert norm.forward.__func__ is want.forward
             if family != "gemma3":
                 assert layers[0].mlp.forward.__func__ is ck_hub.layers.SwiGLUMLP.forward
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_offloaded_by_accelerate(ck_hub, checkpoints, hub, cpu_kernel_config, tmp_path, family):
+    """device_map="auto" with too little memory for the model: accelerate offloads parts of layers to disk (their
+    weights on meta until their hooks run) and places children of one decoder layer apart. The kernel forwards read
+    a child's weights only where they are in place, else call the modules (transformers' forward), so the logits
+    equal plain transformers'; before, the fused norms read an offloaded norm's meta weight and failed."""
+    from transformers import KernelConfig
+
+    want = logits(plain(checkpoints[family]))
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoints[family], device_map="auto", max_memory={"cpu": "300KB"}, offload_folder=str(tmp_path),
+        use_kernels=True, kernel_config=KernelConfig(decoder_mapping(ck_hub, family, hub, qkv=True)))
+    assert "disk" in set(model.hf_device_map.values()) and any(p.is_meta for p in model.parameters())
+    assert all(type(m).__name__ == f"{DECODER[family]}Layout" for m in model.model.layers)
+    assert torch.equal(logits(model), want)
 
 
 def test_recommended_mapping_with_decoder(ck):

@@ -182,11 +182,18 @@ def attend(attn: nn.Module, query_states, key_states, value_states, attention_ma
     return attn.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
+def weights_in_place(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a kernel forward may read these child modules' weights itself: on x's device and loaded. Under
+    accelerate's device_map a child may sit on a device of its own, or be offloaded (its weights on meta until its
+    hook runs, which only calling the module does); then the modules are called (transformers' forward)."""
+    return all(not w.is_meta and w.device == x.device for w in weights)
+
+
 def _kernel_qk(layer, query, key, cos, sin):
-    """The same through the package's ops: qk_norm_rope where `qk_norm_rope_eps` allows, else the norm modules
-    (their own kernels or transformers') and the RoPE op."""
+    """The same through the package's ops: qk_norm_rope where `qk_norm_rope_eps` allows (and the norms' weights are
+    in place), else the norm modules (their own kernels or transformers') and the RoPE op."""
     eps = qk_norm_rope_eps(layer)
-    if eps is not None:
+    if eps is not None and weights_in_place(query, layer.q_norm.weight, layer.k_norm.weight):
         return qk_norm_rope(query, key, layer.q_norm.weight, layer.k_norm.weight, cos, sin, eps,
                             layer.attention_class in GEMMA_NORMS)
     if layer.q_norm is not None:

@@ -32,7 +32,7 @@ import sys
 import torch
 from torch import nn
 
-from .attention import attend, qk_norm_rope_eps
+from .attention import attend, qk_norm_rope_eps, weights_in_place
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
 from .rms_norm import add_rms_norm, rms_norm_add, sandwich_rms_norm
@@ -81,19 +81,22 @@ def _residual_plus_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) 
 QK_NORM_ATTENTION = {"Qwen3Attention": False, "Gemma3Attention": True}  # class name -> Gemma-form norms
 
 
-def _fused_norm_form(attn: nn.Module, position_embeddings) -> tuple[float, bool] | None:
+def _fused_norm_form(attn: nn.Module, hidden_states, position_embeddings) -> tuple[float, bool] | None:
     """(eps, Gemma form) when `_attention` may stand in for attn's own forward: a Qwen3/Gemma3 attention (an exact
     class, not a subclass) of a head_dim the kernel takes, with one eps for both norms, and no hooks that calling
-    it would run (output recorders, TP); else None, and the module runs (its norms and RoPE: their own kernels or
-    transformers')."""
+    it would run (output recorders, TP, accelerate's device placement and offload); else None, and the module runs
+    (its norms and RoPE: their own kernels or transformers')."""
     gemma = QK_NORM_ATTENTION.get(type(attn).__name__)
     if gemma is None or position_embeddings is None:
         return None
     if attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks \
-            or nn.modules.module._global_forward_pre_hooks:
+            or nn.modules.module._global_forward_pre_hooks or "_hf_hook" in attn.__dict__:
         return None
     eps = qk_norm_rope_eps(attn)
-    return None if eps is None else (eps, gemma)
+    if eps is None or not weights_in_place(hidden_states, attn.q_norm.weight, attn.k_norm.weight):
+        return None
+    return eps, gemma
+
 
 
 def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_mask, past_key_values, eps: float,
@@ -118,7 +121,7 @@ def _self_attention(layer: nn.Module, hidden_states, position_embeddings, attent
                     past_key_values, **kwargs):
     """The decoder layer's `self_attn(...)` output: through `_attention` for Qwen3/Gemma3, else the module."""
     attn = layer.self_attn
-    form = _fused_norm_form(attn, position_embeddings)
+    form = _fused_norm_form(attn, hidden_states, position_embeddings)
     if form is not None:
         # position_ids goes on to the attention function, as the module's call passes it (flash attention reads it)
         return _attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values, *form,
@@ -144,11 +147,14 @@ class DecoderLayer(_DecoderLayerKernel):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        norm = self.post_attention_layernorm
+        if not weights_in_place(hidden_states, norm.weight):  # accelerate's offload or a device split: the Layout's
+            return type(self).forward(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                      position_embeddings, **kwargs)  # forward (transformers')
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states = _self_attention(self, hidden_states, position_embeddings, attention_mask, position_ids,
                                         past_key_values, use_cache=use_cache, **kwargs)
-        norm = self.post_attention_layernorm
         hidden_states, residual = add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
         return _residual_plus_mlp(self.mlp, hidden_states, residual)
 
@@ -199,11 +205,14 @@ class GemmaDecoderLayer(_DecoderLayerKernel):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
                 past_key_values=None, **kwargs):
+        post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        if not weights_in_place(hidden_states, post.weight, pre.weight, self.post_feedforward_layernorm.weight):
+            return type(self).forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
+                                      past_key_values, **kwargs)  # accelerate's offload or device split
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states = _self_attention(self, hidden_states, position_embeddings, attention_mask, position_ids,
                                         past_key_values, **kwargs)
-        post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
         if post.eps == pre.eps:
             hidden_states, residual = sandwich_rms_norm(hidden_states, residual, post.weight, pre.weight, pre.eps)
         else:  # one kernel takes one eps (Gemma3's config gives both norms rms_norm_eps)
