@@ -88,7 +88,9 @@ def convert_lora_adapter(model: nn.Module, adapter: str | Path, save_directory: 
         r = ab["A"].shape[0]
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)
         scale = alpha / (math.sqrt(r) if config.use_rslora else r)
-        lora[path] = ab["A"], ab["B"] * scale
+        lora[path] = ab["A"], (ab["B"].float() * scale).to(ab["B"].dtype)
+    if not lora:
+        _refuse(adapter, "it holds no LoRA weights")
     merges, moves = _plan(model)
     for target, parts in merges.items():
         found = [lora.pop(source, None) for source, _ in parts]
