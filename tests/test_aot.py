@@ -574,6 +574,8 @@ def _ops(ck, dtype, gen):
         "rope": lambda: ck.apply_rotary_pos_emb(q, k, cos, sin),
         "rope_backward": lambda: ck.rope_backward_cutile(q, k, cos, sin),
         "rope, positions shared by the batch": lambda: ck.apply_rotary_pos_emb(q, k, cos[:1], sin[:1]),
+        # a float32 model under autocast: 16-bit q and k, float32 cos/sin, float32 outputs (fp32: the plain case)
+        "rope, float32 cos/sin": lambda: ck.apply_rotary_pos_emb(q, k, cos.float(), sin.float()),
         "qk_norm_rope": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, False),
         "qk_norm_rope gemma": lambda: ck.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6, True),
         "cross_entropy": lambda: ck.cross_entropy_cutile(logits, target, -100),
