@@ -183,6 +183,16 @@ def test_eager_autograd_gradients_equal_the_references(ck, monkeypatch):
     assert not dispatched.calls  # all through the Functions
 
 
+def plain_grad(name: str, grads: dict, family: str) -> torch.Tensor:
+    """The plain model's gradient (`grads`: {name: grad}) of our parameter `name`: a merged gate_up_proj (in the MLP
+    or the fused norm's slot) is [gate | up], a fused layout's down_proj is the MLP's."""
+    fused = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    if name.endswith("gate_up_proj.weight"):
+        mlp = name.replace(f"{fused}.gate_up_proj.weight", "mlp.").replace("mlp.gate_up_proj.weight", "mlp.")
+        return torch.cat([grads[mlp + "gate_proj.weight"], grads[mlp + "up_proj.weight"]])
+    return grads[name.replace(f"{fused}.down_proj", "mlp.down_proj")]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family, monkeypatch):
@@ -217,17 +227,11 @@ def test_training_step_matches_plain(wide_checkpoints, hub, ck_hub, family, monk
     assert calls["cross_entropy"] == calls["cross_entropy_backward"] == 1, calls  # enable_training's loss
     ref_loss, plain_loss = runs["fp32"][0], runs["plain"][0]
     assert abs(out.loss.item() - ref_loss) <= 2 * abs(plain_loss - ref_loss) + 2e-3
-    want32, want16 = dict(fp32.named_parameters()), dict(reference.named_parameters())
-    fused = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
+    want32 = {n: p.grad for n, p in fp32.named_parameters()}
+    want16 = {n: p.grad for n, p in reference.named_parameters()}
     checked = 0
     for name, p in model.named_parameters():
-        if name.endswith("gate_up_proj.weight"):
-            mlp = name.replace(f"{fused}.gate_up_proj.weight", "mlp.")
-            g32 = torch.cat([want32[mlp + "gate_proj.weight"].grad, want32[mlp + "up_proj.weight"].grad])
-            g16 = torch.cat([want16[mlp + "gate_proj.weight"].grad, want16[mlp + "up_proj.weight"].grad])
-        else:
-            key = name.replace(f"{fused}.down_proj", "mlp.down_proj")
-            g32, g16 = want32[key].grad, want16[key].grad
+        g32, g16 = plain_grad(name, want32, family), plain_grad(name, want16, family)
         assert rel_err(p.grad, g32) <= 2 * rel_err(g16, g32) + 1e-2, (name, rel_err(p.grad, g32), rel_err(g16, g32))
         checked += 1
     assert checked == len(want32) - model.config.num_hidden_layers  # gate and up count once, merged
@@ -271,14 +275,8 @@ def test_gradient_checkpointing_through_the_eager_functions(checkpoints, hub, ck
     for name, g in grads[True][1].items():
         assert g is not None and torch.equal(g, grads[False][1][name]), name
     want = {n: p.grad for n, p in reference.named_parameters()}
-    fused = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
     for name, g in grads[True][1].items():
-        if name.endswith("gate_up_proj.weight"):
-            mlp = name.replace(f"{fused}.gate_up_proj.weight", "mlp.").replace("mlp.gate_up_proj.weight", "mlp.")
-            w = torch.cat([want[mlp + "gate_proj.weight"], want[mlp + "up_proj.weight"]])
-        else:
-            w = want[name.replace(f"{fused}.down_proj", "mlp.down_proj")]
-        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(g, plain_grad(name, want, family), rtol=1e-4, atol=1e-6), name
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
@@ -302,12 +300,7 @@ def test_autocast_training_of_a_float32_model_through_the_eager_functions(checkp
     assert torch.allclose(out.loss, ref.loss, rtol=1e-5)  # causal_lm_loss sums then divides
     # bf16 GEMMs: the merged gate_up GEMM rounds as two GEMMs do, but CPU kernels may block its sums differently
     want = {n: p.grad for n, p in reference.named_parameters()}
-    fused = "pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm"
     for name, g in model.named_parameters():
-        if name.endswith("gate_up_proj.weight"):
-            mlp = name.replace(f"{fused}.gate_up_proj.weight", "mlp.")
-            w = torch.cat([want[mlp + "gate_proj.weight"], want[mlp + "up_proj.weight"]])
-        else:
-            w = want[name.replace(f"{fused}.down_proj", "mlp.down_proj")]
+        w = plain_grad(name, want, family)
         assert g.grad is not None and g.grad.dtype == torch.float32, name
         assert rel_err(g.grad, w) < 1e-2, (name, rel_err(g.grad, w))

@@ -156,14 +156,23 @@ def norm_eps(norm: nn.Module):
     return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
 
 
-def qk_norm_rope_eps(attn: nn.Module) -> float | None:
-    """The eps qk_norm_rope runs attn's q_norm and k_norm with (one for both, a head_dim the kernel takes); None
-    when it cannot (no such norms), and the norm modules and RoPE run."""
+def weights_in_place(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a kernel forward may read these child modules' weights itself: on x's device and loaded. Under
+    accelerate's device_map a child may sit on a device of its own, or be offloaded (its weights on meta until its
+    hook runs, which only calling the module does); then the modules are called (transformers' forward)."""
+    return all(not w.is_meta and w.device == x.device for w in weights)
+
+
+def qk_norm_rope_eps(attn: nn.Module, x: torch.Tensor) -> float | None:
+    """The eps qk_norm_rope runs attn's q_norm and k_norm with on x (one for both, a head_dim the kernel takes, their
+    weights in place for x: `weights_in_place`); None when it cannot, and the norm modules and RoPE run."""
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if q_norm is None or k_norm is None or not head_dim_supported(getattr(attn, "head_dim", 0)):
         return None
     eps = norm_eps(q_norm)
-    return eps if eps is not None and norm_eps(k_norm) == eps else None
+    if eps is None or norm_eps(k_norm) != eps or not weights_in_place(x, q_norm.weight, k_norm.weight):
+        return None
+    return eps
 
 
 def attend(attn: nn.Module, query_states, key_states, value_states, attention_mask, past_key_values, input_shape,
@@ -182,18 +191,11 @@ def attend(attn: nn.Module, query_states, key_states, value_states, attention_ma
     return attn.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
-def weights_in_place(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a kernel forward may read these child modules' weights itself: on x's device and loaded. Under
-    accelerate's device_map a child may sit on a device of its own, or be offloaded (its weights on meta until its
-    hook runs, which only calling the module does); then the modules are called (transformers' forward)."""
-    return all(not w.is_meta and w.device == x.device for w in weights)
-
-
 def _kernel_qk(layer, query, key, cos, sin):
-    """The same through the package's ops: qk_norm_rope where `qk_norm_rope_eps` allows (and the norms' weights are
-    in place), else the norm modules (their own kernels or transformers') and the RoPE op."""
-    eps = qk_norm_rope_eps(layer)
-    if eps is not None and weights_in_place(query, layer.q_norm.weight, layer.k_norm.weight):
+    """The same through the package's ops: qk_norm_rope where `qk_norm_rope_eps` allows, else the norm modules
+    (their own kernels or transformers') and the RoPE op."""
+    eps = qk_norm_rope_eps(layer, query)
+    if eps is not None:
         return qk_norm_rope(query, key, layer.q_norm.weight, layer.k_norm.weight, cos, sin, eps,
                             layer.attention_class in GEMMA_NORMS)
     if layer.q_norm is not None:

@@ -92,11 +92,8 @@ def _fused_norm_form(attn: nn.Module, hidden_states, position_embeddings) -> tup
     if attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks \
             or nn.modules.module._global_forward_pre_hooks or "_hf_hook" in attn.__dict__:
         return None
-    eps = qk_norm_rope_eps(attn)
-    if eps is None or not weights_in_place(hidden_states, attn.q_norm.weight, attn.k_norm.weight):
-        return None
-    return eps, gemma
-
+    eps = qk_norm_rope_eps(attn, hidden_states)
+    return None if eps is None else (eps, gemma)
 
 
 def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_mask, past_key_values, eps: float,

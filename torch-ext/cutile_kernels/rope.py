@@ -172,7 +172,8 @@ def _conform_q_k(out, q, k, *_):
 
 
 def _rope_fake(q, k, cos, sin, unsqueeze_dim):
-    return torch.empty_like(q, dtype=rope_dtype(q, cos)), torch.empty_like(k, dtype=rope_dtype(q, cos))
+    dtype = rope_dtype(q, cos)
+    return torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
 
 
 ROPE = CutileOp("rope", launcher=rope_cutile, reference=rope_reference, check=_check, fake=_rope_fake,
