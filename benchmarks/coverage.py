@@ -5,6 +5,7 @@ next.
     python -m benchmarks.coverage --family llama|mistral|qwen2|qwen3|gemma3 [--layers 4] [--prefill 2048]
                                   [--decoder] [--qkv]
     python -m benchmarks.coverage --family llama --train     (one training step of 1 x --prefill tokens instead)
+    python -m benchmarks.coverage ... --trace   (also each profiled step's Chrome trace with the host's operators)
     python -m benchmarks.coverage --tiny      (CPU: a tiny model, the profiler's CPU operator times)
 
 An 8B-wide random checkpoint of the family (harness.MODELS widths), bf16. Two steps, each profiled once after a
@@ -52,14 +53,20 @@ def category(name: str) -> str:
     return next((c for c, pat in CATEGORIES if re.search(pat, name, re.IGNORECASE)), "other")
 
 
-def profile(step) -> tuple[dict[str, tuple[float, int]], float, dict | None]:
+def profile(step, trace=None) -> tuple[dict[str, tuple[float, int]], float, dict | None]:
     """({kernel or operator name: (µs, launches)}, wall ms, GPU idle (`idle`; None on CPU)) of one call of `step`
-    after a warm-up."""
+    after a warm-up. `trace`: also write a Chrome trace there (.json.gz) of one more call, with the host's operators
+    (recording them slows the host, so the figures come from the call without them)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     step()
     h.sync()
     activities = [ProfilerActivity.CUDA] if h.DEVICE == "cuda" else [ProfilerActivity.CPU]
+    if trace:
+        with torch_profile(activities={ProfilerActivity.CPU, *activities}) as traced:
+            step()
+            h.sync()
+        traced.export_chrome_trace(str(trace))
     with torch_profile(activities=activities) as prof:
         t0 = time.perf_counter()
         step()
@@ -131,6 +138,10 @@ def train_steps(model, tokens: int):
     return {"train": train}
 
 
+def trace_path(args, config: str, step: str):
+    return args.out.with_name(f"{args.out.stem}_{config}_{step}.json.gz") if args.trace and args.out else None
+
+
 def summarize(kernels: dict[str, tuple[float, int]]) -> dict[str, float]:
     shares = collections.Counter()
     for name, (us, _) in kernels.items():
@@ -186,6 +197,8 @@ def main(argv=None) -> None:
         p.add_argument("--decoder", action="store_true", help="ours with decoder=True (the decoder layer kernel)")
         p.add_argument("--qkv", action="store_true", help="ours with qkv=True (QKVAttention: q, k, v from one GEMM)")
         p.add_argument("--train", action="store_true", help="profile one training step instead of prefill + decode")
+        p.add_argument("--trace", action="store_true", help="also write each profiled step's Chrome trace with the "
+                       "host's operators (<out>_<config>_<step>.json.gz; open in Perfetto)")
 
     args = h.arguments("benchmarks.coverage", __doc__, argv, add=add, out="coverage.md")
     if args.tiny:
@@ -202,7 +215,7 @@ def main(argv=None) -> None:
     if args.train:
         model.train()
     for step, fn in make_steps(model, args.prefill).items():
-        results[("plain", step)] = profile(fn)
+        results[("plain", step)] = profile(fn, trace_path(args, "plain", step))
     del model
     h.free()
     ours = "ours" + (" + decoder" if args.decoder else "") + (" + qkv" if args.qkv else "")
@@ -215,7 +228,7 @@ def main(argv=None) -> None:
         if args.decoder:
             h.require_decoder_layers("coverage", ours, applied, model.config.num_hidden_layers)
         for step, fn in make_steps(model, args.prefill).items():
-            results[(ours, step)] = profile(fn)
+            results[(ours, step)] = profile(fn, trace_path(args, "ours", step))
         del model
     h.free()
     notes.append(f"{ours}: {h.layer_list(applied)}; "

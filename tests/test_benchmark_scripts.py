@@ -2,6 +2,8 @@
 report carries the version header, the rows and columns the GPU run fills and finite numbers; ours runs our layers
 (in training only after enable_training). CPU times mean nothing: the checks are about what ran."""
 import contextlib
+import gzip
+import json
 import math
 import re
 
@@ -212,14 +214,20 @@ def test_coverage_tiny(tmp_path, cache):
 
 def test_coverage_tiny_train(tmp_path, cache):
     """--train: one training step per config instead of prefill and decode; ours ran enable_training's layers (their
-    backward is what the step profiles), the shares add up, and the loss has its own category."""
-    text = run(coverage, tmp_path, cache, "--family", "llama", "--top", "40", "--train")
+    backward is what the step profiles), the shares add up, and the loss has its own category. --trace: each
+    profiled step's Chrome trace beside the report, holding that step's operators."""
+    text = run(coverage, tmp_path, cache, "--family", "llama", "--top", "40", "--train", "--trace")
     assert "Coverage of llama's training step" in text.splitlines()[0]
     table = {k: v for k, v in rows(text).items() if k.startswith(("plain |", "ours |"))}
     assert set(table) == {"plain | train", "ours | train"}
     for cells in table.values():
         assert abs(sum(finite(c)[0] for c in cells[6:]) - 100) < 0.5, cells
     assert "- ours: ApplyRotaryPosEmb x1, RMSNorm x" in text and "| loss |" in text
+    names = {config: {e.get("name", "") for e in json.load(gzip.open(tmp_path / f"report_{config}_train.json.gz"))[
+        "traceEvents"]} for config in ("plain", "ours")}
+    assert "aten::embedding_backward" in names["plain"] and "aten::embedding_backward" in names["ours"]
+    # our cross-entropy (its reference on CPU) keeps the logsumexp for its backward; transformers' loss does not
+    assert "aten::logsumexp" in names["ours"] and "aten::logsumexp" not in names["plain"]
 
 
 def test_coverage_idle_is_time_no_kernel_runs():
