@@ -134,12 +134,19 @@ def counting_qk_norm_rope(ck, monkeypatch) -> list:
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_kernel_runs_norms_and_rope_as_one_op(ck, monkeypatch, family):
     """With a head_dim the kernel takes (64), Qwen3's and Gemma3's q_norm, k_norm and RoPE run as one qk_norm_rope
-    per layer inside QKVAttention, logits still exact; head_dim 16 (the other tests) keeps the norm modules."""
+    per layer inside QKVAttention, logits still exact; a layer whose k_norm has a forward hook calls its norms (the
+    hook runs); head_dim 16 (the other tests) keeps the norm modules."""
     calls = counting_qk_norm_rope(ck, monkeypatch)
     reference = plain_model(family, head_dim=64)
     want = logits(reference)
-    assert torch.equal(logits(with_our_attention(ck, reference, kernel=True)), want)
+    ours = with_our_attention(ck, reference, kernel=True)
+    assert torch.equal(logits(ours), want)
     assert calls == [family == "gemma3"] * len(reference.model.layers)
+    calls.clear()
+    hooked = []
+    ours.model.layers[0].self_attn.k_norm.register_forward_hook(lambda *_: hooked.append(True))
+    assert torch.equal(logits(ours), want)
+    assert hooked == [True] and len(calls) == len(reference.model.layers) - 1
     calls.clear()
     assert torch.equal(logits(with_our_attention(ck, reference, kernel=False)), want)  # the family's own modules
     small = plain_model(family)

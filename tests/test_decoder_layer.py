@@ -9,6 +9,7 @@ through from_pretrained(use_kernels=True, kernel_config=...) with the other reco
 enable_training (and gradient checkpointing), torch.compile(fullgraph=True), hidden-state recording and the
 refusals (the fused norm+MLP key beside a decoder key; a decoder key on the wrong family)."""
 import copy
+import importlib
 import re
 from types import MethodType
 
@@ -158,6 +159,32 @@ def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
     ours.model.layers[0].self_attn.register_forward_hook(lambda *_: hooked.append(True))
     assert torch.equal(logits(ours), want)
     assert hooked == [True] and len(calls) == len(ours.model.layers) - 1
+
+
+# per family: a norm child the decoder kernel's fused op stands in for, and that op (its reference runs on CPU)
+BYPASSED = {"llama": ("post_attention_layernorm", "rms_norm", "ADD_RMS_NORM"),
+            "qwen3": ("self_attn.q_norm", "rope", "QK_NORM_ROPE"),
+            "gemma3": ("pre_feedforward_layernorm", "rms_norm", "SANDWICH_RMS_NORM")}
+
+
+@pytest.mark.parametrize("family", sorted(BYPASSED))
+def test_hooks_on_a_fused_norm_still_run(ck, monkeypatch, family):
+    """A forward hook on a norm whose work a decoder kernel does in a fused op (an activation probe, ZeRO-3's
+    parameter gathering) runs, and sees what it sees in plain transformers: that layer calls its modules; the
+    other layers keep the fused op. Before, the hook was skipped without a word."""
+    name, module, op_name = BYPASSED[family]
+    reference = plain_model(family, "cpu", torch.float32, **({"head_dim": 32} if family == "qwen3" else {}))
+    ours = with_our_layers(ck, reference)
+    op = getattr(importlib.import_module(f"{ck.__name__}.{module}"), op_name)
+    calls = []
+    monkeypatch.setattr(op, "reference", lambda *a, f=op.reference: calls.append(1) or f(*a))
+    seen = {}
+    for label, model in (("plain", reference), ("ours", ours)):
+        model.model.layers[0].get_submodule(name).register_forward_hook(
+            lambda m, args, out, label=label: seen.setdefault(label, []).append(out))
+    assert torch.equal(logits(ours), logits(reference))
+    assert len(seen["ours"]) == len(seen["plain"]) == 1 and torch.equal(seen["ours"][0], seen["plain"][0])
+    assert len(calls) == len(ours.model.layers) - 1
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])

@@ -156,21 +156,32 @@ def norm_eps(norm: nn.Module):
     return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
 
 
-def weights_in_place(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a kernel forward may read these child modules' weights itself: on x's device and loaded. Under
-    accelerate's device_map a child may sit on a device of its own, or be offloaded (its weights on meta until its
-    hook runs, which only calling the module does); then the modules are called (transformers' forward)."""
-    return all(not w.is_meta and w.device == x.device for w in weights)
+def stands_in(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether a kernel forward may do these child modules' work without calling them (reading their weights
+    itself): no hook that calling a module would run, so none is skipped (a user's forward hooks on a norm,
+    output recorders, TP, DeepSpeed ZeRO-3's parameter gathering; accelerate's `_hf_hook` wraps forward instead),
+    and their weights on x's device and loaded (accelerate's device_map may place a child on a device of its own,
+    or offload it: meta until its hook runs). Otherwise the modules are called (transformers' forward)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__:
+            return False
+        w = getattr(m, "weight", None)
+        if w is not None and (w.is_meta or w.device != x.device):
+            return False
+    return True
 
 
 def qk_norm_rope_eps(attn: nn.Module, x: torch.Tensor) -> float | None:
-    """The eps qk_norm_rope runs attn's q_norm and k_norm with on x (one for both, a head_dim the kernel takes, their
-    weights in place for x: `weights_in_place`); None when it cannot, and the norm modules and RoPE run."""
+    """The eps qk_norm_rope runs attn's q_norm and k_norm with on x (one for both, a head_dim the kernel takes, and
+    the op may stand in for the norm modules: `stands_in`); None when it cannot, and the norm modules and RoPE
+    run."""
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if q_norm is None or k_norm is None or not head_dim_supported(getattr(attn, "head_dim", 0)):
         return None
     eps = norm_eps(q_norm)
-    if eps is None or norm_eps(k_norm) != eps or not weights_in_place(x, q_norm.weight, k_norm.weight):
+    if eps is None or norm_eps(k_norm) != eps or not stands_in(x, q_norm, k_norm):
         return None
     return eps
 

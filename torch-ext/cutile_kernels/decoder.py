@@ -32,7 +32,7 @@ import sys
 import torch
 from torch import nn
 
-from .attention import attend, qk_norm_rope_eps, weights_in_place
+from .attention import attend, qk_norm_rope_eps, stands_in
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
 from .rms_norm import add_rms_norm, rms_norm_add, sandwich_rms_norm
@@ -89,8 +89,7 @@ def _fused_norm_form(attn: nn.Module, hidden_states, position_embeddings) -> tup
     gemma = QK_NORM_ATTENTION.get(type(attn).__name__)
     if gemma is None or position_embeddings is None:
         return None
-    if attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks \
-            or nn.modules.module._global_forward_pre_hooks or "_hf_hook" in attn.__dict__:
+    if not stands_in(hidden_states, attn):
         return None
     eps = qk_norm_rope_eps(attn, hidden_states)
     return None if eps is None else (eps, gemma)
@@ -145,9 +144,9 @@ class DecoderLayer(_DecoderLayerKernel):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
         norm = self.post_attention_layernorm
-        if not weights_in_place(hidden_states, norm.weight):  # accelerate's offload or a device split: the Layout's
+        if not stands_in(hidden_states, norm):  # hooks on the norm, accelerate's offload or a device split: the
             return type(self).forward(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache,
-                                      position_embeddings, **kwargs)  # forward (transformers')
+                                      position_embeddings, **kwargs)  # Layout's forward (transformers')
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states = _self_attention(self, hidden_states, position_embeddings, attention_mask, position_ids,
@@ -203,9 +202,9 @@ class GemmaDecoderLayer(_DecoderLayerKernel):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
                 past_key_values=None, **kwargs):
         post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
-        if not weights_in_place(hidden_states, post.weight, pre.weight, self.post_feedforward_layernorm.weight):
+        if not stands_in(hidden_states, post, pre, self.post_feedforward_layernorm):
             return type(self).forward(self, hidden_states, position_embeddings, attention_mask, position_ids,
-                                      past_key_values, **kwargs)  # accelerate's offload or device split
+                                      past_key_values, **kwargs)  # hooks on a norm, accelerate's offload or split
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states = _self_attention(self, hidden_states, position_embeddings, attention_mask, position_ids,
