@@ -188,6 +188,19 @@ def test_hooks_on_a_fused_norm_still_run(ck, monkeypatch, family):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_attentions_are_recorded_through_the_fused_attention(ck, family):
+    """output_attentions (eager attention) through layers whose attention the decoder kernel runs itself: the
+    recorder's hooks on the attention modules make each layer call its module, so the weights equal plain's."""
+    reference = plain_model(family, "cpu", torch.float32, head_dim=32)
+    reference.config._attn_implementation = "eager"
+    ours = with_our_layers(ck, reference)
+    with torch.no_grad():
+        want, got = (m(IDS, output_attentions=True).attentions for m in (reference, ours))
+    assert len(got) == len(want) == len(reference.model.layers)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_fused_attention_passes_the_attention_function_what_the_module_passes(ck, family):
     """The attention function (here a registered one that records its keyword arguments, then runs sdpa) sees
     the same arguments from our layer's fused attention as from the attention module's own forward
