@@ -171,7 +171,7 @@ BYPASSED = {"llama": ("post_attention_layernorm", "rms_norm", "ADD_RMS_NORM"),
 def test_hooks_on_a_fused_norm_still_run(ck, monkeypatch, family):
     """A forward hook on a norm whose work a decoder kernel does in a fused op (an activation probe, ZeRO-3's
     parameter gathering) runs, and sees what it sees in plain transformers: that layer calls its modules; the
-    other layers keep the fused op. Before, the hook was skipped without a word."""
+    other layers keep the fused op. Before, the hook was skipped without a word. The same for a backward hook."""
     name, module, op_name = BYPASSED[family]
     reference = plain_model(family, "cpu", torch.float32, **({"head_dim": 32} if family == "qwen3" else {}))
     ours = with_our_layers(ck, reference)
@@ -185,6 +185,13 @@ def test_hooks_on_a_fused_norm_still_run(ck, monkeypatch, family):
     assert torch.equal(logits(ours), logits(reference))
     assert len(seen["ours"]) == len(seen["plain"]) == 1 and torch.equal(seen["ours"][0], seen["plain"][0])
     assert len(calls) == len(ours.model.layers) - 1
+    grads = {}  # a full backward hook alone, on a fresh copy, also makes that layer call the norm
+    for label, model in (("plain", reference), ("ours", with_our_layers(ck, reference))):
+        model.model.layers[0].get_submodule(name).register_full_backward_hook(
+            lambda m, grad_in, grad_out, label=label: grads.setdefault(label, []).append(grad_out[0]))
+        model(IDS).logits.square().sum().backward()
+    assert len(grads["ours"]) == len(grads["plain"]) == 1
+    assert torch.allclose(grads["ours"][0], grads["plain"][0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])

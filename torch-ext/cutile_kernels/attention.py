@@ -158,14 +158,17 @@ def norm_eps(norm: nn.Module):
 
 def stands_in(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether a kernel forward may do these child modules' work without calling them (reading their weights
-    itself): no hook that calling a module would run, so none is skipped (a user's forward hooks on a norm,
+    itself): no hook that calling a module would run, so none is skipped (a user's forward or backward hooks,
     output recorders, TP, DeepSpeed ZeRO-3's parameter gathering; accelerate's `_hf_hook` wraps forward instead),
     and their weights on x's device and loaded (accelerate's device_map may place a child on a device of its own,
     or offload it: meta until its hook runs). Otherwise the modules are called (transformers' forward)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
+            or g._global_backward_pre_hooks:
         return False
     for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+                or "_hf_hook" in m.__dict__:
             return False
         w = getattr(m, "weight", None)
         if w is not None and (w.is_meta or w.device != x.device):
