@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
-from devtools.checkpoints import ALL_FAMILIES, config_for, randomize_norms
+from devtools.checkpoints import ALL_FAMILIES, config_for, make_checkpoint, randomize_norms
 
 from ._helpers import (DEVICES, IDS, check_layout_model, layouts, load, logits, no_fallback, plain, rel_err)
 
@@ -294,6 +294,36 @@ def test_kernel_config(ck_hub, checkpoints, hub, cpu_kernel_config, tmp_path, de
             assert norm.forward.__func__ is want.forward
             if family != "gemma3":
                 assert layers[0].mlp.forward.__func__ is ck_hub.layers.SwiGLUMLP.forward
+
+
+def test_a_forward_wrapper_makes_the_layer_call_the_module(ck):
+    """stands_in: a forward bound on the instance that is the class's own or one of our kernels (what kernelize
+    binds) lets a fused op stand in; any other (transformers' TP styles, accelerate) must be called."""
+    norm = plain_model("llama", "cpu", torch.float32).model.layers[0].post_attention_layernorm
+    x = torch.ones(2, norm.weight.shape[0])
+    assert ck.attention.stands_in(x, norm)
+    norm.forward = MethodType(type(norm).forward, norm)
+    assert ck.attention.stands_in(x, norm)
+    norm.forward = MethodType(ck.layers.RMSNorm.forward, norm)
+    assert ck.attention.stands_in(x, norm)
+    wrapped = norm.forward
+    norm.forward = lambda *args, **kwargs: wrapped(*args, **kwargs)  # as ReplicatedWithGradAllReduce wraps it
+    assert not ck.attention.stands_in(x, norm)
+
+
+@pytest.mark.parametrize("family", sorted(BYPASSED))
+def test_fused_ops_run_after_a_kernel_config_load(ck_hub, hub, cpu_kernel_config, tmp_path, monkeypatch, family):
+    """Through from_pretrained with every recommended key (kernelize binds each norm's forward on the instance)
+    every layer runs its fused op: the checks that make a layer call its modules instead (hooks, forward wrappers
+    such as accelerate's or transformers' TP styles) stay quiet on a plain kernel load. head_dim 32: qk_norm_rope's."""
+    path = make_checkpoint(family, tmp_path / "ckpt", head_dim=32)
+    model, _ = load(path, decoder_mapping(ck_hub, family, hub))
+    _, module, op_name = BYPASSED[family]
+    op = getattr(importlib.import_module(f"{ck_hub.__name__}.{module}"), op_name)
+    calls = []
+    monkeypatch.setattr(op, "reference", lambda *a, f=op.reference: calls.append(1) or f(*a))
+    logits(model)
+    assert len(calls) == len(model.model.layers)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])

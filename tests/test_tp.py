@@ -297,6 +297,17 @@ def test_tensor_parallel(kernel_repo, checkpoints, tmp_path, family):
     _assert_tp_reports(tmp_path, family, checkpoints[family], "cpu")
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_tensor_parallel_with_one_op_for_the_attention_norms(kernel_repo, tmp_path, family):
+    """head_dim 32, which qk_norm_rope takes (the tiny checkpoints' 16 keeps the norm modules): the decoder layers
+    would do q_norm's and k_norm's work in that op without calling them, which skipped the pre-hook
+    (`keep_tp_grad_hooks`) that registers their gradients' all-reduce: each rank kept its partial gradient. Those
+    layers call the norms now, so every gradient equals the single-process one."""
+    path = make_checkpoint(family, tmp_path / "ckpt", head_dim=32)
+    _spawn(_tp_worker, "cpu", str(kernel_repo), family, str(path), str(tmp_path))
+    _assert_tp_reports(tmp_path, family, path, "cpu")
+
+
 FSDP_CASES = {"llama": {}, "qwen3": dict(mlp="merged")}  # the fused norm+MLP Layout; the merged MLP
 
 

@@ -156,11 +156,21 @@ def norm_eps(norm: nn.Module):
     return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
 
 
+def _plain_forward(m: nn.Module) -> bool:
+    """m's forward is its class's or one of this package's kernels (kernelize binds either on the instance), not a
+    wrapper that must run: transformers' TP styles (replicated_with_grad_allreduce registers the weight's gradient
+    all-reduce in its wrapper) and accelerate (`_hf_hook`) replace forward on the instance."""
+    bound = m.__dict__.get("forward")
+    if bound is None:
+        return True
+    func = getattr(bound, "__func__", None)
+    return func is type(m).forward or getattr(func, "__module__", "").startswith(__package__ + ".")
+
+
 def stands_in(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether a kernel forward may do these child modules' work without calling them (reading their weights
-    itself): no hook that calling a module would run, so none is skipped (a user's forward or backward hooks,
-    output recorders, TP, DeepSpeed ZeRO-3's parameter gathering; accelerate's `_hf_hook` wraps forward instead),
-    and their weights on x's device and loaded (accelerate's device_map may place a child on a device of its own,
+    itself): no hook or forward wrapper that calling a module would run, so none is skipped (a user's forward or
+    backward hooks, output recorders, TP, DeepSpeed ZeRO-3's parameter gathering, accelerate), and their weights on x's device and loaded (accelerate's device_map may place a child on a device of its own,
     or offload it: meta until its hook runs). Otherwise the modules are called (transformers' forward)."""
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
@@ -168,7 +178,7 @@ def stands_in(x: torch.Tensor, *modules: nn.Module) -> bool:
         return False
     for m in modules:
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
-                or "_hf_hook" in m.__dict__:
+                or not _plain_forward(m):
             return False
         w = getattr(m, "weight", None)
         if w is not None and (w.is_meta or w.device != x.device):
