@@ -170,8 +170,9 @@ def _plain_forward(m: nn.Module) -> bool:
 def stands_in(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether a kernel forward may do these child modules' work without calling them (reading their weights
     itself): no hook or forward wrapper that calling a module would run, so none is skipped (a user's forward or
-    backward hooks, output recorders, TP, DeepSpeed ZeRO-3's parameter gathering, accelerate), and their weights on x's device and loaded (accelerate's device_map may place a child on a device of its own,
-    or offload it: meta until its hook runs). Otherwise the modules are called (transformers' forward)."""
+    backward hooks, output recorders, TP, DeepSpeed ZeRO-3's parameter gathering, accelerate), and their weights
+    on x's device and loaded (accelerate's device_map may place a child on a device of its own, or offload it:
+    meta until its hook runs). Otherwise the modules are called (transformers' forward)."""
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
             or g._global_backward_pre_hooks:
