@@ -167,17 +167,24 @@ BYPASSED = {"llama": ("post_attention_layernorm", "rms_norm", "ADD_RMS_NORM"),
             "gemma3": ("pre_feedforward_layernorm", "rms_norm", "SANDWICH_RMS_NORM")}
 
 
+def counting_fused_op(ck, monkeypatch, family: str) -> list:
+    """Record each call of the family's fused op in BYPASSED (on CPU the op runs its reference)."""
+    _, module, op_name = BYPASSED[family]
+    op = getattr(importlib.import_module(f"{ck.__name__}.{module}"), op_name)
+    calls = []
+    monkeypatch.setattr(op, "reference", lambda *a, f=op.reference: calls.append(1) or f(*a))
+    return calls
+
+
 @pytest.mark.parametrize("family", sorted(BYPASSED))
 def test_hooks_on_a_fused_norm_still_run(ck, monkeypatch, family):
     """A forward hook on a norm whose work a decoder kernel does in a fused op (an activation probe, ZeRO-3's
     parameter gathering) runs, and sees what it sees in plain transformers: that layer calls its modules; the
     other layers keep the fused op. Before, the hook was skipped without a word. The same for a backward hook."""
-    name, module, op_name = BYPASSED[family]
+    name = BYPASSED[family][0]
     reference = plain_model(family, "cpu", torch.float32, **({"head_dim": 32} if family == "qwen3" else {}))
     ours = with_our_layers(ck, reference)
-    op = getattr(importlib.import_module(f"{ck.__name__}.{module}"), op_name)
-    calls = []
-    monkeypatch.setattr(op, "reference", lambda *a, f=op.reference: calls.append(1) or f(*a))
+    calls = counting_fused_op(ck, monkeypatch, family)
     seen = {}
     for label, model in (("plain", reference), ("ours", ours)):
         model.model.layers[0].get_submodule(name).register_forward_hook(
@@ -318,10 +325,7 @@ def test_fused_ops_run_after_a_kernel_config_load(ck_hub, hub, cpu_kernel_config
     such as accelerate's or transformers' TP styles) stay quiet on a plain kernel load. head_dim 32: qk_norm_rope's."""
     path = make_checkpoint(family, tmp_path / "ckpt", head_dim=32)
     model, _ = load(path, decoder_mapping(ck_hub, family, hub))
-    _, module, op_name = BYPASSED[family]
-    op = getattr(importlib.import_module(f"{ck_hub.__name__}.{module}"), op_name)
-    calls = []
-    monkeypatch.setattr(op, "reference", lambda *a, f=op.reference: calls.append(1) or f(*a))
+    calls = counting_fused_op(ck_hub, monkeypatch, family)
     logits(model)
     assert len(calls) == len(model.model.layers)
 
