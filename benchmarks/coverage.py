@@ -105,14 +105,16 @@ def idle(spans: list[tuple[float, float, str]], top: int = 8) -> dict:
 
 
 def steps(model, prompt: int):
-    """(prefill, decode) callables on fixed inputs; decode reuses a cache filled by one prefill."""
+    """(prefill, decode) callables on fixed inputs; decode appends one token per call to a cache filled by one
+    prefill, as generation does (the warm-up and profiled calls add a few tokens to the `prompt` held). Not cropped
+    back between calls: a crop makes the next step copy the layer's cache into new buffers under append_kv (our
+    attention's cache update), which generation does only after assisted decoding rejects drafts."""
     from transformers import DynamicCache
 
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=h.DEVICE)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(ids, past_key_values=cache, use_cache=True)
-    length = cache.get_seq_length()
 
     def prefill():
         with torch.no_grad():
@@ -120,8 +122,6 @@ def steps(model, prompt: int):
 
     def decode():
         with torch.no_grad():
-            if cache.get_seq_length() > length:  # the same step every call: drop the last call's token
-                cache.crop(length - cache.get_seq_length())
             model(ids[:, -1:], past_key_values=cache, use_cache=True)
 
     return {"prefill": prefill, "decode": decode}

@@ -16,6 +16,7 @@ from types import MethodType
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, KernelConfig, StaticCache
+from transformers.cache_utils import DynamicLayer
 
 from devtools.checkpoints import ALL_FAMILIES, config_for, make_checkpoint, randomize_norms
 
@@ -117,6 +118,92 @@ def test_attention_matches_transformers(ck, family, cache, forward):
     got = run_steps(ours, ids, mask, got_cache)
     for g, w in list(zip(got, want)) + list(zip(cache_tensors(got_cache), cache_tensors(want_cache))):
         assert torch.equal(g, w)
+
+
+def kv(generator, length: int, batch: int = 2):
+    """Random keys and values of `length` positions: (B, 2 kv heads, S, 8), and the keys as a transposed view (as
+    the attention hands them over)."""
+    keys = torch.randn(batch, length, 2, 8, generator=generator).transpose(1, 2)
+    return keys, torch.randn(batch, 2, length, 8, generator=generator)
+
+
+def test_append_kv_stores_what_dynamic_cache_update_stores(ck):
+    """append_kv against DynamicCache.update over 600 decode steps after a prefill (so its buffers grow twice), with
+    a crop, a beam-search reorder, a batch selection and repeat, a deep copy and a reset in between: after every
+    step the returned and stored keys and values equal the reference's, every tensor returned earlier keeps its
+    values (none is written twice), and the buffers are allocated about once per KV_SPARE steps, not per step."""
+    from transformers import AutoConfig
+
+    attention = ck.attention
+    config = AutoConfig.for_model("llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  hidden_size=32, head_dim=8)
+    g = torch.Generator().manual_seed(0)
+    want, got = DynamicCache(config=config), DynamicCache(config=config)
+    returned, buffers = [], set()
+
+    def step(length: int, layer: int = 1):
+        k, v = kv(g, length, batch=got.layers[layer].keys.shape[0] if got.layers[layer].is_initialized else 2)
+        w, o = want.update(k, v, layer), attention.append_kv(got, k, v, layer)
+        for a, b in zip(o + (got.layers[layer].keys, got.layers[layer].values), w * 2):
+            assert torch.equal(a, b)
+        returned.append((o[0], o[0].clone()))
+        buffers.add(got.layers[layer]._cutile_kv[0].data_ptr())
+
+    step(7)
+    for _ in range(600):
+        step(1)
+    assert len(buffers) <= 607 // attention.KV_SPARE + 1
+    for cache in (want, got):
+        cache.crop(-5)
+    step(1)
+    beams = torch.tensor([1, 0])
+    for cache in (want, got):
+        cache.reorder_cache(beams)
+    step(1)
+    for cache in (want, got):
+        cache.batch_repeat_interleave(2)
+    step(1)
+    for cache in (want, got):
+        cache.batch_select_indices(torch.tensor([0, 3]))
+    step(2)
+    copied = copy.deepcopy(got)  # a copy grows apart from its original
+    k, v = kv(g, 1, batch=2)
+    w = want.update(k, v, 1)
+    for cache in (copied, got):
+        assert all(torch.equal(a, b) for a, b in zip(attention.append_kv(cache, k, v, 1), w))
+    step(1)
+    assert torch.equal(copied.layers[1].keys, w[0]) and torch.equal(copied.layers[1].values, w[1])
+    for cache in (want, got):
+        cache.reset()
+    step(3)
+    step(1)
+    for tensor, values in returned:
+        assert torch.equal(tensor, values)
+    assert not got.layers[0].is_initialized and len(want.layers[1].keys[0, 0]) == 4
+
+
+def test_append_kv_leaves_other_caches_to_their_update(ck):
+    """Sliding-window layers, a static cache, keys that need gradients (and, first, a cache without the layer yet):
+    cache.update stores them as before, nothing of append_kv's on the layer; an offloading cache is not taken."""
+    from transformers import AutoConfig
+
+    attention = ck.attention
+    config = AutoConfig.for_model("mistral", num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                  hidden_size=32, head_dim=8, sliding_window=4)
+    g = torch.Generator().manual_seed(0)
+    cases = {"sliding": (DynamicCache(config=config), False),
+             "static": (StaticCache(config=config, max_cache_len=16), False), "grad": (DynamicCache(), True)}
+    for name, (cache, grad) in cases.items():
+        reference = copy.deepcopy(cache)
+        for length in (5, 1, 1):
+            k, v = kv(g, length)
+            got, want = attention.append_kv(cache, k.requires_grad_(grad), v, 0), reference.update(k, v, 0)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), name
+        assert all("_cutile_kv" not in vars(layer) for layer in cache.layers), name
+    offloading = DynamicCache(config=AutoConfig.for_model("llama", num_hidden_layers=1), offloading=True)
+    assert attention._growable_layer(offloading, 0, *kv(g, 1)) is None
+    offloading.offloading = False
+    assert attention._growable_layer(offloading, 0, *kv(g, 1)) is offloading.layers[0]
 
 
 def counting_qk_norm_rope(ck, monkeypatch) -> list:
@@ -246,6 +333,39 @@ def test_decoder_layer_composes(ck_hub, hub, cpu_kernel_config, monkeypatch, tmp
     calls.clear()
     assert torch.equal(logits(model), logits(plain(path)))
     assert calls == [False] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("family,search", [("llama", "greedy"), ("qwen3", "beams"), ("qwen2", "assisted")])
+def test_generate_grows_the_cache_in_place(ck_hub, checkpoints, hub, cpu_kernel_config, monkeypatch, tmp_path, family,
+                                           search):
+    """generate through the QKVAttention key with buffers of 3 spare tokens (append_kv grows them every few steps):
+    greedy, beam search (reorders the cache) and assisted decoding (crops it) give the plain model's tokens and
+    logits, and the caches ran in append_kv's buffers."""
+    monkeypatch.setattr(ck_hub.attention, "KV_SPARE", 3)
+    path = checkpoints[family]
+    model, reference = load(path, qkv_mapping(ck_hub, family, hub))[0], plain(path)
+    mask = torch.ones_like(IDS[:, :9])
+    mask[0, :2] = 0  # left padding
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
+                   return_dict_in_generate=True, attention_mask=mask)
+    if search == "beams":
+        options["num_beams"] = 3
+    crops = []
+    if search == "assisted":  # another model's drafts, some rejected: the cache is cropped
+        options["assistant_model"] = plain(make_checkpoint(family, tmp_path / "draft", seed=1))
+        crop = DynamicLayer.crop
+        monkeypatch.setattr(DynamicLayer, "crop", lambda self, n: crops.append(n) or crop(self, n))
+    if search == "assisted":  # one sequence: transformers' assisted decoding takes no batch
+        options["attention_mask"] = mask[1:]
+    ids = IDS[1:, :9] if search == "assisted" else IDS[:, :9]
+    got, want = model.generate(ids, **options), reference.generate(ids, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    cache = got.past_key_values
+    grown = ["_cutile_kv" in vars(layer) for layer in cache.layers]
+    assert grown == [type(layer).__name__ == "DynamicLayer" for layer in cache.layers] and any(grown)
+    assert any(crops) == (search == "assisted")
 
 
 def test_compiles_without_graph_breaks(checkpoints, hub, ck_hub, cpu_kernel_config, tmp_path):

@@ -15,6 +15,7 @@ splits a merged weight into equal parts, which GQA's [q | k | v] is not.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from typing import NamedTuple
@@ -200,13 +201,105 @@ def qk_norm_rope_eps(attn: nn.Module, x: torch.Tensor) -> float | None:
     return eps
 
 
+# Tokens of room a growable cache buffer keeps past its contents (append_kv): a buffer grows, with one copy of the
+# layer's cache, once per this many decode steps, and holds at most this many unused tokens per layer, K and V each.
+KV_SPARE = 256
+
+
+def append_kv(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+    """`cache.update(key_states, value_states, layer_idx)`: the layer's keys and values so far followed by these,
+    (B, H, S, D), stored in the cache as transformers 5.22.2 stores them.
+
+    A plain DynamicCache layer appends with torch.cat, which copies the layer's whole cache at every decode step: on
+    an H100 (8B widths, a 2048-token cache) 8 copies of 4 MB per 4-layer step, 121 of its 999 µs of GPU time, and
+    they grow with the context. Here such a layer's keys and values are prefixes of buffers with room for up to
+    KV_SPARE more tokens: a step copies only its own tokens, and a buffer grows (one copy) when full. The layer's
+    tensors are views with the values and shapes torch.cat gives (strided over the room), and a position once written
+    is never written again, so every tensor the cache handed out keeps its values as after torch.cat; after a crop,
+    a reorder (beam search), a reset or anything else that replaces them, the next step copies into new buffers.
+    Other caches and layers (static, sliding-window, quantized, offloaded, a subclass), tensors that need gradients,
+    and torch.compile (whose graphs cannot hold this state) go through `cache.update`."""
+    layer = _growable_layer(cache, layer_idx, key_states, value_states)
+    if layer is None:
+        return cache.update(key_states, value_states, layer_idx)
+    k_buffer, v_buffer, length, keys, values = layer.__dict__.get("_cutile_kv") or _NO_BUFFERS
+    new = key_states.shape[2]
+    if k_buffer is None or layer.keys is not keys or layer.values is not values or length + new > k_buffer.shape[2]:
+        # not what the last append left (a first step, a crop, a reorder, a reset) or full: new buffers
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        keys, values = layer.keys, layer.values
+        length = keys.shape[2] if keys.dim() == 4 else 0
+        k_buffer, v_buffer = _grown(keys, key_states, length), _grown(values, value_states, length)
+    k_buffer.narrow(2, length, new).copy_(key_states)
+    v_buffer.narrow(2, length, new).copy_(value_states)
+    layer.keys, layer.values = keys, values = k_buffer.narrow(2, 0, length + new), v_buffer.narrow(2, 0, length + new)
+    layer._cutile_kv = (k_buffer, v_buffer, length + new, keys, values)
+    return keys, values
+
+
+_NO_BUFFERS = (None, None, 0, None, None)
+
+
+def _growable_layer(cache, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+    """The cache's layer `layer_idx` when append_kv may grow it in place (a transformers DynamicLayer of a cache
+    whose update is Cache.update, no offloading, eager, no gradients, keys and values alike and matching what the
+    layer holds: what torch.cat would refuse or promote goes to its call), else None. A few attribute reads per call
+    (it runs in every layer of every decode step)."""
+    if torch.compiler.is_compiling() or key_states.requires_grad or value_states.requires_grad \
+            or not _plain_cache(type(cache)) or cache.offloading or layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    if type(layer) is not _cache_classes()[1]:
+        return None
+    shape, dtype, device = key_states.shape, key_states.dtype, key_states.device
+    if len(shape) != 4 or value_states.shape[:3] != shape[:3] or value_states.dtype != dtype \
+            or value_states.device != device:
+        return None
+    if not layer.is_initialized:
+        return layer
+    keys, values = layer.keys, layer.values
+    if keys.dim() != 4:
+        return layer if not keys.numel() and keys.dtype == dtype and keys.device == device else None
+    held = keys.shape
+    if held[0] != shape[0] or held[1] != shape[1] or held[3] != shape[3] or keys.dtype != dtype \
+            or keys.device != device or values.shape[:3] != held[:3] or values.shape[3] != value_states.shape[3] \
+            or values.dtype != dtype or values.device != device:
+        return None
+    return layer
+
+
+@functools.cache
+def _cache_classes():
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    return Cache, DynamicLayer
+
+
+@functools.cache
+def _plain_cache(cls) -> bool:
+    """A cache class whose update is transformers' Cache.update (DynamicCache; not a subclass that changes it)."""
+    cache = _cache_classes()[0]
+    return issubclass(cls, cache) and cls.update is cache.update
+
+
+def _grown(held: torch.Tensor, new: torch.Tensor, length: int) -> torch.Tensor:
+    """A buffer (B, H, capacity, D) for `length` held positions, the new ones and up to KV_SPARE more, holding the
+    first `length`."""
+    b, h, n, d = new.shape
+    buffer = new.new_empty((b, h, (length + n) // KV_SPARE * KV_SPARE + KV_SPARE, d))
+    if length:
+        buffer.narrow(2, 0, length).copy_(held)
+    return buffer
+
+
 def attend(attn: nn.Module, query_states, key_states, value_states, attention_mask, past_key_values, input_shape,
            eager, **kwargs):
     """The rest of an attention forward (transformers 5.22.2) once q and k are rotated: the cache update, the
     config's attention function (`eager`, the family's eager_attention_forward, as its fallback) and o_proj;
     (output, attention weights)."""
     if past_key_values is not None:
-        key_states, value_states = past_key_values.update(key_states, value_states, attn.layer_idx)
+        key_states, value_states = append_kv(past_key_values, key_states, value_states, attn.layer_idx)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
