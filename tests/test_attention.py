@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from devtools.checkpoints import ALL_FAMILIES, config_for, make_checkpoint, randomize_norms
 
 from ._helpers import (IDS, assert_compiles_like_eager, assert_gpu_parity, check_layout_model, layouts, load,
-                       logits, plain)
+                       logits, plain, rel_err)
 from .test_tp import WORLD, _distributed_unavailable, _init, _report, _reports, _spawn
 
 # the window (4) is shorter than the prompts, so sliding layers mask differently from full ones
@@ -481,3 +481,36 @@ def test_gpu_parity(wide_checkpoints, hub, ck_hub, family):
     for options in ({}, dict(norm=True, mlp="fused", rope=True)):
         model = assert_gpu_parity(ck_hub, path, qkv_mapping(ck_hub, family, hub, **options))
         assert type(model.model.layers[0].self_attn).__name__ == "QKVAttentionLayout"
+
+
+@pytest.mark.gpu
+def test_grown_cache_decodes_as_update_does_on_gpu(wide_checkpoints, hub, ck_hub, monkeypatch):
+    """On the GPU in bf16 (Llama, every key, buffers of 8 spare tokens: they grow four times): a prefill of two
+    prompts, one left-padded, then 32 decode steps of the same tokens, with append_kv's buffers and with
+    cache.update's torch.cat: every step's logits agree (attention over strided buffers against contiguous caches)."""
+    from transformers import KernelConfig
+
+    attention = ck_hub.attention
+    monkeypatch.setattr(attention, "KV_SPARE", 8)
+    model = AutoModelForCausalLM.from_pretrained(
+        wide_checkpoints["llama"], dtype=torch.bfloat16, device_map="cuda", use_kernels=True,
+        kernel_config=KernelConfig(qkv_mapping(ck_hub, "llama", hub, norm=True, mlp="fused", rope=True)))
+    ids = torch.randint(0, model.config.vocab_size, (2, 72), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+
+    def steps():
+        cache, out = DynamicCache(config=model.config), []
+        with torch.no_grad():
+            for start, stop in [(0, 40)] + [(t, t + 1) for t in range(40, 72)]:
+                out.append(model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache,
+                                 use_cache=True).logits[:, -1].float())
+        return out, cache
+
+    got, cache = steps()
+    assert all("_cutile_kv" in vars(layer) for layer in cache.layers)
+    monkeypatch.setattr(attention, "_growable_layer", lambda *args: None)
+    want, cache = steps()
+    assert not any("_cutile_kv" in vars(layer) for layer in cache.layers)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-2
