@@ -201,9 +201,12 @@ def qk_norm_rope_eps(attn: nn.Module, x: torch.Tensor) -> float | None:
     return eps
 
 
-# Tokens of room a growable cache buffer keeps past its contents (append_kv): a buffer grows, with one copy of the
-# layer's cache, once per this many decode steps, and holds at most this many unused tokens per layer, K and V each.
+# Room a cache buffer gets past its contents when append_kv (re)allocates it: an eighth of its length, at least
+# KV_MIN_SPARE and at most KV_SPARE tokens. A buffer grows (one copy of the layer's cache) when the room is used up:
+# every 16 to 256 decode steps, each copy amortized over as many; unused room is at most 12.5 % of the cache or 16
+# tokens per layer, K and V each.
 KV_SPARE = 256
+KV_MIN_SPARE = 16
 
 
 def append_kv(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
@@ -212,8 +215,8 @@ def append_kv(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer
 
     A plain DynamicCache layer appends with torch.cat, which copies the layer's whole cache at every decode step: on
     an H100 (8B widths, a 2048-token cache) 8 copies of 4 MB per 4-layer step, 121 of its 999 µs of GPU time, and
-    they grow with the context. Here such a layer's keys and values are prefixes of buffers with room for up to
-    KV_SPARE more tokens: a step copies only its own tokens, and a buffer grows (one copy) when full. The layer's
+    they grow with the context. Here such a layer's keys and values are prefixes of buffers with room for more
+    tokens (KV_SPARE): a step copies only its own tokens, and a buffer grows (one copy) when full. The layer's
     tensors are views with the values and shapes torch.cat gives (strided over the room), and a position once written
     is never written again, so every tensor the cache handed out keeps its values as after torch.cat; after a crop,
     a reorder (beam search), a reset or anything else that replaces them, the next step copies into new buffers.
@@ -284,10 +287,11 @@ def _plain_cache(cls) -> bool:
 
 
 def _grown(held: torch.Tensor, new: torch.Tensor, length: int) -> torch.Tensor:
-    """A buffer (B, H, capacity, D) for `length` held positions, the new ones and up to KV_SPARE more, holding the
-    first `length`."""
+    """A buffer (B, H, capacity, D) for `length` held positions, the new ones and room past them (KV_SPARE),
+    holding the first `length`."""
     b, h, n, d = new.shape
-    buffer = new.new_empty((b, h, (length + n) // KV_SPARE * KV_SPARE + KV_SPARE, d))
+    needed = length + n
+    buffer = new.new_empty((b, h, needed + min(KV_SPARE, max(KV_MIN_SPARE, needed // 8)), d))
     if length:
         buffer.narrow(2, 0, length).copy_(held)
     return buffer
