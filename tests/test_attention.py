@@ -183,6 +183,28 @@ def test_append_kv_stores_what_dynamic_cache_update_stores(ck):
     assert not got.layers[0].is_initialized and len(want.layers[1].keys[0, 0]) == 4
 
 
+def test_append_kv_after_inference_mode(ck):
+    """A prefill under torch.inference_mode and decode steps under no_grad (buffers made in inference mode cannot
+    be written outside it): the steps take new buffers and store what DynamicCache.update stores."""
+    from transformers import AutoConfig
+
+    attention = ck.attention
+    config = AutoConfig.for_model("llama", num_hidden_layers=1)
+    g = torch.Generator().manual_seed(0)
+    want, got = DynamicCache(config=config), DynamicCache(config=config)
+    with torch.inference_mode():
+        k, v = kv(g, 5)
+        want.update(k, v, 0)
+        attention.append_kv(got, k, v, 0)
+        assert got.layers[0]._cutile_kv[0].is_inference()
+    with torch.no_grad():
+        for _ in range(3):
+            k, v = kv(g, 1)
+            for a, b in zip(attention.append_kv(got, k, v, 0), want.update(k, v, 0)):
+                assert torch.equal(a, b)
+    assert not got.layers[0]._cutile_kv[0].is_inference()
+
+
 def test_append_kv_leaves_other_caches_to_their_update(ck):
     """Sliding-window layers, a static cache, keys that need gradients (and, first, a cache without the layer yet):
     cache.update stores them as before, nothing of append_kv's on the layer; an offloading cache is not taken."""

@@ -227,8 +227,10 @@ def append_kv(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer
         return cache.update(key_states, value_states, layer_idx)
     k_buffer, v_buffer, length, keys, values = layer.__dict__.get("_cutile_kv") or _NO_BUFFERS
     new = key_states.shape[2]
-    if k_buffer is None or layer.keys is not keys or layer.values is not values or length + new > k_buffer.shape[2]:
-        # not what the last append left (a first step, a crop, a reorder, a reset) or full: new buffers
+    if k_buffer is None or layer.keys is not keys or layer.values is not values or length + new > k_buffer.shape[2] \
+            or k_buffer.is_inference() and not torch.is_inference_mode_enabled():
+        # not what the last append left (a first step, a crop, a reorder, a reset), full, or made under
+        # torch.inference_mode and written outside it (which PyTorch refuses): new buffers
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         keys, values = layer.keys, layer.values
