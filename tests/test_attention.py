@@ -127,8 +127,9 @@ def kv(generator, length: int, batch: int = 2):
     return keys, torch.randn(batch, 2, length, 8, generator=generator)
 
 
+@torch.no_grad()
 def test_append_kv_stores_what_dynamic_cache_update_stores(ck):
-    """append_kv against DynamicCache.update over 600 decode steps after a prefill (so its buffers grow twice), with
+    """append_kv against DynamicCache.update over 600 decode steps after a prefill (as generate runs: no_grad), with
     a crop, a beam-search reorder, a batch selection and repeat, a deep copy and a reset in between: after every
     step the returned and stored keys and values equal the reference's, every tensor returned earlier keeps its
     values (none is written twice), and the buffers grow once per 16 steps at most (an eighth of the length at
@@ -206,8 +207,8 @@ def test_append_kv_after_inference_mode(ck):
 
 
 def test_append_kv_leaves_other_caches_to_their_update(ck):
-    """Sliding-window layers, a static cache, keys that need gradients (and, first, a cache without the layer yet):
-    cache.update stores them as before, nothing of append_kv's on the layer; an offloading cache is not taken."""
+    """Sliding-window layers, a static cache, grad mode (and, first, a cache without the layer yet): cache.update
+    stores them as before, nothing of append_kv's on the layer; an offloading cache is not taken."""
     from transformers import AutoConfig
 
     attention = ck.attention
@@ -220,13 +221,15 @@ def test_append_kv_leaves_other_caches_to_their_update(ck):
         reference = copy.deepcopy(cache)
         for length in (5, 1, 1):
             k, v = kv(g, length)
-            got, want = attention.append_kv(cache, k.requires_grad_(grad), v, 0), reference.update(k, v, 0)
+            with torch.set_grad_enabled(grad):
+                got, want = attention.append_kv(cache, k.requires_grad_(grad), v, 0), reference.update(k, v, 0)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), name
         assert all("_cutile_kv" not in vars(layer) for layer in cache.layers), name
     offloading = DynamicCache(config=AutoConfig.for_model("llama", num_hidden_layers=1), offloading=True)
-    assert attention._growable_layer(offloading, 0, *kv(g, 1)) is None
-    offloading.offloading = False
-    assert attention._growable_layer(offloading, 0, *kv(g, 1)) is offloading.layers[0]
+    with torch.no_grad():
+        assert attention._growable_layer(offloading, 0, *kv(g, 1)) is None
+        offloading.offloading = False
+        assert attention._growable_layer(offloading, 0, *kv(g, 1)) is offloading.layers[0]
 
 
 def counting_qk_norm_rope(ck, monkeypatch) -> list:

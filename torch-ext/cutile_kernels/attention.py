@@ -220,8 +220,8 @@ def append_kv(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer
     tensors are views with the values and shapes torch.cat gives (strided over the room), and a position once written
     is never written again, so every tensor the cache handed out keeps its values as after torch.cat; after a crop,
     a reorder (beam search), a reset or anything else that replaces them, the next step copies into new buffers.
-    Other caches and layers (static, sliding-window, quantized, offloaded, a subclass), tensors that need gradients,
-    and torch.compile (whose graphs cannot hold this state) go through `cache.update`."""
+    Other caches and layers (static, sliding-window, quantized, offloaded, a subclass), grad mode (training, or a
+    forward outside no_grad) and torch.compile (whose graphs cannot hold this state) go through `cache.update`."""
     layer = _growable_layer(cache, layer_idx, key_states, value_states)
     if layer is None:
         return cache.update(key_states, value_states, layer_idx)
@@ -248,11 +248,12 @@ _NO_BUFFERS = (None, None, 0, None, None)
 
 def _growable_layer(cache, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
     """The cache's layer `layer_idx` when append_kv may grow it in place (a transformers DynamicLayer of a cache
-    whose update is Cache.update, no offloading, eager, no gradients, keys and values alike and matching what the
-    layer holds: what torch.cat would refuse or promote goes to its call), else None. A few attribute reads per call
-    (it runs in every layer of every decode step)."""
-    if torch.compiler.is_compiling() or key_states.requires_grad or value_states.requires_grad \
-            or not _plain_cache(type(cache)) or cache.offloading or layer_idx >= len(cache.layers):
+    whose update is Cache.update, no offloading, eager, grad mode off, keys and values alike and matching what the
+    layer holds: what torch.cat would refuse or promote goes to its call), else None. Grad mode off (generate's
+    no_grad, inference_mode): autograd may have saved an earlier view for backward, which an in-place write into
+    its buffer would invalidate. A few attribute reads per call (it runs in every layer of every decode step)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _plain_cache(type(cache)) \
+            or cache.offloading or layer_idx >= len(cache.layers):
         return None
     layer = cache.layers[layer_idx]
     if type(layer) is not _cache_classes()[1]:
