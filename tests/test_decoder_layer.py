@@ -161,6 +161,28 @@ def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
     assert hooked == [True] and len(calls) == len(ours.model.layers) - 1
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_layers_run_their_attention_with_the_growing_cache(ck, family):
+    """The layers run their attention's forward themselves (head_dim 32: Qwen3 through qk_norm_rope), so greedy
+    generate keeps each full-attention layer's DynamicCache in append_kv's buffers, with plain transformers' tokens
+    and logits (Qwen2's sliding layer: torch.cat); a forward hook on the last attention module makes that layer call
+    the module (the hook runs once per step, and that layer's cache grows by torch.cat as in plain transformers)."""
+    reference = plain_model(family, "cpu", torch.float32, **({"head_dim": 32} if family == "qwen3" else {}))
+    ours = with_our_layers(ck, reference)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                   return_dict_in_generate=True)
+    hooked = []
+    ours.model.layers[-1].self_attn.register_forward_hook(lambda *_: hooked.append(True))
+    want, got = reference.generate(ids, **options), ours.generate(ids, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+    assert len(hooked) == 6
+    full = [type(layer).__name__ == "DynamicLayer" for layer in got.past_key_values.layers]
+    grown = ["_cutile_kv" in vars(layer) for layer in got.past_key_values.layers]
+    assert full[:-1] == grown[:-1] and any(grown) and not grown[-1]
+
+
 # per family: a norm child the decoder kernel's fused op stands in for, and that op (its reference runs on CPU)
 BYPASSED = {"llama": ("post_attention_layernorm", "rms_norm", "ADD_RMS_NORM"),
             "qwen3": ("self_attn.q_norm", "rope", "QK_NORM_ROPE"),

@@ -142,13 +142,20 @@ def check_merged_into_layout(model: nn.Module, param_name: str) -> None:
                          "tower of a multimodal checkpoint?): the key is for the text models; drop it here.")
 
 
+def _family_name(layer: nn.Module) -> str:
+    """The attention class `layer` is or stands for (a Layout's `attention_class`, read from its __dict__: nn.Module's
+    __getattr__ raises, slowly, where an attribute is missing)."""
+    return layer.__dict__.get("attention_class") or type(layer).__name__
+
+
 def _modeling(layer: nn.Module):
-    return sys.modules[FAMILIES[layer.attention_class].module]
+    return sys.modules[FAMILIES[_family_name(layer)].module]
 
 
-def _family_qk(layer, query, key, cos, sin):
-    """The family's own q_norm / k_norm (modules) and apply_rotary_pos_emb, on (B, H, S, D) views."""
-    if layer.q_norm is not None:
+def family_qk(layer, query, key, cos, sin):
+    """The family's own q_norm / k_norm (modules, where it has them) and apply_rotary_pos_emb, on (B, H, S, D)
+    views."""
+    if layer._modules.get("q_norm") is not None:
         query, key = layer.q_norm(query), layer.k_norm(key)
     return _modeling(layer).apply_rotary_pos_emb(query, key, cos, sin)
 
@@ -328,24 +335,35 @@ def _kernel_qk(layer, query, key, cos, sin):
     return apply_rotary_pos_emb(query, key, cos, sin)
 
 
-def _attention(layer, hidden_states, position_embeddings, attention_mask, past_key_values, rotate, **kwargs):
-    """`<Family>Attention.forward` (transformers 5.22.2) with q, k, v as views of one qkv_proj output and `rotate`
-    for the q/k norms and RoPE."""
+def merged_projections(layer, hidden_states):
+    """q, k and v as views of one qkv_proj GEMM's output (QKVAttentionLayout)."""
+    return layer.qkv_proj(hidden_states).split(layer.qkv_split, dim=-1)
+
+
+def separate_projections(layer, hidden_states):
+    """q, k and v from the family's own q_proj, k_proj and v_proj (modules)."""
+    return layer.q_proj(hidden_states), layer.k_proj(hidden_states), layer.v_proj(hidden_states)
+
+
+def run_attention(layer, hidden_states, position_embeddings, attention_mask, past_key_values, project, rotate,
+                  **kwargs):
+    """`<Family>Attention.forward` (transformers 5.22.2) of the five families with `project` for the q, k and v
+    projections, `rotate` for the q/k norms and RoPE, and `append_kv` for the cache update (in `attend`)."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, layer.head_dim)
-    query, key, value = layer.qkv_proj(hidden_states).split(layer.qkv_split, dim=-1)
+    query, key, value = project(layer, hidden_states)
     query_states = query.view(hidden_shape).transpose(1, 2)
     key_states = key.view(hidden_shape).transpose(1, 2)
     value_states = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query_states, key_states = rotate(layer, query_states, key_states, cos, sin)
-    window = FAMILIES[layer.attention_class].window
-    if window == "config":  # Mistral reads its config at each call
+    family = FAMILIES[_family_name(layer)]
+    if family.window == "config":  # Mistral reads its config at each call
         kwargs["sliding_window"] = getattr(layer.config, "sliding_window", None)
-    elif window == "layer":  # Llama passes none
+    elif family.window == "layer":  # Llama passes none
         kwargs["sliding_window"] = layer.sliding_window
     return attend(layer, query_states, key_states, value_states, attention_mask, past_key_values, input_shape,
-                  _modeling(layer).eager_attention_forward, **kwargs)
+                  sys.modules[family.module].eager_attention_forward, **kwargs)
 
 
 class QKVAttention(nn.Module):
@@ -360,8 +378,8 @@ class QKVAttention(nn.Module):
     can_torch_compile = True
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        return _attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, _kernel_qk,
-                          **kwargs)
+        return run_attention(self, hidden_states, position_embeddings, attention_mask, past_key_values,
+                             merged_projections, _kernel_qk, **kwargs)
 
 
 def _flag(config, value: bool | str) -> bool:
@@ -429,5 +447,5 @@ class QKVAttentionLayout(Layout):
         self.__dict__.setdefault("_kernel_funcs", {})[name] = rope
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        return _attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, _family_qk,
-                          **kwargs)
+        return run_attention(self, hidden_states, position_embeddings, attention_mask, past_key_values,
+                             merged_projections, family_qk, **kwargs)

@@ -16,9 +16,10 @@ goes to memory, and its post-feedforward norm and last residual add are one `rms
 residual add stays a torch add (it feeds the next layer's input norm), or,
 with `RESIDUAL_IN_DOWN_PROJ` set (Llama form, a measurement switch), goes into the down_proj GEMM.
 
-In Qwen3 and Gemma3 the layer also runs its attention's forward itself (`_attention`, the same code) with
-q_norm, k_norm and RoPE in one `qk_norm_rope` launch instead of three, unless hooks on the attention module
-(output recorders, tensor parallelism) need its own call.
+The layer also runs its attention's forward itself (`attention.run_attention`, the same code), so that a
+DynamicCache grows in place (`attention.append_kv`), and in Qwen3 and Gemma3 with q_norm, k_norm and RoPE in one
+`qk_norm_rope` launch instead of three; unless hooks on the attention module (output recorders, tensor
+parallelism) need its own call, or (Qwen3, Gemma3) qk_norm_rope does not take its head_dim.
 
 The fused norm+MLP keys (RMSNormMLP, GemmaRMSNormMLP) cannot join: transformers makes a `Fused<Family>DecoderLayer`
 under the decoder layer's exact class name, which wins over this regex key, so the fused Layout refuses the pair
@@ -26,13 +27,13 @@ under the decoder layer's exact class name, which wins over this regex key, so t
 """
 from __future__ import annotations
 
+import functools
 import importlib
-import sys
 
 import torch
 from torch import nn
 
-from .attention import attend, qk_norm_rope_eps, stands_in
+from .attention import family_qk, qk_norm_rope_eps, run_attention, separate_projections, stands_in
 from .checks import DECODER_FAMILIES, Layout, check_replacement
 from .gated_act import gated_act
 from .rms_norm import add_rms_norm, rms_norm_add, sandwich_rms_norm
@@ -77,15 +78,18 @@ def _residual_plus_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) 
     return torch.addmm(residual.reshape(-1, n), h.reshape(-1, h.shape[-1]), down.weight.t()).view(residual.shape)
 
 
-# The attention classes whose forward `_attention` reproduces (transformers 5.22.2): q_norm / k_norm, then RoPE.
+# The attention classes whose forward the layer runs itself (attention.run_attention reproduces transformers 5.22.2's
+# five), so that the cache update is append_kv's: Llama form with the family's apply_rotary_pos_emb (the package's
+# RoPE where the KernelConfig maps rotary_pos_emb), and Qwen3/Gemma3 with q_norm, k_norm and RoPE as one op.
+ROTARY_ATTENTION = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
 QK_NORM_ATTENTION = {"Qwen3Attention": False, "Gemma3Attention": True}  # class name -> Gemma-form norms
 
 
 def _fused_norm_form(attn: nn.Module, hidden_states, position_embeddings) -> tuple[float, bool] | None:
-    """(eps, Gemma form) when `_attention` may stand in for attn's own forward: a Qwen3/Gemma3 attention (an exact
-    class, not a subclass) of a head_dim the kernel takes, with one eps for both norms, and no hooks that calling
-    it would run (output recorders, TP, accelerate's device placement and offload); else None, and the module runs
-    (its norms and RoPE: their own kernels or transformers')."""
+    """(eps, Gemma form) when the layer may run attn's forward itself with qk_norm_rope: a Qwen3/Gemma3 attention
+    of a head_dim the kernel takes, with one eps for both norms, and no hooks that calling it would run (output
+    recorders, TP, accelerate's device placement and offload); else None, and the module runs (its norms and RoPE:
+    their own kernels or transformers')."""
     gemma = QK_NORM_ATTENTION.get(type(attn).__name__)
     if gemma is None or position_embeddings is None:
         return None
@@ -95,33 +99,28 @@ def _fused_norm_form(attn: nn.Module, hidden_states, position_embeddings) -> tup
     return None if eps is None else (eps, gemma)
 
 
-def _attention(attn: nn.Module, hidden_states, position_embeddings, attention_mask, past_key_values, eps: float,
-               gemma: bool, **kwargs):
-    """Qwen3Attention.forward / Gemma3Attention.forward (transformers 5.22.2) with q_norm, k_norm and RoPE in one
-    qk_norm_rope launch (eps and form from `_fused_norm_form`); the projections, cache update and attention
-    function are the attention module's own."""
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, attn.head_dim)
-    query_states = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key_states = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value_states = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query_states, key_states = qk_norm_rope(query_states, key_states, attn.q_norm.weight, attn.k_norm.weight, cos,
-                                            sin, eps, gemma)
-    return attend(attn, query_states, key_states, value_states, attention_mask, past_key_values, input_shape,
-                  sys.modules[type(attn).__module__].eager_attention_forward, sliding_window=attn.sliding_window,
-                  **kwargs)[0]
+def _rotation(attn: nn.Module, hidden_states, position_embeddings):
+    """How the layer rotates q and k when it runs attn's forward itself (`run_attention`), or None: attn is called
+    (a hook on it, another class, a head_dim qk_norm_rope does not take)."""
+    if type(attn).__name__ in ROTARY_ATTENTION:
+        return family_qk if position_embeddings is not None and stands_in(hidden_states, attn) else None
+    form = _fused_norm_form(attn, hidden_states, position_embeddings)
+    return None if form is None else functools.partial(_qk_norm_rope, eps=form[0], gemma=form[1])
+
+
+def _qk_norm_rope(attn, query, key, cos, sin, eps: float, gemma: bool):
+    return qk_norm_rope(query, key, attn.q_norm.weight, attn.k_norm.weight, cos, sin, eps, gemma)
 
 
 def _self_attention(layer: nn.Module, hidden_states, position_embeddings, attention_mask, position_ids,
                     past_key_values, **kwargs):
-    """The decoder layer's `self_attn(...)` output: through `_attention` for Qwen3/Gemma3, else the module."""
+    """The decoder layer's `self_attn(...)` output: the attention forward run here (`_rotation`), else the module."""
     attn = layer.self_attn
-    form = _fused_norm_form(attn, hidden_states, position_embeddings)
-    if form is not None:
+    rotate = _rotation(attn, hidden_states, position_embeddings)
+    if rotate is not None:
         # position_ids goes on to the attention function, as the module's call passes it (flash attention reads it)
-        return _attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values, *form,
-                          position_ids=position_ids, **kwargs)
+        return run_attention(attn, hidden_states, position_embeddings, attention_mask, past_key_values,
+                             separate_projections, rotate, position_ids=position_ids, **kwargs)[0]
     return attn(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past_key_values, **kwargs)[0]
 
