@@ -128,7 +128,7 @@ def kv(generator, length: int, batch: int = 2):
 
 
 @torch.no_grad()
-def test_append_kv_stores_what_dynamic_cache_update_stores(ck):
+def test_append_kv_stores_what_dynamic_cache_update_stores(ck, monkeypatch):
     """append_kv against DynamicCache.update over 600 decode steps after a prefill (as generate runs: no_grad), with
     a crop, a beam-search reorder, a batch selection and repeat, a deep copy and a reset in between: after every
     step the returned and stored keys and values equal the reference's, every tensor returned earlier keeps its
@@ -137,6 +137,7 @@ def test_append_kv_stores_what_dynamic_cache_update_stores(ck):
     from transformers import AutoConfig
 
     attention = ck.attention
+    monkeypatch.setattr(attention, "KV_MIN_LENGTH", 0)  # every layer length (the threshold's test is below)
     config = AutoConfig.for_model("llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   hidden_size=32, head_dim=8)
     g = torch.Generator().manual_seed(0)
@@ -184,12 +185,13 @@ def test_append_kv_stores_what_dynamic_cache_update_stores(ck):
     assert not got.layers[0].is_initialized and len(want.layers[1].keys[0, 0]) == 4
 
 
-def test_append_kv_after_inference_mode(ck):
+def test_append_kv_after_inference_mode(ck, monkeypatch):
     """A prefill under torch.inference_mode and decode steps under no_grad (buffers made in inference mode cannot
     be written outside it): the steps take new buffers and store what DynamicCache.update stores."""
     from transformers import AutoConfig
 
     attention = ck.attention
+    monkeypatch.setattr(attention, "KV_MIN_LENGTH", 0)
     config = AutoConfig.for_model("llama", num_hidden_layers=1)
     g = torch.Generator().manual_seed(0)
     want, got = DynamicCache(config=config), DynamicCache(config=config)
@@ -206,12 +208,13 @@ def test_append_kv_after_inference_mode(ck):
     assert not got.layers[0]._cutile_kv[0].is_inference()
 
 
-def test_append_kv_leaves_other_caches_to_their_update(ck):
+def test_append_kv_leaves_other_caches_to_their_update(ck, monkeypatch):
     """Sliding-window layers, a static cache, grad mode (and, first, a cache without the layer yet): cache.update
     stores them as before, nothing of append_kv's on the layer; an offloading cache is not taken."""
     from transformers import AutoConfig
 
     attention = ck.attention
+    monkeypatch.setattr(attention, "KV_MIN_LENGTH", 0)
     config = AutoConfig.for_model("mistral", num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                   hidden_size=32, head_dim=8, sliding_window=4)
     g = torch.Generator().manual_seed(0)
@@ -230,6 +233,26 @@ def test_append_kv_leaves_other_caches_to_their_update(ck):
         assert attention._growable_layer(offloading, 0, *kv(g, 1)) is None
         offloading.offloading = False
         assert attention._growable_layer(offloading, 0, *kv(g, 1)) is offloading.layers[0]
+
+
+@torch.no_grad()
+def test_append_kv_keeps_torch_cat_for_short_caches(ck, monkeypatch):
+    """Below KV_MIN_LENGTH tokens a layer grows by torch.cat (update); the step that reaches it moves the layer into
+    buffers, which later steps grow in place; a prefill that long starts in them. Values as update's throughout."""
+    from transformers import AutoConfig
+
+    attention = ck.attention
+    monkeypatch.setattr(attention, "KV_MIN_LENGTH", 8)
+    config = AutoConfig.for_model("llama", num_hidden_layers=1)
+    g = torch.Generator().manual_seed(0)
+    for prefill, grown in ((5, [False, False, False, True, True, True]), (9, [True] * 6)):
+        want, got = DynamicCache(config=config), DynamicCache(config=config)
+        seen = []
+        for length in (prefill, 1, 1, 1, 1, 1):
+            k, v = kv(g, length)
+            assert all(torch.equal(a, b) for a, b in zip(attention.append_kv(got, k, v, 0), want.update(k, v, 0)))
+            seen.append("_cutile_kv" in vars(got.layers[0]))
+        assert seen == grown, prefill
 
 
 def counting_qk_norm_rope(ck, monkeypatch) -> list:
@@ -368,6 +391,7 @@ def test_generate_grows_the_cache_in_place(ck_hub, checkpoints, hub, cpu_kernel_
     steps): greedy, beam search (reorders the cache) and assisted decoding (crops it) give the plain model's tokens
     and logits, and the caches ran in append_kv's buffers."""
     monkeypatch.setattr(ck_hub.attention, "KV_SPARE", 3)
+    monkeypatch.setattr(ck_hub.attention, "KV_MIN_LENGTH", 0)
     path = checkpoints[family]
     model, reference = load(path, qkv_mapping(ck_hub, family, hub))[0], plain(path)
     mask = torch.ones_like(IDS[:, :9])
@@ -518,6 +542,7 @@ def test_grown_cache_decodes_as_update_does_on_gpu(wide_checkpoints, hub, ck_hub
 
     attention = ck_hub.attention
     monkeypatch.setattr(attention, "KV_SPARE", 8)
+    monkeypatch.setattr(attention, "KV_MIN_LENGTH", 0)
     model = AutoModelForCausalLM.from_pretrained(
         wide_checkpoints["llama"], dtype=torch.bfloat16, device_map="cuda", use_kernels=True,
         kernel_config=KernelConfig(qkv_mapping(ck_hub, "llama", hub, norm=True, mlp="fused", rope=True)))

@@ -162,11 +162,12 @@ def test_attention_norms_and_rope_are_one_op(ck, monkeypatch, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_layers_run_their_attention_with_the_growing_cache(ck, family):
+def test_layers_run_their_attention_with_the_growing_cache(ck, monkeypatch, family):
     """The layers run their attention's forward themselves (head_dim 32: Qwen3 through qk_norm_rope), so greedy
     generate keeps each full-attention layer's DynamicCache in append_kv's buffers, with plain transformers' tokens
     and logits (Qwen2's sliding layer: torch.cat); a forward hook on the last attention module makes that layer call
     the module (the hook runs once per step, and that layer's cache grows by torch.cat as in plain transformers)."""
+    monkeypatch.setattr(ck.attention, "KV_MIN_LENGTH", 0)  # the tiny prompts are short
     reference = plain_model(family, "cpu", torch.float32, **({"head_dim": 32} if family == "qwen3" else {}))
     ours = with_our_layers(ck, reference)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
