@@ -238,7 +238,8 @@ def test_append_kv_leaves_other_caches_to_their_update(ck, monkeypatch):
 @torch.no_grad()
 def test_append_kv_keeps_torch_cat_for_short_caches(ck, monkeypatch):
     """Below KV_MIN_LENGTH tokens a layer grows by torch.cat (update); the step that reaches it moves the layer into
-    buffers, which later steps grow in place; a prefill that long starts in them. Values as update's throughout."""
+    buffers, which later steps grow in place; a prefill that long starts in them; after a reset a short prompt goes
+    back to torch.cat and the buffers are freed. Values as update's throughout."""
     from transformers import AutoConfig
 
     attention = ck.attention
@@ -253,6 +254,11 @@ def test_append_kv_keeps_torch_cat_for_short_caches(ck, monkeypatch):
             assert all(torch.equal(a, b) for a, b in zip(attention.append_kv(got, k, v, 0), want.update(k, v, 0)))
             seen.append("_cutile_kv" in vars(got.layers[0]))
         assert seen == grown, prefill
+    for cache in (want, got):  # a reset, then a short prompt: torch.cat again, the old buffers let go
+        cache.reset()
+    k, v = kv(g, 3)
+    assert all(torch.equal(a, b) for a, b in zip(attention.append_kv(got, k, v, 0), want.update(k, v, 0)))
+    assert "_cutile_kv" not in vars(got.layers[0])
 
 
 def counting_qk_norm_rope(ck, monkeypatch) -> list:

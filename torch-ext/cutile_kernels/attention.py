@@ -273,6 +273,8 @@ def _growable_layer(cache, layer_idx: int, key_states: torch.Tensor, value_state
     keys, shape = layer.keys, key_states.shape
     held = keys.shape if layer.is_initialized and keys.dim() == 4 else None
     if (held[2] if held is not None else 0) + shape[2] < KV_MIN_LENGTH or torch.compiler.is_compiling():
+        # buffers left from before a reset or a crop to fewer tokens: torch.cat holds the layer now, free them
+        layer.__dict__.pop("_cutile_kv", None)
         return None
     dtype, device = key_states.dtype, key_states.device
     if len(shape) != 4 or value_states.shape[:3] != shape[:3] or value_states.dtype != dtype \
