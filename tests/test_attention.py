@@ -236,6 +236,37 @@ def test_append_kv_leaves_other_caches_to_their_update(ck, monkeypatch):
 
 
 @torch.no_grad()
+def test_append_kv_grows_a_sliding_layer_up_to_its_window(ck, monkeypatch):
+    """A sliding-window layer (window 12) in buffers while it holds fewer than 11 tokens, then by its own update,
+    which keeps the last 11: at every step the returned and stored tensors, the sequence length and the mask sizes
+    equal DynamicCache.update's; a layer recording its past (assisted decoding) stays on update."""
+    from transformers import AutoConfig
+
+    attention = ck.attention
+    monkeypatch.setattr(attention, "KV_MIN_LENGTH", 0)
+    config = AutoConfig.for_model("mistral", num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                  hidden_size=32, head_dim=8, sliding_window=12)
+    g = torch.Generator().manual_seed(0)
+    want, got = DynamicCache(config=config), DynamicCache(config=config)
+    assert type(got.layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    grown = []
+    for length in (5,) + (1,) * 10:
+        k, v = kv(g, length)
+        w, o = want.update(k, v, 0), attention.append_kv(got, k, v, 0)
+        for a, b in zip(o + (got.layers[0].keys, got.layers[0].values), w + (want.layers[0].keys,
+                                                                          want.layers[0].values)):
+            assert torch.equal(a, b)
+        assert got.get_seq_length() == want.get_seq_length()
+        assert got.layers[0].get_mask_sizes(1) == want.layers[0].get_mask_sizes(1)
+        grown.append("_cutile_kv" in vars(got.layers[0]))
+    assert grown == [True] * 7 + [False] * 4
+    recording = DynamicCache(config=config)
+    recording.layers[0].activate_past_recording()
+    attention.append_kv(recording, *kv(g, 5), 0)
+    assert "_cutile_kv" not in vars(recording.layers[0])
+
+
+@torch.no_grad()
 def test_append_kv_keeps_torch_cat_for_short_caches(ck, monkeypatch):
     """Below KV_MIN_LENGTH tokens a layer grows by torch.cat (update); the step that reaches it moves the layer into
     buffers, which later steps grow in place; a prefill that long starts in them; after a reset a short prompt goes

@@ -231,7 +231,9 @@ def append_kv(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer
     tensors are views with the values and shapes torch.cat gives (strided over the room), and a position once written
     is never written again, so every tensor the cache handed out keeps its values as after torch.cat; after a crop,
     a reorder (beam search), a reset or anything else that replaces them, the next step copies into new buffers.
-    Other caches and layers (static, sliding-window, quantized, offloaded, a subclass), layers of fewer than
+    A sliding-window layer (Mistral's, Gemma3's local ones) grows the same way until it holds its window (less
+    one token), from where its update keeps the window with torch.cat. Other caches and layers (static, quantized,
+    offloaded, a subclass, a sliding layer recording its past for assisted decoding), layers of fewer than
     KV_MIN_LENGTH tokens, grad mode (training, or a forward outside no_grad) and torch.compile (whose graphs cannot
     hold this state) go through `cache.update`."""
     layer = _growable_layer(cache, layer_idx, key_states, value_states)
@@ -252,6 +254,8 @@ def append_kv(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer
     v_buffer.narrow(2, length, new).copy_(value_states)
     layer.keys, layer.values = keys, values = k_buffer.narrow(2, 0, length + new), v_buffer.narrow(2, 0, length + new)
     layer._cutile_kv = (k_buffer, v_buffer, length + new, keys, values)
+    if "cumulative_length" in layer.__dict__:  # a sliding-window layer, still short of its window: update's count
+        layer.cumulative_length += new
     return keys, values
 
 
@@ -259,21 +263,25 @@ _NO_BUFFERS = (None, None, 0, None, None)
 
 
 def _growable_layer(cache, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
-    """The cache's layer `layer_idx` when append_kv may grow it in place (a transformers DynamicLayer of a cache
-    whose update is Cache.update, no offloading, eager, grad mode off, KV_MIN_LENGTH tokens or more, keys and values
-    alike and matching what the layer holds: what torch.cat would refuse or promote goes to its call), else None.
+    """The cache's layer `layer_idx` when append_kv may grow it in place (a transformers DynamicLayer, or a
+    DynamicSlidingWindowLayer short of its window, of a cache whose update is Cache.update, no offloading, eager,
+    grad mode off, KV_MIN_LENGTH tokens or more, keys and values alike and matching what the layer holds: what
+    torch.cat would refuse or promote goes to its call), else None.
     Grad mode off (generate's no_grad, inference_mode): autograd may have saved an earlier view for backward, which
     an in-place write into its buffer would invalidate. It runs in every layer of every decode step: the length
     first, then a few attribute reads."""
     if torch.is_grad_enabled() or not _plain_cache(type(cache)) or cache.offloading or layer_idx >= len(cache.layers):
         return None
     layer = cache.layers[layer_idx]
-    if type(layer) is not _cache_classes()[1]:
+    _, full, sliding = _cache_classes()
+    if type(layer) is not full and (type(layer) is not sliding or layer.record_past):
         return None
     keys, shape = layer.keys, key_states.shape
     held = keys.shape if layer.is_initialized and keys.dim() == 4 else None
-    if (held[2] if held is not None else 0) + shape[2] < KV_MIN_LENGTH or torch.compiler.is_compiling():
-        # buffers left from before a reset or a crop to fewer tokens: torch.cat holds the layer now, free them
+    length = (held[2] if held is not None else 0) + shape[2]
+    if length < KV_MIN_LENGTH or torch.compiler.is_compiling() or type(layer) is sliding and (
+            length > layer.sliding_window - 1 or layer.cumulative_length != length - shape[2]):
+        # buffers left from before a reset, a crop to fewer tokens or a full window: torch.cat holds the layer now
         layer.__dict__.pop("_cutile_kv", None)
         return None
     dtype, device = key_states.dtype, key_states.device
@@ -293,9 +301,9 @@ def _growable_layer(cache, layer_idx: int, key_states: torch.Tensor, value_state
 
 @functools.cache
 def _cache_classes():
-    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-    return Cache, DynamicLayer
+    return Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 @functools.cache
