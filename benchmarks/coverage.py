@@ -124,6 +124,7 @@ def steps(model, prompt: int):
         with torch.no_grad():
             model(ids[:, -1:], past_key_values=cache, use_cache=True)
 
+    decode.cache = cache  # for the report: which layers grew in place
     return {"prefill": prefill, "decode": decode}
 
 
@@ -227,12 +228,18 @@ def main(argv=None) -> None:
         applied = h.kernel_layers(model, ck)
         if args.decoder:
             h.require_decoder_layers("coverage", ours, applied, model.config.num_hidden_layers)
-        for step, fn in make_steps(model, args.prefill).items():
+        fns = make_steps(model, args.prefill)
+        for step, fn in fns.items():
             results[(ours, step)] = profile(fn, trace_path(args, "ours", step))
         del model
     h.free()
     notes.append(f"{ours}: {h.layer_list(applied)}; "
                  + (f"{len(fell)} fallback warning(s): " + "; ".join(fell) if fell else "no fallback"))
+    if "decode" in fns:
+        layers = fns["decode"].cache.layers
+        grown = sum("_cutile_kv" in vars(layer) for layer in layers)
+        notes.append(f"{ours}, decode: {grown} of {len(layers)} cache layers in append_kv's buffers (the others "
+                     "append with torch.cat)")
     h.write_report(args.out, report(results, notes, args, args.family))
     if args.out:
         cats = [c for c, _ in CATEGORIES] + ["other"]
