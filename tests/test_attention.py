@@ -209,8 +209,9 @@ def test_append_kv_after_inference_mode(ck, monkeypatch):
 
 
 def test_append_kv_leaves_other_caches_to_their_update(ck, monkeypatch):
-    """Sliding-window layers, a static cache, grad mode (and, first, a cache without the layer yet): cache.update
-    stores them as before, nothing of append_kv's on the layer; an offloading cache is not taken."""
+    """A sliding-window layer past its window, a static cache, grad mode (and, first, a cache without the layer
+    yet): cache.update stores them as before, nothing of append_kv's on the layer; an offloading cache is not
+    taken."""
     from transformers import AutoConfig
 
     attention = ck.attention
@@ -437,14 +438,13 @@ def test_generate_grows_the_cache_in_place(ck_hub, checkpoints, hub, cpu_kernel_
                    return_dict_in_generate=True, attention_mask=mask)
     if search == "beams":
         options["num_beams"] = 3
-    crops = []
-    if search == "assisted":  # another model's drafts, some rejected: the cache is cropped
+    crops, ids = [], IDS[:, :9]
+    if search == "assisted":  # another model's drafts, some rejected: the cache is cropped; one sequence (assisted
+        # decoding takes no batch)
         options["assistant_model"] = plain(make_checkpoint(family, tmp_path / "draft", seed=1))
         crop = DynamicLayer.crop
         monkeypatch.setattr(DynamicLayer, "crop", lambda self, n: crops.append(n) or crop(self, n))
-    if search == "assisted":  # one sequence: transformers' assisted decoding takes no batch
-        options["attention_mask"] = mask[1:]
-    ids = IDS[1:, :9] if search == "assisted" else IDS[:, :9]
+        options["attention_mask"], ids = mask[1:], IDS[1:, :9]
     got, want = model.generate(ids, **options), reference.generate(ids, **options)
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits):
