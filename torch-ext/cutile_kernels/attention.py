@@ -277,6 +277,8 @@ def _growable_layer(cache, layer_idx: int, key_states: torch.Tensor, value_state
     if type(layer) is not full and (type(layer) is not sliding or layer.record_past):
         return None
     keys, shape = layer.keys, key_states.shape
+    if len(shape) != 4:
+        return None
     held = keys.shape if layer.is_initialized and keys.dim() == 4 else None
     length = (held[2] if held is not None else 0) + shape[2]
     if length < KV_MIN_LENGTH or torch.compiler.is_compiling() or type(layer) is sliding and (
@@ -285,8 +287,7 @@ def _growable_layer(cache, layer_idx: int, key_states: torch.Tensor, value_state
         layer.__dict__.pop("_cutile_kv", None)
         return None
     dtype, device = key_states.dtype, key_states.device
-    if len(shape) != 4 or value_states.shape[:3] != shape[:3] or value_states.dtype != dtype \
-            or value_states.device != device:
+    if value_states.shape[:3] != shape[:3] or value_states.dtype != dtype or value_states.device != device:
         return None
     if held is None:  # not initialized, or lazy_initialization's empty 1-d tensors
         return layer if not layer.is_initialized or not keys.numel() and keys.dtype == dtype \
